@@ -1,0 +1,82 @@
+"""The tensor/expert-parallel MoE block: replicated router, local experts, sharded shared experts, one all-reduce."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .comm import copy_to_tp, reduce_from_tp, reduce_grad
+from .experts import LocalExperts
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Identity on ``x``; backward gives ``loss`` a gradient of one (DeepSeek's remote-code trick)."""
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        ctx.dtype, ctx.needs = loss.dtype, loss.requires_grad
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, (torch.ones(1, dtype=ctx.dtype, device=grad.device) if ctx.needs else None)
+
+
+def hf_router_outputs(out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """transformers 5.x routers return ``(router_logits, weights, indices)``."""
+    _, weights, indices = out
+    return indices, weights, None
+
+
+def remote_router_outputs(out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """DeepSeek's remote-code ``MoEGate`` returns ``(indices, weights[, aux_loss])`` (V3's has no aux loss)."""
+    indices, weights, *rest = out
+    return indices, weights, (rest[0] if rest else None)
+
+
+ROUTER_OUTPUTS: dict[str, Callable] = {"MoEGate": remote_router_outputs}
+
+
+def router_outputs_for(router: nn.Module) -> Callable:
+    return ROUTER_OUTPUTS.get(type(router).__name__, hf_router_outputs)
+
+
+class TensorParallelMoE(nn.Module):
+    """A MoE block converted for TP: every rank routes all tokens with the replicated router, runs its
+    ``E/tp`` experts and its shard of the shared experts, and one all-reduce sums both partial outputs.
+
+    Gradients: f on the expert input makes the hidden-state gradient whole; the routing weights pass
+    through an all-reduce-in-backward so the router, which each rank holds whole, gets the full
+    gradient (each rank alone only sees its own experts' share of it).
+    """
+
+    def __init__(self, gate: nn.Module, experts: LocalExperts, shared_experts: nn.Module | None,
+                 shared_bias: nn.Parameter | None, group, moe_impl: str, router_outputs: Callable):
+        super().__init__()
+        self.gate, self.experts, self.shared_experts = gate, experts, shared_experts
+        self.shared_bias = shared_bias
+        self.group, self.moe_impl = group, moe_impl
+        self._router_outputs = router_outputs
+        self._dispatch = dispatch.IMPLEMENTATIONS[moe_impl]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        indices, weights, aux_loss = self._router_outputs(self.gate(hidden_states))
+        weights = reduce_grad(weights, self.group)
+        x = copy_to_tp(hidden_states.reshape(-1, shape[-1]), self.group)
+        y = self._dispatch(x, indices.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1), self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        y = reduce_from_tp(y, self.group)
+        if self.shared_bias is not None:
+            y = y + self.shared_bias
+        y = y.view(shape)
+        if aux_loss is not None and self.training:
+            y = AddAuxiliaryLoss.apply(y, aux_loss)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"moe_impl={self.moe_impl!r}"

@@ -1,0 +1,181 @@
+"""Reusable parallel styles: each turns one module of a loaded model into its tensor-parallel form.
+
+A plan (plans.py) maps module paths to styles; convert_model applies them. A style that ``owns`` its
+subtree converts the children itself; otherwise conversion continues into the children.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .comm import copy_to_tp
+from .experts import LocalExperts
+from .layers import ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear, VocabParallelEmbedding
+from .moe import TensorParallelMoE, router_outputs_for
+
+
+@dataclass
+class Context:
+    """What styles need beyond the module: ranks, group, config, implementation choices."""
+
+    tp_rank: int
+    tp_size: int
+    group: object
+    config: object
+    moe_impl: str
+    converted: dict = field(default_factory=dict)  # path -> new module, for styles that refer to others
+
+
+class Style:
+    owns_subtree = False
+
+    def applies(self, module: nn.Module) -> bool:
+        return True
+
+    def apply(self, module: nn.Module, ctx: Context, path: str) -> nn.Module:
+        raise NotImplementedError
+
+
+def _require_linear(module: nn.Module, path: str, style: Style) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{type(style).__name__} expects nn.Linear at {path!r}, found {type(module).__name__}")
+    return module
+
+
+@dataclass
+class Colwise(Style):
+    """Output features split; f on the input unless an enclosing style already applied it."""
+
+    input_grad_reduce: bool = True
+
+    def applies(self, module):
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module, ctx, path):
+        return ColumnParallelLinear.from_linear(_require_linear(module, path, self), ctx.tp_rank, ctx.tp_size,
+                                                ctx.group, input_grad_reduce=self.input_grad_reduce)
+
+
+@dataclass
+class Rowwise(Style):
+    """Input features split; output all-reduced (or left partial for the enclosing block to reduce)."""
+
+    reduce_output: bool = True
+
+    def applies(self, module):
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module, ctx, path):
+        return RowParallelLinear.from_linear(_require_linear(module, path, self), ctx.tp_rank, ctx.tp_size,
+                                             ctx.group, reduce_output=self.reduce_output)
+
+
+@dataclass
+class ReplicatedSumGradFrom(Style):
+    """Kept whole on every rank; output-gradient columns from ``config.<start_attr>`` on are all-reduced."""
+
+    start_attr: str
+
+    def applies(self, module):
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module, ctx, path):
+        return ReplicatedLinear(_require_linear(module, path, self), getattr(ctx.config, self.start_attr), ctx.group)
+
+
+@dataclass
+class ShardHeads(Style):
+    """Divides head-count attributes that the module's own forward reads (the linears are split by rules)."""
+
+    attrs: tuple[str, ...] = ("num_heads",)
+
+    def apply(self, module, ctx, path):
+        for name in self.attrs:
+            if hasattr(module, name):
+                setattr(module, name, getattr(module, name) // ctx.tp_size)
+        return module
+
+
+class VocabParallel(Style):
+    def applies(self, module):
+        return isinstance(module, nn.Embedding)
+
+    def apply(self, module, ctx, path):
+        new = VocabParallelEmbedding.from_embedding(module, ctx.tp_rank, ctx.tp_size, ctx.group)
+        ctx.converted["embedding"] = new
+        return new
+
+
+class LMHead(Style):
+    """Column-parallel over the vocab, logits gathered; shares the embedding shard when weights are tied."""
+
+    def applies(self, module):
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module, ctx, path):
+        shared = None
+        emb = ctx.converted.get("embedding")
+        if getattr(ctx.config, "tie_word_embeddings", False) and emb is not None:
+            shared = emb.weight
+        return ParallelLMHead.from_linear(module, ctx.tp_rank, ctx.tp_size, ctx.group, shared_weight=shared)
+
+
+def _input_to_tp_region(module, args, kwargs):
+    group = module._np_group
+    return (copy_to_tp(args[0], group), *args[1:]), kwargs
+
+
+@dataclass
+class MLP(Style):
+    """Gated MLP: f once on the input, gate/up column-parallel, down row-parallel."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    reduce_output: bool = True
+    owns_subtree = True
+
+    def applies(self, module):
+        return all(isinstance(getattr(module, n, None), nn.Linear) for n in (self.gate, self.up, self.down))
+
+    def apply(self, module, ctx, path):
+        for name in (self.gate, self.up):
+            setattr(module, name, Colwise(input_grad_reduce=False).apply(getattr(module, name), ctx, f"{path}.{name}"))
+        setattr(module, self.down, Rowwise(self.reduce_output).apply(getattr(module, self.down), ctx, f"{path}.{self.down}"))
+        for attr in ("intermediate_size",):
+            if hasattr(module, attr):
+                setattr(module, attr, getattr(module, attr) // ctx.tp_size)
+        if self.reduce_output:  # a partial MLP (shared experts) sits behind its block's own f
+            module._np_group = ctx.group
+            module.register_forward_pre_hook(_input_to_tp_region, with_kwargs=True)
+        return module
+
+
+@dataclass
+class MoE(Style):
+    """Routed experts split E/tp per rank, router replicated, shared experts sharded as a partial MLP."""
+
+    router: str = "gate"
+    experts: str = "experts"
+    shared: str | None = "shared_experts"
+    shared_mlp: MLP = field(default_factory=lambda: MLP(reduce_output=False))
+    owns_subtree = True
+
+    def applies(self, module):
+        return hasattr(module, self.experts) and hasattr(module, self.router)
+
+    def apply(self, module, ctx, path):
+        gate = getattr(module, self.router)
+        experts = LocalExperts.from_module(getattr(module, self.experts), ctx.tp_rank, ctx.tp_size)
+        shared = getattr(module, self.shared, None) if self.shared else None
+        shared_bias = None
+        if shared is not None:
+            shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
+            shared_bias = getattr(shared, self.shared_mlp.down).bias
+        new = TensorParallelMoE(gate, experts, shared, shared_bias, ctx.group,
+                                ctx.moe_impl, router_outputs_for(gate))
+        if hasattr(module, "config"):
+            new.config = module.config
+        return new

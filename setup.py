@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "npu_parallel" / "_version.py").read_text(), version)
+
+setup(
+    name="npu_parallel",
+    version=version["__version__"],
+    description="Tensor/expert-parallel fine-tuning of Hugging Face MoE checkpoints on Ascend NPUs, CUDA GPUs and CPUs",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["npu_parallel", "npu_parallel.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.46",
+        "accelerate>=0.30",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "npu": ["torch_npu"],
+        "plot": ["matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["npu-parallel=npu_parallel.cli:main"]},
+)

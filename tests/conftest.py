@@ -1,0 +1,27 @@
+import pytest
+
+from .dist import run_ranks
+from .models import VARIANTS, build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Every tiny variant saved once per session with save_pretrained; name -> directory."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    for name in VARIANTS:
+        build_checkpoint(name, root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def equivalence(checkpoints):
+    """tp -> {variant -> metrics}, each tp size run once (all variants in one launch of tp ranks)."""
+    cache = {}
+
+    def get(tp: int, moe_impl: str = "auto"):
+        key = (tp, moe_impl)
+        if key not in cache:
+            cache[key] = run_ranks(tp, "tests.equivalence:compare", str(checkpoints), list(VARIANTS), tp, moe_impl)
+        return cache[key]
+
+    return get

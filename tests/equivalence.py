@@ -1,0 +1,84 @@
+"""Rank worker: the converted model against the unconverted reference, on every variant, at one tp size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import npu_parallel
+from npu_parallel.audit import OpAudit
+
+from .models import load_reference
+
+SGD_LR = 2.0
+
+
+def _batch(vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab, (2, 16), generator=g)
+
+
+def _step(model, ids):
+    """Loss and logits, then one SGD step and the loss after it."""
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= SGD_LR * p.grad
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        after = model(input_ids=ids, labels=ids).loss
+    return out.loss.detach(), out.logits.detach(), after
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def compare(ckpt_root: str, names: list[str], tp: int, moe_impl: str = "auto") -> dict:
+    state = npu_parallel.init_distributed(tp)
+    results = {}
+    for name in names:
+        path = Path(ckpt_root) / name
+        ref = load_reference(name, path)
+        ids = _batch(ref.config.vocab_size)
+        full = _numel(ref)
+        ref_loss, ref_logits, ref_after = _step(ref, ids)
+        del ref
+
+        model = npu_parallel.convert_model(load_reference(name, path), state, moe_impl=moe_impl)
+        loss, logits, after = _step(model, ids)
+
+        moe_layers = [f"model.layers.{i}" for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+        dense_layers = [f"model.layers.{i}" for i, layer in enumerate(model.model.layers) if not hasattr(layer.mlp, "experts")]
+        with OpAudit(model=model) as audit:
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        reduces = audit.counts_by_scope("collective", name="allreduce", phase="forward")
+        syncs = audit.counts_by_scope("host_sync", phase="forward")
+
+        shares = [None] * state.world_size
+        dist.all_gather_object(shares, _numel(model) / full)
+        results[name] = {
+            "logits_max_diff": (logits - ref_logits).abs().max().item(),
+            "logits_shape": tuple(logits.shape),
+            "ref_logits_shape": tuple(ref_logits.shape),
+            "loss": loss.item(), "ref_loss": ref_loss.item(),
+            "loss_after_step": after.item(), "ref_loss_after_step": ref_after.item(),
+            "param_share_per_rank": shares,
+            "banned_ops": [(e.op, e.where) for e in audit.banned()],
+            "host_syncs_per_moe_layer": [syncs.get(s, 0) for s in moe_layers],
+            "host_syncs_forward_total": audit.host_syncs(phase="forward"),
+            "allreduce_per_moe_layer": [reduces.get(s, 0) for s in moe_layers],
+            "allreduce_per_dense_layer": [reduces.get(s, 0) for s in dense_layers],
+            "allreduce_outside_layers": reduces.get("", 0),
+            "allgather_forward": audit.collectives(name="allgather", phase="forward"),
+            "allreduce_backward": audit.collectives(name="allreduce", phase="backward"),
+        }
+        del model
+    return results

@@ -1,0 +1,60 @@
+"""Tiny random checkpoints built with transformers' own classes, one per architecture variant under test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+from .remote_deepseek import to_remote_layout
+
+# Shared tiny MLA/MoE shape: 8 heads and 8 experts (tp 1, 2, 4 all divide), vocab 250 (tp=4 pads it).
+_BASE = dict(
+    vocab_size=250, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+    v_head_dim=16, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1,
+    max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=None, bos_token_id=1, eos_token_id=2,
+)
+
+VARIANTS: dict[str, tuple[type, type, dict]] = {
+    "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM, dict(q_lora_rank=48, topk_method="greedy")),
+    "deepseek_v2_lite": (DeepseekV2Config, DeepseekV2ForCausalLM, dict(q_lora_rank=None, topk_method="greedy")),
+    "deepseek_v2_group": (
+        DeepseekV2Config, DeepseekV2ForCausalLM,
+        dict(q_lora_rank=48, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5),
+    ),
+    "deepseek_v3": (
+        DeepseekV3Config, DeepseekV3ForCausalLM,
+        dict(q_lora_rank=48, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True),
+    ),
+    # the original trust_remote_code module tree: ModuleList experts, MoEGate with seq-level aux loss
+    "deepseek_v2_remote": (
+        DeepseekV2Config, DeepseekV2ForCausalLM,
+        dict(q_lora_rank=None, topk_method="greedy", aux_loss_alpha=0.1, seq_aux=True, norm_topk_prob=True,
+             scoring_func="softmax"),
+    ),
+}
+REMOTE = {"deepseek_v2_remote"}
+
+
+def build_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
+    config_cls, model_cls, extra = VARIANTS[name]
+    torch.manual_seed(seed)
+    config = config_cls(**_BASE, **extra)
+    model = model_cls(config)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:  # DeepSeek-V3's load-balancing bias: non-zero so it changes routing
+                bias.copy_(torch.randn_like(bias) * 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+def load_reference(name: str, path: Path) -> torch.nn.Module:
+    """The unconverted model as a user would load it (remote-code layout for the remote variant)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if name in REMOTE:
+        model = to_remote_layout(model)
+    return model
