@@ -30,7 +30,9 @@ def grouped(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, exper
     k = indices.shape[-1]
     keys = _local_keys(indices, experts).reshape(-1)
     order = torch.sort(keys.to(torch.float32), stable=True).indices
-    counts = torch.bincount(keys, minlength=experts.num_local + 1).tolist()  # the one host sync
+    # scatter_add into a fixed-size buffer: bincount sizes its output from the data (a hidden sync)
+    counts = keys.new_zeros(experts.num_local + 1).scatter_add_(0, keys, torch.ones_like(keys))
+    counts = counts.tolist()  # the one host sync
     routed = sum(counts[: experts.num_local])
     order = order[:routed]
     tokens = torch.div(order, k, rounding_mode="floor")

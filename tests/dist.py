@@ -22,6 +22,9 @@ def free_port() -> int:
 def _entry(local_rank: int, world: int, target: str, args: tuple, out: str) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # 2 cores, up to 4 ranks
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     module, name = target.rsplit(":", 1)
     result = getattr(importlib.import_module(module), name)(*args)
     if local_rank == 0:

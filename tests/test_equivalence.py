@@ -42,3 +42,11 @@ def test_two_allreduces_per_decoder_layer(equivalence, name, tp):
     assert r["allreduce_per_dense_layer"] and set(r["allreduce_per_dense_layer"]) == {2}
     assert r["allreduce_outside_layers"] == 1  # the vocab-parallel embedding
     assert r["allgather_forward"] == 1  # the LM head's logits
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_masked_reference_impl_matches_too(equivalence, name):
+    r = equivalence(2, "masked")[name]
+    assert r["logits_max_diff"] <= 1e-4
+    assert r["loss_after_step"] == pytest.approx(r["ref_loss_after_step"], abs=1e-5)
+    assert r["banned_ops"] == [] and r["host_syncs_forward_total"] == 0
