@@ -61,6 +61,12 @@ def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str = "au
     The HF forward API is unchanged: ``model(input_ids=..., labels=...)`` gives the same loss and
     full-vocab logits as before conversion.
     """
+    apply_plan(model, state, moe_impl=moe_impl)
+    return model.to(state.device)
+
+
+def apply_plan(model: nn.Module, state: ParallelState, *, moe_impl: str = "auto") -> nn.Module:
+    """Swap modules and slice weights per the model's plan, leaving tensors where they are (meta included)."""
     config = model.config
     plan = plan_for(config)
     check_divisibility(plan, config, state.tp_size, state.world_size)
@@ -69,7 +75,6 @@ def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str = "au
     counts: dict = {}
     _convert_children(model, "", plan, ctx, counts)
     model._np_conversion = ConversionInfo(plan.name, state.tp_size, state.tp_rank, impl)
-    model.to(state.device)
     experts = getattr(config, "n_routed_experts", None)
     if experts and state.tp_rank == 0:
         logger.info("converted %s for tp=%d: %d experts -> %d local experts per rank; styles %s",

@@ -54,10 +54,10 @@ class TensorParallelMoE(nn.Module):
     """
 
     def __init__(self, gate: nn.Module, experts: LocalExperts, shared_experts: nn.Module | None,
-                 shared_bias: nn.Parameter | None, group, moe_impl: str, router_outputs: Callable):
+                 shared_down: str | None, group, moe_impl: str, router_outputs: Callable):
         super().__init__()
         self.gate, self.experts, self.shared_experts = gate, experts, shared_experts
-        self.shared_bias = shared_bias
+        self.shared_down = shared_down  # its bias is added once, after the all-reduce
         self.group, self.moe_impl = group, moe_impl
         self._router_outputs = router_outputs
         self._dispatch = dispatch.IMPLEMENTATIONS[moe_impl]
@@ -71,8 +71,9 @@ class TensorParallelMoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         y = reduce_from_tp(y, self.group)
-        if self.shared_bias is not None:
-            y = y + self.shared_bias
+        bias = getattr(self.shared_experts, self.shared_down).bias if self.shared_experts is not None else None
+        if bias is not None:
+            y = y + bias
         y = y.view(shape)
         if aux_loss is not None and self.training:
             y = AddAuxiliaryLoss.apply(y, aux_loss)

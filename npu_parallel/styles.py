@@ -170,11 +170,9 @@ class MoE(Style):
         gate = getattr(module, self.router)
         experts = LocalExperts.from_module(getattr(module, self.experts), ctx.tp_rank, ctx.tp_size)
         shared = getattr(module, self.shared, None) if self.shared else None
-        shared_bias = None
         if shared is not None:
             shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
-            shared_bias = getattr(shared, self.shared_mlp.down).bias
-        new = TensorParallelMoE(gate, experts, shared, shared_bias, ctx.group,
+        new = TensorParallelMoE(gate, experts, shared, self.shared_mlp.down, ctx.group,
                                 ctx.moe_impl, router_outputs_for(gate))
         if hasattr(module, "config"):
             new.config = module.config
