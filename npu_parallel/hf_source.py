@@ -64,6 +64,7 @@ class HFCheckpoint:
         self.file_of = self._index()
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
+        self.keys_read: set[str] = set()
 
     def _index(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -114,6 +115,7 @@ class HFCheckpoint:
         except Exception as exc:  # safetensors raises on data past the end of a damaged file
             raise CheckpointError(f"{self.path / self.file_of[key]}: cannot read {key} ({exc})") from None
         self.bytes_read += t.numel() * t.element_size()
+        self.keys_read.add(key)
         return t
 
     # -- the converted model's names ------------------------------------------------------------------

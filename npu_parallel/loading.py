@@ -133,6 +133,7 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
     model.to(state.device)
     seconds = time.perf_counter() - start_time
     ckpt.close()
+    model._np_load_stats = {"bytes_read": ckpt.bytes_read, "seconds": seconds, "keys_read": sorted(ckpt.keys_read)}
     if state.rank == 0 or logger.isEnabledFor(logging.DEBUG):
         logger.info("rank %d: loaded %d tensors, %.1f MB read in %.2f s (%.0f MB/s)", state.rank, len(todo),
                     ckpt.bytes_read / 1e6, seconds, ckpt.bytes_read / 1e6 / max(seconds, 1e-9))

@@ -70,14 +70,14 @@ def convert_checkpoint(src: str | Path, tp: int, out: str | Path, *, dtype: torc
     check_output_dir(out, overwrite, source=src)
     meta_model, layouts = rank_layouts(config, tp)
 
+    params = {n for n, _ in meta_model.named_parameters()}
     names, entries, tensors = [], [[] for _ in range(tp)], {}
     for name, (spec0, shape0, _) in layouts[0].items():
         try:
             src_shape = ckpt.global_shape(name)
         except CheckpointError:
-            if name.rpartition(".")[2] in dict(meta_model.named_buffers()) or not any(
-                    name == n for n, _ in meta_model.named_parameters()):
-                continue  # a persistent buffer the checkpoint does not carry
+            if name not in params:
+                continue  # a persistent buffer the checkpoint does not carry keeps its initial value
             raise
         want = global_shape(torch.empty(shape0, device="meta"), spec0)
         if tuple(src_shape) != want:
@@ -85,7 +85,7 @@ def convert_checkpoint(src: str | Path, tp: int, out: str | Path, *, dtype: torc
                                   f"the config.json does not belong to these weights")
         stored = ckpt.dtype_of(name)
         out_dtype = stored
-        if dtype is not None and stored.is_floating_point():
+        if dtype is not None and stored.is_floating_point:
             out_dtype = torch.float32 if _keep_fp32(meta_model, name, dtype) else dtype
         specs = [layouts[r][name][0] for r in range(tp)]
         for r, spec in enumerate(specs):

@@ -1,7 +1,7 @@
 import pytest
 
 from .dist import run_ranks
-from .models import VARIANTS, build_checkpoint
+from .models import VARIANTS, build_checkpoint, build_layout_checkpoints
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +25,9 @@ def equivalence(checkpoints):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def layouts(checkpoints):
+    """Extra storage layouts of a tiny DeepSeek-V2: name -> directory (index-sharded, fused keys, tied)."""
+    return build_layout_checkpoints(checkpoints / "_layouts")

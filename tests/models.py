@@ -58,3 +58,24 @@ def load_reference(name: str, path: Path) -> torch.nn.Module:
     if name in REMOTE:
         model = to_remote_layout(model)
     return model
+
+
+def build_layout_checkpoints(root: Path) -> dict[str, Path]:
+    """The same tiny DeepSeek-V2 stored three more ways: index-sharded, fused expert keys, tied embeddings."""
+    from safetensors.torch import save_file
+
+    out = {}
+    config_cls, model_cls, extra = VARIANTS["deepseek_v2"]
+    torch.manual_seed(1)
+    model = model_cls(config_cls(**_BASE, **extra))
+    out["sharded_index"] = root / "v2_sharded_index"
+    model.save_pretrained(out["sharded_index"], max_shard_size="60KB")
+    out["fused_keys"] = root / "v2_fused_keys"
+    model.config.save_pretrained(out["fused_keys"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out["fused_keys"] / "model.safetensors",
+              metadata={"format": "pt"})
+    torch.manual_seed(2)
+    tied = model_cls(config_cls(**{**_BASE, "tie_word_embeddings": True}, **extra))
+    out["tied"] = root / "v2_tied"
+    tied.save_pretrained(out["tied"])
+    return out

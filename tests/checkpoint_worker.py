@@ -1,0 +1,103 @@
+"""Rank workers for the checkpoint tests: load_pretrained, save/load_sharded (resharding), training state."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import npu_parallel
+from npu_parallel.loading import load_pretrained
+from npu_parallel.sharded import load_sharded, load_training_state, save_sharded
+
+
+def _diff_states(a, b) -> list[str]:
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return sorted(set(sa) ^ set(sb))
+    return [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
+
+
+def _ids(vocab):
+    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def load_matches_convert(paths: list[str], tp: int, dtype: str | None = None) -> dict:
+    """Per checkpoint: tensors that differ between load_pretrained and convert_model(from_pretrained), and expert keys read."""
+    state = npu_parallel.init_distributed(tp)
+    out = {}
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    for path in paths:
+        ref = npu_parallel.convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto"), state)
+        model = load_pretrained(path, state, dtype=torch_dtype, progress=False)
+        ids = _ids(model.config.vocab_size)
+        with torch.no_grad():
+            same_logits = torch.equal(ref(input_ids=ids).logits, model(input_ids=ids).logits)
+        experts = sorted({int(m.group(1)) for k in model._np_load_stats["keys_read"]
+                          if (m := re.search(r"\.experts\.(\d+)\.", k))})
+        mine = model.model.layers[-1].mlp.experts
+        everyone = [None] * state.world_size
+        torch.distributed.all_gather_object(everyone, {"experts_read": experts,
+                                                       "own": [mine.expert_start, mine.expert_start + mine.num_local],
+                                                       "bytes": model._np_load_stats["bytes_read"]})
+        out[Path(path).name] = {"diff": _diff_states(ref, model), "same_logits": same_logits, "ranks": everyone,
+                                "dtype": str(next(model.parameters()).dtype)}
+    return out
+
+
+def save(path: str, out: str, tp: int, with_training: bool) -> dict:
+    """load_pretrained at tp, optionally one AdamW step, save_sharded; then the losses of 2 more steps."""
+    state = npu_parallel.init_distributed(tp)
+    torch.manual_seed(100 + state.rank)
+    model = load_pretrained(path, state, progress=False).train()
+    if not with_training:
+        save_sharded(model, out, state)
+        return {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    ids = _ids(model.config.vocab_size)
+    losses = []
+    for step in range(3):
+        if step == 1:
+            save_sharded(model, out, state, optimizer=opt, scheduler=sched, extra={"step": 1})
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses_after_save": losses[1:], "rng_after_save": None}
+
+
+def load_and_compare(path: str, saved: str, tp: int) -> dict:
+    """load_sharded (resharding when tp differs) against load_pretrained at this tp."""
+    state = npu_parallel.init_distributed(tp)
+    ref = load_pretrained(path, state, progress=False)
+    built = load_sharded(saved, state)
+    into = load_pretrained(path, state, progress=False)
+    with torch.no_grad():
+        for p in into.parameters():
+            p.zero_()
+    load_sharded(saved, state, model=into)
+    return {"diff_built": _diff_states(ref, built), "diff_into": _diff_states(ref, into)}
+
+
+def resume(path: str, saved: str, tp: int) -> dict:
+    """Weights, optimizer, scheduler and RNG from a training checkpoint; the losses of the next 2 steps."""
+    state = npu_parallel.init_distributed(tp)
+    model = load_sharded(saved, state).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    extra = load_training_state(saved, state, optimizer=opt, scheduler=sched)
+    ids = _ids(model.config.vocab_size)
+    losses = []
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"extra": extra, "losses": losses}
