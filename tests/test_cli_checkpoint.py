@@ -166,3 +166,12 @@ def test_bad_tp_and_dtype(capsys, src, tmp_path):
                     "tp_size=3 must divide the attention heads", "[1, 2, 4, 8]")
     _one_line_error(*run_cli(capsys, "convert", str(src), "--tp", "2", "--out", str(tmp_path / "o"), "--dtype", "int4")[::2],
                     "--dtype 'int4' is not one of")
+
+
+def test_inspect_cli(capsys, src):
+    code, out, _ = run_cli(capsys, "inspect", str(src))
+    assert code == 0
+    for fragment in ("DeepseekV3ForCausalLM", "dense: 0; MoE: 1-2", "8 routed, top-3, 2 shared", "tp=4", "valid", "invalid"):
+        assert fragment in out, fragment
+    code, out, _ = run_cli(capsys, "inspect", str(src), "--json")
+    assert code == 0 and json.loads(out)["tp"]["valid"] == [1, 2, 4, 8]
