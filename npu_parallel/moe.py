@@ -61,6 +61,7 @@ class TensorParallelMoE(nn.Module):
         self.group, self.moe_impl = group, moe_impl
         self._router_outputs = router_outputs
         self._dispatch = dispatch.IMPLEMENTATIONS[moe_impl]
+        self.last_aux_loss: torch.Tensor | None = None  # for logging; its gradient flows through AddAuxiliaryLoss
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -75,6 +76,7 @@ class TensorParallelMoE(nn.Module):
         if bias is not None:
             y = y + bias
         y = y.view(shape)
+        self.last_aux_loss = aux_loss.detach() if aux_loss is not None else None
         if aux_loss is not None and self.training:
             y = AddAuxiliaryLoss.apply(y, aux_loss)
         return y
