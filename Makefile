@@ -1,11 +1,14 @@
-# `make test` builds everything it needs from nothing: a .venv with the CPU build of torch, the package, pytest.
+# `make test` and `make demo` build everything they need from nothing: a .venv with the CPU build of
+# torch, the package with its test extra, and rsync for the remote-script tests.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+DEMO   ?= runs/demo
+DEMO_STEPS ?= 40
 
-.PHONY: test venv clean
+.PHONY: test demo venv sysdeps clean
 
 venv: $(STAMP)
 
@@ -16,8 +19,24 @@ $(STAMP): setup.py pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# rsync is only needed by sync_to_remote.sh and its test; the test skips (saying why) if this fails.
+sysdeps:
+	@command -v rsync >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq >/dev/null && apt-get install -y -qq rsync >/dev/null) ; } || \
+	  echo "note: rsync not installed; the sync_to_remote.sh test will be skipped"
+
+test: $(STAMP) sysdeps
 	$(PY) -m pytest tests -q
 
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/train_deepseek_v2_lite.py \
+	  --steps $(DEMO_STEPS) --batch_size 4 --max_length 128 --lr 2e-3 --warmup_steps 4 \
+	  --save_dir $(DEMO)/ckpt --save_every 20 --log_dir $(DEMO) --workdir $(DEMO)
+	$(VENV)/bin/npu-parallel merge $(DEMO)/ckpt/step-$(DEMO_STEPS) --out $(DEMO)/hf --overwrite -q
+	@$(PY) -c "import sys; from npu_parallel.metrics import read_metrics; r = read_metrics('$(DEMO)/metrics.jsonl'); \
+	  print(f'demo done: loss {r[0][\"loss\"]:.3f} -> {r[-1][\"loss\"]:.3f} in {len(r)} steps | metrics $(DEMO)/metrics.jsonl | ' \
+	        f'loss curve $(DEMO)/loss.png | checkpoint $(DEMO)/ckpt/step-$(DEMO_STEPS) | Hugging Face model $(DEMO)/hf')"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs

