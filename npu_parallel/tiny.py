@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +27,10 @@ def build_tiny_deepseek_v2_lite(path: str | Path, seed: int = 0, **overrides) ->
         return path
     torch.manual_seed(seed)
     model = DeepseekV2ForCausalLM(DeepseekV2Config(**{**TINY_V2_LITE, **overrides}))
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")  # concurrent builders never share a folder
     model.save_pretrained(tmp)
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process published it first: same seed, same weights
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
