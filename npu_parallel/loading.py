@@ -114,7 +114,7 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
         todo.append((name, module, leaf, t, is_param, spec))
 
     for name, module, leaf, t, is_param, spec in tqdm(todo, desc="loading", unit="tensor",
-                                                      disable=not (progress and state.rank == 0)):
+                                                      disable=None if (progress and state.rank == 0) else True):
         data = ckpt.read(name, spec)
         if spec is not None and spec.padded > spec.length:
             pad = list(data.shape)
