@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .safetensors_io import TORCH_DTYPES, CheckpointError, open_safetensors, read_range
+from .safetensors_io import CheckpointError, SafetensorsFile
 from .sharding import ShardSpec
 
 logger = logging.getLogger(__name__)
@@ -80,15 +80,16 @@ class HFCheckpoint:
         single = self.path / SINGLE_FILE
         if not single.is_file():
             raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are read")
-        with open_safetensors(single) as h:
-            return {k: SINGLE_FILE for k in h.keys()}
+        return {k: SINGLE_FILE for k in SafetensorsFile(single).keys()}
 
-    def handle(self, filename: str):
+    def handle(self, filename: str) -> SafetensorsFile:
         if filename not in self._handles:
-            self._handles[filename] = open_safetensors(self.path / filename)
+            self._handles[filename] = SafetensorsFile(self.path / filename)
         return self._handles[filename]
 
     def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
         self._handles.clear()
 
     def __enter__(self) -> "HFCheckpoint":
@@ -104,16 +105,10 @@ class HFCheckpoint:
         return sum((self.path / f).stat().st_size for f in self.files())
 
     def key_info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        sl = self.handle(self.file_of[key]).get_slice(key)
-        return TORCH_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
+        return self.handle(self.file_of[key]).info(key)
 
-    def _read(self, key: str, dim=None, start=0, stop=None) -> torch.Tensor:
-        try:
-            t = read_range(self.handle(self.file_of[key]), key, dim, start, stop)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises on data past the end of a damaged file
-            raise CheckpointError(f"{self.path / self.file_of[key]}: cannot read {key} ({exc})") from None
+    def _read(self, key: str, dim=None, start=0, stop=None, out=None) -> torch.Tensor:
+        t = self.handle(self.file_of[key]).read(key, dim, start, stop, out)
         self.bytes_read += t.numel() * t.element_size()
         self.keys_read.add(key)
         return t
@@ -168,9 +163,12 @@ class HFCheckpoint:
         if spec is not None and spec.dim != 0:
             raise CheckpointError(f"{name}: experts can only be split by whole experts (dim 0), not dim {spec.dim}")
         first, last = (0, self._count_experts(prefix, gate)) if spec is None else (spec.start, spec.stop)
-        if leaf == "gate_up_proj":
-            rows = [torch.cat([self._read(f"{prefix}.{e}.{gate}.weight"), self._read(f"{prefix}.{e}.{up}.weight")])
-                    for e in range(first, last)]
-        else:
-            rows = [self._read(f"{prefix}.{e}.{down}.weight") for e in range(first, last)]
-        return torch.stack(rows)
+        out = torch.empty((last - first, *self.global_shape(name)[1:]), dtype=self.dtype_of(name))
+        for i, e in enumerate(range(first, last)):  # each expert's matrices straight into their rows of out
+            if leaf == "gate_up_proj":
+                rows = self.key_info(f"{prefix}.{e}.{gate}.weight")[1][0]
+                self._read(f"{prefix}.{e}.{gate}.weight", out=out[i, :rows])
+                self._read(f"{prefix}.{e}.{up}.weight", out=out[i, rows:])
+            else:
+                self._read(f"{prefix}.{e}.{down}.weight", out=out[i])
+        return out

@@ -9,14 +9,13 @@ No tensor data is ever read.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from pathlib import Path
 
 from .hf_source import INDEX_FILE
 from .safetensors_io import CheckpointError
+from .safetensors_io import read_header as _read_header
 
 # bits per element of each safetensors dtype code
 DTYPE_BITS = {
@@ -86,43 +85,9 @@ def _layer_of(name: str) -> int | None:
 
 # -- reading the tensors' headers ------------------------------------------------------------------------
 
-MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
-
-
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype code, shape)} from a safetensors file's JSON header, checked against the file size.
-
-    Reads only the header (no mmap, so it works for any file size and any dtype code).
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            n = struct.unpack("<Q", raw_len)[0] if len(raw_len) == 8 else None
-            if n is None or n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: not a safetensors file (bad header length); re-download or re-save it")
-            header = json.loads(f.read(n))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {exc}); re-download or re-save it") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    out, end = {}, 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = str(info["dtype"]), tuple(int(s) for s in info["shape"])
-            _, stop = (int(o) for o in info["data_offsets"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name} ({exc!r})") from None
-        out[name] = (dtype, shape)
-        end = max(end, stop)
-    if 8 + n + end != size:
-        raise CheckpointError(f"{path}: {size:,} bytes but its header describes {8 + n + end:,}; the file is "
-                              f"truncated or corrupt, re-download or re-save it")
-    return out
+    """{name: (dtype code, shape)} from a safetensors header (no mmap: any size, any dtype code)."""
+    return {name: (t.dtype, t.shape) for name, t in _read_header(path).items()}
 
 
 def _hf_tensors(path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,24 +85,122 @@ class SafetensorsWriter:
             self._file.close()
 
 
-def open_safetensors(path: str | Path):
-    """``safe_open`` that names the file when it is missing, truncated or not safetensors."""
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    stop: int
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor's dtype, shape and byte range from a safetensors header, checked against the file size."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+    bad = f"{path}: not a readable safetensors file"
     try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); re-download or re-save it") from None
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+            if n is None or n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{bad} (bad header length); re-download or re-save it")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{bad} (header is not JSON: {exc}); re-download or re-save it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (header is not a JSON object)")
+    out, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(o) for o in info["data_offsets"])
+            out[name] = TensorInfo(str(info["dtype"]), tuple(int(s) for s in info["shape"]), 8 + n + begin, 8 + n + stop)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{bad} (corrupt header entry for {name}: {exc!r})") from None
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{bad}: {size:,} bytes but its header describes {8 + n + end:,}; the file is "
+                              f"truncated or corrupt, re-download or re-save it")
+    return out
 
 
-def read_range(handle, key: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """``key`` whole, or rows ``[start, stop)`` of dimension ``dim``, reading only those bytes."""
-    if dim is None:
-        return handle.get_tensor(key)
-    sl = handle.get_slice(key)
-    index = (slice(None),) * dim + (slice(start, stop),)
-    return sl[index]
+class SafetensorsFile:
+    """Reads tensors, or row ranges of them, into memory this process owns.
+
+    Row ranges along dim 0 (and whole tensors) are contiguous bytes: ``readinto`` puts them straight
+    into the destination, with no mmap (file pages would count in RSS and parameters would alias the
+    file) and no intermediate copy. Other slices go through ``safe_open(...).get_slice`` and are copied.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensors = read_header(self.path)
+        self._file = open(self.path, "rb")
+        self._lazy = None
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self.tensors[key]
+        if t.dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key} has dtype {t.dtype}, which torch cannot hold")
+        return TORCH_DTYPES[t.dtype], t.shape
+
+    def read(self, key: str, dim: int | None = None, start: int = 0, stop: int | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """``key`` whole, or rows ``[start, stop)`` of dimension ``dim``; into ``out`` when given."""
+        dtype, shape = self.info(key)
+        if dim is not None and any(s != 1 for s in shape[:dim]):
+            return self._read_strided(key, dim, start, stop, out)
+        if dim is not None:  # leading dims of size 1: still one contiguous byte range
+            shape = list(shape)
+            stop = shape[dim] if stop is None else stop
+            shape[dim] = stop - start
+            row = nbytes(shape[dim + 1:], dtype)
+        else:
+            start, row = 0, 0
+        shape = tuple(shape)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous():
+            raise RuntimeError(f"{key}: destination {out.dtype} {tuple(out.shape)} does not fit {dtype} {shape}")
+        size = nbytes(shape, dtype)
+        if size:
+            self._file.seek(self.tensors[key].start + start * row)
+            got = self._file.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            if got != size:
+                raise CheckpointError(f"{self.path}: tensor {key} is cut short ({got} of {size} bytes); the file is truncated")
+        return out
+
+    def _read_strided(self, key, dim, start, stop, out):
+        if self._lazy is None:
+            try:
+                self._lazy = safe_open(str(self.path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        view = self._lazy.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
+        if out is None:
+            out = torch.empty(view.shape, dtype=view.dtype)
+        return out.copy_(view)  # never keep a view of the mapped file
+
+    def close(self) -> None:
+        self._file.close()
+        self._lazy = None
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import ParallelState
-from .safetensors_io import CheckpointError, SafetensorsWriter, TORCH_DTYPES, ST_DTYPES, open_safetensors, read_range, sha256_file
+from .safetensors_io import CheckpointError, SafetensorsFile, SafetensorsWriter, TORCH_DTYPES, ST_DTYPES, sha256_file
 from .sharding import ShardSpec, spec_of
 
 logger = logging.getLogger(__name__)
@@ -167,18 +167,13 @@ class ShardedCheckpoint:
         cfg = dict(self.manifest["config"])
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
-    def handle(self, rank: int):
+    def handle(self, rank: int) -> SafetensorsFile:
         if rank not in self._handles:
-            self._handles[rank] = open_safetensors(self.path / rank_file(rank, self.tp))
+            self._handles[rank] = SafetensorsFile(self.path / rank_file(rank, self.tp))
         return self._handles[rank]
 
     def _get(self, rank, name, dim=None, start=0, stop=None) -> torch.Tensor:
-        try:
-            t = read_range(self.handle(rank), name, dim, start, stop)
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{self.path / rank_file(rank, self.tp)}: cannot read {name} ({exc})") from None
+        t = self.handle(rank).read(name, dim, start, stop)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -199,9 +194,11 @@ class ShardedCheckpoint:
             lo, hi = max(start, s), min(stop, e)
             if lo < hi:
                 parts.append(self._get(r, name, sdim, lo - s, hi - s))
-        return torch.cat(parts, dim=sdim)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=sdim)
 
     def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
         self._handles.clear()
 
 

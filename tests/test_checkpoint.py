@@ -139,3 +139,19 @@ def test_save_refuses_foreign_directory(checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="was not written by npu-parallel; refusing to replace it"):
         save_sharded(model, foreign, state)
     assert _tree_digest(foreign) == before
+
+
+def test_loaded_parameters_own_their_memory(checkpoints, tmp_path):
+    """No parameter is a view of the checkpoint file: rewriting the file changes nothing, weights are contiguous."""
+    state = npu_parallel.init_distributed()
+    src = tmp_path / "v2"
+    shutil.copytree(checkpoints / "deepseek_v2", src)
+    model = load_pretrained(src, state, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(p.is_contiguous() for p in model.parameters())
+    f = src / "model.safetensors"
+    size = f.stat().st_size
+    f.write_bytes(b"\0" * size)  # rewrite in place (a view of an mmap would now read zeros, or crash on truncation)
+    f.write_bytes(b"")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model._np_load_stats["bytes_read"] == sum(p.numel() * p.element_size() for p in model.parameters())
