@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import dispatch
+from .attention import use_fused_attention
 from .distributed import ParallelState, divisors
 from .plans import Plan, plan_for
 from .styles import Context
@@ -74,6 +75,7 @@ def apply_plan(model: nn.Module, state: ParallelState, *, moe_impl: str = "auto"
     ctx = Context(state.tp_rank, state.tp_size, state.tp_group, config, impl)
     counts: dict = {}
     _convert_children(model, "", plan, ctx, counts)
+    use_fused_attention(model)
     model._np_conversion = ConversionInfo(plan.name, state.tp_size, state.tp_rank, impl)
     experts = getattr(config, "n_routed_experts", None)
     if experts and state.tp_rank == 0:

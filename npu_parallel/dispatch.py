@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .experts import LocalExperts
+from .grouped_gemm import grouped_mm
 
 
 def _local_keys(indices: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
@@ -22,27 +23,23 @@ def _local_keys(indices: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
 
 
 def grouped(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
-    """Sort token-slots by local expert and run each expert on exactly its contiguous slice.
+    """Sort token-slots by local expert and run each expert on exactly its contiguous rows (grouped GEMM).
 
     One host sync per call (the per-expert counts). Float keys for the sort: integer sort falls back to
     the AI-CPU on Ascend.
     """
-    k = indices.shape[-1]
+    k, n_local = indices.shape[-1], experts.num_local
     keys = _local_keys(indices, experts).reshape(-1)
     order = torch.sort(keys.to(torch.float32), stable=True).indices
     # scatter_add into a fixed-size buffer: bincount sizes its output from the data (a hidden sync)
-    counts = keys.new_zeros(experts.num_local + 1).scatter_add_(0, keys, torch.ones_like(keys))
-    counts = counts.tolist()  # the one host sync
-    routed = sum(counts[: experts.num_local])
-    order = order[:routed]
+    counts_dev = keys.new_zeros(n_local + 1).scatter_add_(0, keys, torch.ones_like(keys))
+    counts = counts_dev.tolist()[:n_local]  # the one host sync
+    order = order[: sum(counts)]
+    offs = counts_dev[:n_local].cumsum(0).to(torch.int32)
     tokens = torch.div(order, k, rounding_mode="floor")
     xs = x.index_select(0, tokens)
-    outs, offset = [], 0
-    # every local expert is called, even on zero rows, so each rank's backward graph has the same shape
-    for e, n in enumerate(counts[: experts.num_local]):
-        outs.append(experts.ffn(xs[offset : offset + n], e))
-        offset += n
-    h = torch.cat(outs, dim=0)
+    gate, up = grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), counts, offs).chunk(2, dim=-1)
+    h = grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), counts, offs)
     w = weights.reshape(-1).index_select(0, order)
     h = (h * w.unsqueeze(-1)).to(x.dtype)
     return torch.zeros_like(x).index_add(0, tokens, h)
