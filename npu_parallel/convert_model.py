@@ -56,23 +56,29 @@ def _convert_children(module: nn.Module, prefix: str, plan: Plan, ctx: Context, 
         _convert_children(new, f"{path}.", plan, ctx, counts)
 
 
-def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str = "auto") -> nn.Module:
+def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str = "auto",
+                  capacity_factor: float | None = None) -> nn.Module:
     """Convert a loaded Hugging Face model to tensor/expert-parallel form in place and return it.
 
     The HF forward API is unchanged: ``model(input_ids=..., labels=...)`` gives the same loss and
-    full-vocab logits as before conversion.
+    full-vocab logits as before conversion. ``capacity_factor`` applies to ``moe_impl="static"`` only
+    (None: dropless).
     """
-    apply_plan(model, state, moe_impl=moe_impl)
+    apply_plan(model, state, moe_impl=moe_impl, capacity_factor=capacity_factor)
     return model.to(state.device)
 
 
-def apply_plan(model: nn.Module, state: ParallelState, *, moe_impl: str = "auto") -> nn.Module:
+def apply_plan(model: nn.Module, state: ParallelState, *, moe_impl: str = "auto",
+               capacity_factor: float | None = None) -> nn.Module:
     """Swap modules and slice weights per the model's plan, leaving tensors where they are (meta included)."""
     config = model.config
     plan = plan_for(config)
     check_divisibility(plan, config, state.tp_size, state.world_size)
     impl = dispatch.resolve(moe_impl, state.device.type)
-    ctx = Context(state.tp_rank, state.tp_size, state.tp_group, config, impl)
+    if capacity_factor is not None and (impl != "static" or capacity_factor <= 0):
+        raise ValueError(f"capacity_factor={capacity_factor!r} needs moe_impl='static' and a value > 0 "
+                         f"(e.g. 1.25); the other implementations never drop tokens")
+    ctx = Context(state.tp_rank, state.tp_size, state.tp_group, config, impl, capacity_factor)
     counts: dict = {}
     _convert_children(model, "", plan, ctx, counts)
     use_fused_attention(model)

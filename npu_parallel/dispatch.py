@@ -7,6 +7,7 @@ experts' weighted sum). None uses ``nonzero``, boolean-mask indexing, ``unique``
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -54,13 +55,49 @@ def masked(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expert
     return out
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {"grouped": grouped, "masked": masked}
+def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
+    """Rows per local expert. Dropless (None): ``tokens``, since top-k picks distinct experts, an expert
+    gets at most one slot per token. With a factor f: ``ceil(f * tokens * top_k / num_experts)``."""
+    if capacity_factor is None:
+        return tokens
+    return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
+
+
+def static(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts,
+           capacity_factor: float | None = None, stats: dict | None = None) -> torch.Tensor:
+    """Fixed shapes and no host sync (NPU graph mode / ACL graph): capacity buffers ``[E_local, C, H]``.
+
+    Each local slot gets row ``expert * C + position``, its position counted in token order (a cumsum of
+    one-hot keys, no sort). Slots of other ranks' experts, and slots past an expert's capacity, go to a
+    trash row whose output is zero: with a ``capacity_factor`` the latest tokens of an over-full expert
+    are dropped (their count is put in ``stats["dropped"]`` as a device tensor); ``None`` is dropless.
+    """
+    t, k = indices.shape
+    n_local = experts.num_local
+    c = capacity(t, k, experts.num_experts, capacity_factor)
+    keys = _local_keys(indices, experts).reshape(-1)
+    # a comparison, not F.one_hot: one_hot checks its input's range with a host sync
+    onehot = (keys.unsqueeze(1) == torch.arange(n_local + 1, device=keys.device)).to(keys.dtype)
+    position = (onehot.cumsum(0) * onehot).sum(-1) - 1
+    kept = (keys < n_local) & (position < c)
+    rows = torch.where(kept, keys * c + position, torch.full_like(keys, n_local * c))
+    if stats is not None:
+        stats["dropped"] = ((keys < n_local) & ~kept).sum()
+    slots = x.unsqueeze(1).expand(t, k, x.shape[-1]).reshape(t * k, -1)
+    buf = x.new_zeros(n_local * c + 1, x.shape[-1]).index_add(0, rows, slots)[:-1].view(n_local, c, -1)
+    gate, up = torch.bmm(buf, experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+    y = torch.bmm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2)).reshape(n_local * c, -1)
+    y = torch.cat([y, y.new_zeros(1, y.shape[-1])]).index_select(0, rows)  # the trash row reads zeros
+    return (y * weights.reshape(-1, 1)).to(x.dtype).view(t, k, -1).sum(dim=1)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {"grouped": grouped, "static": static, "masked": masked}
 
 
 def resolve(moe_impl: str, device_type: str) -> str:
     """The concrete implementation for ``moe_impl`` ("auto" picks per device)."""
     if moe_impl == "auto":
-        return "grouped"
+        return "npu" if device_type == "npu" and "npu" in IMPLEMENTATIONS else "grouped"
     if moe_impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"moe_impl={moe_impl!r} is not an implementation; use one of {['auto', *IMPLEMENTATIONS]}"

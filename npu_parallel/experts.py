@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sharding import ShardSpec, even_range, mark, shard_tensor
+from .sharding import ShardSpec, ShardedModule, even_range, mark, shard_tensor
 
 
-class LocalExperts(nn.Module):
+class LocalExperts(ShardedModule):
     """Experts ``[expert_start, expert_start + num_local)`` of ``num_experts``.
 
     ``gate_up_proj [E_local, 2I, H]`` and ``down_proj [E_local, H, I]``, the names and layout of

@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm import _all_reduce, _size, copy_to_tp, gather_from_tp, reduce_from_tp, reduce_grad_columns
-from .sharding import ShardSpec, even_range, mark, padded_range, shard_tensor
+from .sharding import ShardSpec, ShardedModule, even_range, mark, padded_range, shard_tensor
 
 
 def _param(t: torch.Tensor, requires_grad: bool, spec: ShardSpec | None = None) -> nn.Parameter:
     return mark(nn.Parameter(t, requires_grad=requires_grad), spec)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(ShardedModule):
     """``y_local = x @ W[rows of this rank].T``: output features split across the TP group.
 
     ``input_grad_reduce`` puts f (identity forward, all-reduce backward) on the input; turn it off when
@@ -47,7 +47,7 @@ class ColumnParallelLinear(nn.Module):
         return f"in={self.in_features}, out_local={self.out_features}, bias={self.bias is not None}"
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ShardedModule):
     """``y = sum_r x_r @ W_r.T + b``: input features split, partial sums all-reduced, bias added once.
 
     With ``reduce_output=False`` the partial sum is returned without the bias; the caller reduces it
@@ -81,7 +81,7 @@ class RowParallelLinear(nn.Module):
         return f"in_local={self.in_features}, out={self.out_features}, reduce={self.reduce_output}"
 
 
-class ReplicatedLinear(nn.Module):
+class ReplicatedLinear(ShardedModule):
     """A linear every rank holds whole; backward all-reduces the output-gradient columns ``[grad_sum_from:]``.
 
     MLA's ``kv_a_proj_with_mqa`` is the case: its latent columns feed the column-parallel ``kv_b_proj``
@@ -108,7 +108,7 @@ def _vocab_shard(weight: torch.Tensor, tp_rank: int, tp_size: int, requires_grad
     return _param(shard_tensor(weight, 0, start, stop, padded=block), requires_grad, spec), spec
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(ShardedModule):
     """Rows of the embedding split over the TP group; a vocab tp does not divide is padded here only."""
 
     def __init__(self, weight: nn.Parameter, spec: ShardSpec, group, padding_idx: int | None = None):
@@ -140,7 +140,7 @@ class VocabParallelEmbedding(nn.Module):
         return f"vocab={self.num_embeddings}, local=[{self.vocab_start}, {self.vocab_stop}), dim={self.embedding_dim}"
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(ShardedModule):
     """Column-parallel LM head over the (padded) vocab.
 
     ``gather_output=True`` returns full-vocab logits (the HF contract); ``False`` returns this rank's

@@ -81,7 +81,7 @@ def _rebind(model: nn.Module, old: torch.Tensor, new: torch.Tensor, is_param: bo
 
 
 def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_impl: str = "auto",
-                    progress: bool = True) -> nn.Module:
+                    capacity_factor: float | None = None, progress: bool = True) -> nn.Module:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
     Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``.
@@ -95,7 +95,7 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
     target = resolve_dtype(dtype, config, first_float)
 
     model = empty_model(config, target)
-    apply_plan(model, state, moe_impl=moe_impl)
+    apply_plan(model, state, moe_impl=moe_impl, capacity_factor=capacity_factor)
     todo = []
     for name, module, leaf, t, is_param in tensors_to_load(model):
         spec = spec_of(t) if is_param else None

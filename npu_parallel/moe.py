@@ -10,6 +10,7 @@ from torch import nn
 from . import dispatch
 from .comm import copy_to_tp, reduce_from_tp, reduce_grad
 from .experts import LocalExperts
+from .sharding import ShardedModule
 
 
 class AddAuxiliaryLoss(torch.autograd.Function):
@@ -44,7 +45,7 @@ def router_outputs_for(router: nn.Module) -> Callable:
     return ROUTER_OUTPUTS.get(type(router).__name__, hf_router_outputs)
 
 
-class TensorParallelMoE(nn.Module):
+class TensorParallelMoE(ShardedModule):
     """A MoE block converted for TP: every rank routes all tokens with the replicated router, runs its
     ``E/tp`` experts and its shard of the shared experts, and one all-reduce sums both partial outputs.
 
@@ -61,6 +62,8 @@ class TensorParallelMoE(nn.Module):
         self.group, self.moe_impl = group, moe_impl
         self._router_outputs = router_outputs
         self._dispatch = dispatch.IMPLEMENTATIONS[moe_impl]
+        self.capacity_factor: float | None = None  # "static" only: None is dropless
+        self.stats: dict = {}  # "static": tokens dropped by this rank in the last forward ("dropped", a device tensor)
         self.last_aux_loss: torch.Tensor | None = None  # for logging; its gradient flows through AddAuxiliaryLoss
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -68,7 +71,8 @@ class TensorParallelMoE(nn.Module):
         indices, weights, aux_loss = self._router_outputs(self.gate(hidden_states))
         weights = reduce_grad(weights, self.group)
         x = copy_to_tp(hidden_states.reshape(-1, shape[-1]), self.group)
-        y = self._dispatch(x, indices.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1), self.experts)
+        kwargs = {"capacity_factor": self.capacity_factor, "stats": self.stats} if self.moe_impl == "static" else {}
+        y = self._dispatch(x, indices.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1), self.experts, **kwargs)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         y = reduce_from_tp(y, self.group)

@@ -61,3 +61,23 @@ def mark(param: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
 
 def spec_of(param: torch.Tensor) -> ShardSpec | None:
     return getattr(param, ATTR, None)
+
+
+class ShardedModule(torch.nn.Module):
+    """Base of every module conversion creates: deep copies share the process group (it cannot be
+    copied) and keep each parameter's ShardSpec (``Parameter.__deepcopy__`` drops attributes)."""
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        group = self.__dict__.get("group")
+        if group is not None:
+            memo.setdefault(id(group), group)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        for name, p in self._parameters.items():
+            if p is not None and spec_of(p) is not None:
+                mark(new._parameters[name], spec_of(p))
+        return new

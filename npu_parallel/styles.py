@@ -25,6 +25,7 @@ class Context:
     group: object
     config: object
     moe_impl: str
+    capacity_factor: float | None = None
     converted: dict = field(default_factory=dict)  # path -> new module, for styles that refer to others
 
 
@@ -122,9 +123,13 @@ class LMHead(Style):
         return ParallelLMHead.from_linear(module, ctx.tp_rank, ctx.tp_size, ctx.group, shared_weight=shared)
 
 
-def _input_to_tp_region(module, args, kwargs):
-    group = module._np_group
-    return (copy_to_tp(args[0], group), *args[1:]), kwargs
+def _input_to_tp_region(group):
+    """A forward pre-hook putting f on a module's first input (a closure: deepcopy shares it, group included)."""
+
+    def hook(module, args, kwargs):
+        return (copy_to_tp(args[0], group), *args[1:]), kwargs
+
+    return hook
 
 
 @dataclass
@@ -148,8 +153,7 @@ class MLP(Style):
             if hasattr(module, attr):
                 setattr(module, attr, getattr(module, attr) // ctx.tp_size)
         if self.reduce_output:  # a partial MLP (shared experts) sits behind its block's own f
-            module._np_group = ctx.group
-            module.register_forward_pre_hook(_input_to_tp_region, with_kwargs=True)
+            module.register_forward_pre_hook(_input_to_tp_region(ctx.group), with_kwargs=True)
         return module
 
 
@@ -174,6 +178,7 @@ class MoE(Style):
             shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
         new = TensorParallelMoE(gate, experts, shared, self.shared_mlp.down, ctx.group,
                                 ctx.moe_impl, router_outputs_for(gate))
+        new.capacity_factor = ctx.capacity_factor
         if hasattr(module, "config"):
             new.config = module.config
         return new

@@ -77,7 +77,7 @@ def test_unsupported_architecture_lists_supported():
 
 def test_unknown_moe_impl(checkpoints):
     model = load_reference("deepseek_v2", checkpoints / "deepseek_v2")
-    with pytest.raises(ValueError, match=r"moe_impl='fast' is not an implementation; use one of \['auto', 'grouped', 'masked'"):
+    with pytest.raises(ValueError, match=r"moe_impl='fast' is not an implementation; use one of \['auto', 'grouped', 'static', 'masked'"):
         npu_parallel.convert_model(model, fake_state(1), moe_impl="fast")
 
 
@@ -95,3 +95,16 @@ def test_cli_env_bad_tp_is_one_line_exit_2():
     out = subprocess.run([sys.executable, "-m", "npu_parallel.cli", "env", "--tp", "3"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "tp_size=3" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_converted_model_deepcopies_with_its_shards(checkpoints):
+    """A deep copy (EMA, reference copies) shares the process group and keeps every parameter's shard spec."""
+    from npu_parallel.sharding import spec_of
+
+    model = npu_parallel.convert_model(load_reference("deepseek_v2", checkpoints / "deepseek_v2"), init_distributed())
+    twin = copy.deepcopy(model)
+    specs = [spec_of(p) for p in model.parameters()]
+    assert [spec_of(p) for p in twin.parameters()] == specs and any(s is not None for s in specs)
+    assert twin.model.layers[1].mlp.group is model.model.layers[1].mlp.group
+    ids = torch.randint(0, 250, (1, 8))
+    assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
