@@ -24,18 +24,29 @@ class ConversionInfo:
     moe_impl: str
 
 
+def tp_problem(plan: Plan, config, tp_size: int) -> str | None:
+    """Why ``tp_size`` cannot split this model (a phrase following "tp_size=N"), or None."""
+    for what, size in plan.divides:
+        n = size(config)
+        if n and n % tp_size:
+            return f"must divide the {what} = {n}"
+    for check in plan.checks:
+        why = check(config, tp_size)
+        if why:
+            return f"does not fit {why}"
+    return None
+
+
 def check_divisibility(plan: Plan, config, tp_size: int, world_size: int | None = None) -> None:
     """Raise ValueError (same on every rank, before any collective) when tp cannot split the model."""
-    sizes = [(what, f(config)) for what, f in plan.divides]
-    sizes = [(what, n) for what, n in sizes if n]
-    bad = [(what, n) for what, n in sizes if n % tp_size]
-    if not bad:
+    why = tp_problem(plan, config, tp_size)
+    if why is None:
         return
-    candidates = divisors(world_size) if world_size else sorted({d for _, n in sizes for d in divisors(n)})
-    good = [d for d in candidates if all(n % d == 0 for _, n in sizes)]
-    what, n = bad[0]
+    sizes = [n for _, f in plan.divides if (n := f(config))]
+    candidates = divisors(world_size) if world_size else sorted({d for n in sizes for d in divisors(n)})
+    good = [d for d in candidates if tp_problem(plan, config, d) is None]
     raise ValueError(
-        f"tp_size={tp_size} must divide the {what} = {n} of this {config.model_type} model; "
+        f"tp_size={tp_size} {why} of this {config.model_type} model; "
         f"tp sizes that work{' with world size ' + str(world_size) if world_size else ''}: {good}"
     )
 

@@ -65,6 +65,7 @@ class HFCheckpoint:
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
         self.keys_read: set[str] = set()
+        self.aliases: tuple[tuple[str, str], ...] = ()  # the plan's (memory, checkpoint) name fragments
 
     def _index(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -116,19 +117,32 @@ class HFCheckpoint:
     # -- the converted model's names ------------------------------------------------------------------
 
     def source_of(self, name: str) -> tuple[str, object]:
-        """How global tensor ``name`` is stored: ('same', key), ('experts', (layout, names, which)), ('tied', key)."""
-        if name in self.file_of:
-            return "same", name
-        prefix, _, leaf = name.rpartition(".")
-        if leaf in FUSED_EXPERT_PARAMS:
-            layout = expert_key_layout(self.file_of, prefix)
-            if layout is not None and layout[0] == "per_expert":
-                return "experts", (prefix, layout[1], leaf)
+        """How global tensor ``name`` is stored: ('same', key), ('experts', (prefix, names, which)), ('tied', key)."""
+        candidates = [name] + [name.replace(mem, ck, 1) for mem, ck in self.aliases if mem in name]
+        for cand in candidates:
+            if cand in self.file_of:
+                return "same", cand
+            prefix, _, leaf = cand.rpartition(".")
+            if leaf in FUSED_EXPERT_PARAMS:
+                layout = expert_key_layout(self.file_of, prefix)
+                if layout is not None and layout[0] == "per_expert":
+                    return "experts", (prefix, layout[1], leaf)
         if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
             for key in ("model.embed_tokens.weight", "transformer.wte.weight"):
                 if key in self.file_of:
                     return "tied", key
         raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint; is it from another model?")
+
+    def expert_layout(self) -> dict | None:
+        """How this checkpoint stores routed experts: {"kind": "fused"} or per-expert with its key names."""
+        for name in self.file_of:
+            head, sep, _ = name.rpartition(".experts.")
+            if sep and ".experts." not in head:
+                found = expert_key_layout(self.file_of, head + ".experts")
+                if found:
+                    kind, names = found
+                    return {"kind": kind} if kind == "fused" else {"kind": kind, "names": list(names)}
+        return None
 
     def global_shape(self, name: str) -> tuple[int, ...]:
         kind, src = self.source_of(name)

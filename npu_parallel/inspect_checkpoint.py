@@ -188,8 +188,11 @@ def _tp_table(plan, config, candidates) -> tuple[list[int], dict[int, str]]:
     valid, invalid = [], {}
     for tp in candidates:
         bad = [f"{n} {what}" for what, n in sizes if n % tp]
+        why = next((w for check in plan.checks if (w := check(config, tp))), None)
         if bad:
             invalid[tp] = "does not divide " + " and ".join(bad)
+        elif why:
+            invalid[tp] = f"does not fit {why}"
         else:
             valid.append(tp)
     return valid, invalid

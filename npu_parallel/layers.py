@@ -81,6 +81,46 @@ class RowParallelLinear(ShardedModule):
         return f"in_local={self.in_features}, out={self.out_features}, reduce={self.reduce_output}"
 
 
+class HeadSelectLinear(ShardedModule):
+    """Key/value projection kept whole when tp does not divide the key/value heads (GQA).
+
+    Every rank computes all key/value heads and keeps ``[start, stop)``, the heads its query heads
+    use; backward all-reduces the output gradient, so the whole weight gets the summed gradient on
+    every rank (each head's users hold a part of it) and stays identical across ranks.
+    """
+
+    def __init__(self, linear: nn.Linear, start: int, stop: int, group):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.start, self.stop, self.group = start, stop, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_grad_columns(F.linear(x, self.weight, self.bias), 0, self.group)
+        return y[..., self.start : self.stop]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, keeps=[{self.start}, {self.stop})"
+
+
+class GradSummedRMSNorm(ShardedModule):
+    """RMSNorm (transformers' formula) whose weight gradient is summed over the TP group: for a norm
+    shared by attention heads that are split across ranks (Qwen3's q_norm/k_norm)."""
+
+    def __init__(self, norm: nn.Module, group):
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        self.group = group
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return copy_to_tp(self.weight, self.group) * hidden_states.to(input_dtype)
+
+
 class ReplicatedLinear(ShardedModule):
     """A linear every rank holds whole; backward all-reduces the output-gradient columns ``[grad_sum_from:]``.
 

@@ -90,6 +90,7 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
     ckpt = HFCheckpoint(path)
     config = ckpt.config
     plan = plan_for(config)
+    ckpt.aliases = plan.checkpoint_aliases
     check_divisibility(plan, config, state.tp_size, state.world_size)
     first_float = next((ckpt.key_info(k)[0] for k in ckpt.file_of if ckpt.key_info(k)[0].is_floating_point), None)
     target = resolve_dtype(dtype, config, first_float)
@@ -133,6 +134,7 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
     model.to(state.device)
     seconds = time.perf_counter() - start_time
     ckpt.close()
+    model._np_expert_layout = ckpt.expert_layout()
     model._np_load_stats = {"bytes_read": ckpt.bytes_read, "seconds": seconds, "keys_read": sorted(ckpt.keys_read)}
     if state.rank == 0 or logger.isEnabledFor(logging.DEBUG):
         logger.info("rank %d: loaded %d tensors, %.1f MB read in %.2f s (%.0f MB/s)", state.rank, len(todo),

@@ -55,9 +55,15 @@ class TensorParallelMoE(ShardedModule):
     """
 
     def __init__(self, gate: nn.Module, experts: LocalExperts, shared_experts: nn.Module | None,
-                 shared_down: str | None, group, moe_impl: str, router_outputs: Callable):
+                 shared_down: str | None, group, moe_impl: str, router_outputs: Callable,
+                 shared_expert_gate: nn.Module | None = None, shared_name: str = "shared_experts"):
         super().__init__()
-        self.gate, self.experts, self.shared_experts = gate, experts, shared_experts
+        self.gate, self.experts = gate, experts
+        # the source model's attribute name (shared_experts, shared_expert), so parameter names do not change
+        self.shared_name = shared_name
+        if shared_experts is not None:
+            setattr(self, shared_name, shared_experts)
+        self.shared_expert_gate = shared_expert_gate  # Qwen2-MoE: sigmoid(gate(x)) scales the shared expert
         self.shared_down = shared_down  # its bias is added once, after the all-reduce
         self.group, self.moe_impl = group, moe_impl
         self._router_outputs = router_outputs
@@ -73,10 +79,16 @@ class TensorParallelMoE(ShardedModule):
         x = copy_to_tp(hidden_states.reshape(-1, shape[-1]), self.group)
         kwargs = {"capacity_factor": self.capacity_factor, "stats": self.stats} if self.moe_impl == "static" else {}
         y = self._dispatch(x, indices.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1), self.experts, **kwargs)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        shared_experts = self.shared_module()
+        if shared_experts is not None:
+            shared = shared_experts(x)
+            if self.shared_expert_gate is not None:
+                # per-token scale, replicated; its gradient is partial per rank like the routing weights
+                scale = torch.sigmoid(self.shared_expert_gate(hidden_states.reshape(-1, shape[-1])))
+                shared = reduce_grad(scale, self.group) * shared
+            y = y + shared
         y = reduce_from_tp(y, self.group)
-        bias = getattr(self.shared_experts, self.shared_down).bias if self.shared_experts is not None else None
+        bias = getattr(shared_experts, self.shared_down).bias if shared_experts is not None else None
         if bias is not None:
             y = y + bias
         y = y.view(shape)
@@ -84,6 +96,9 @@ class TensorParallelMoE(ShardedModule):
         if aux_loss is not None and self.training:
             y = AddAuxiliaryLoss.apply(y, aux_loss)
         return y
+
+    def shared_module(self) -> nn.Module | None:
+        return getattr(self, self.shared_name, None)
 
     def extra_repr(self) -> str:
         return f"moe_impl={self.moe_impl!r}"

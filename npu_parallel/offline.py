@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .convert_model import apply_plan, check_divisibility
 from .distributed import single_rank_state
-from .hf_source import FUSED_EXPERT_PARAMS, HFCheckpoint, expert_key_layout
+from .hf_source import FUSED_EXPERT_PARAMS, HFCheckpoint
 from .loading import _keep_fp32, global_shape
 from .plans import plan_for
 from .safetensors_io import CheckpointError, SafetensorsWriter, TORCH_DTYPES
@@ -45,17 +45,6 @@ def rank_layouts(config, tp: int) -> tuple[object, list[dict]]:
     return model, layouts
 
 
-def _expert_layout(ckpt: HFCheckpoint) -> dict | None:
-    for name in ckpt.file_of:
-        head, sep, _ = name.partition(".experts.")
-        if sep:
-            found = expert_key_layout(ckpt.file_of, head + ".experts")
-            if found:
-                kind, names = found
-                return {"kind": kind} if kind == "fused" else {"kind": kind, "names": list(names)}
-    return None
-
-
 def convert_checkpoint(src: str | Path, tp: int, out: str | Path, *, dtype: torch.dtype | None = None,
                        overwrite: bool = False, progress: bool = True) -> Path:
     """Stream a Hugging Face checkpoint into ``tp`` rank files in the save_sharded format."""
@@ -64,6 +53,7 @@ def convert_checkpoint(src: str | Path, tp: int, out: str | Path, *, dtype: torc
     ckpt = HFCheckpoint(src)
     config = ckpt.config
     plan = plan_for(config)
+    ckpt.aliases = plan.checkpoint_aliases
     if not isinstance(tp, int) or tp < 1:
         raise CheckpointError(f"--tp {tp!r} must be a positive integer")
     check_divisibility(plan, config, tp)
@@ -111,7 +101,8 @@ def convert_checkpoint(src: str | Path, tp: int, out: str | Path, *, dtype: torc
     manifest_config = config
     if dtype is not None:
         manifest_config.dtype = str(dtype).removeprefix("torch.")
-    write_json(tmp / MANIFEST, build_manifest(manifest_config, plan.name, tp, tensors, files, _expert_layout(ckpt)))
+    write_json(tmp / MANIFEST, build_manifest(manifest_config, plan.name, tp, tensors, files, ckpt.expert_layout(),
+                                              key_aliases=plan.checkpoint_aliases))
     publish(tmp, out)
     logger.info("converted %s -> %s: tp=%d, %d tensors, %.1f MB read in %.1f s", src, out, tp, len(names),
                 ckpt.bytes_read / 1e6, time.perf_counter() - t0)
@@ -128,7 +119,14 @@ def _read_expert(sc: ShardedCheckpoint, name: str, e: int, rows: slice) -> torch
 
 
 def _hf_entries(sc: ShardedCheckpoint):
-    """(key, dtype, shape, read) for every tensor of the HF checkpoint, in the original expert key layout."""
+    """(key, dtype, shape, read) for every tensor of the HF checkpoint, in the original key layout."""
+    for key, dtype, shape, read in _entries_in_memory_names(sc):
+        for mem, ck in sc.manifest.get("key_aliases") or ():
+            key = key.replace(mem, ck, 1)
+        yield key, dtype, shape, read
+
+
+def _entries_in_memory_names(sc: ShardedCheckpoint):
     layout = sc.manifest.get("expert_layout") or {"kind": "fused"}
     per_expert = layout.get("kind") == "per_expert"
     for name, info in sc.tensors.items():

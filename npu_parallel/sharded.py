@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "npu_parallel.sharded"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-DEFAULT_EXPERT_LAYOUT = {"kind": "per_expert", "names": ["gate_proj", "up_proj", "down_proj"]}
 
 
 def rank_file(rank: int, tp: int) -> str:
@@ -108,13 +107,14 @@ def tensor_entry(shape, dtype: torch.dtype, specs: list[ShardSpec | None]) -> di
 
 
 def build_manifest(config, plan_name: str, tp: int, tensors: dict, files: dict, expert_layout: dict | None,
-                   training: dict | None = None) -> dict:
+                   training: dict | None = None, key_aliases=()) -> dict:
     cfg = config.to_dict()
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "architecture": (cfg.get("architectures") or [type(config).__name__])[0],
         "model_type": cfg.get("model_type"), "plan": plan_name, "tp_size": tp,
-        "expert_layout": expert_layout or DEFAULT_EXPERT_LAYOUT,
+        "expert_layout": expert_layout,
+        "key_aliases": [list(a) for a in key_aliases],
         "config": cfg, "tensors": tensors, "files": files, "training": training,
     }
 
@@ -293,8 +293,12 @@ def save_sharded(model: nn.Module, out_dir: str | Path, state: ParallelState, *,
         if optimizer is not None or extra is not None:
             training = {"world_size": state.world_size, "tp_size": state.tp_size, "has_optimizer": optimizer is not None,
                         "extra": extra or {}}
-        manifest = build_manifest(model.config, conv.plan, state.tp_size, tensors, all_files,
-                                  getattr(model, "_np_expert_layout", None), training)
+        from .plans import plan_for
+
+        plan = plan_for(model.config)
+        layout = getattr(model, "_np_expert_layout", None) or {"kind": "per_expert", "names": list(plan.expert_key_names)}
+        manifest = build_manifest(model.config, conv.plan, state.tp_size, tensors, all_files, layout, training,
+                                  key_aliases=plan.checkpoint_aliases)
         write_json(tmp / MANIFEST, manifest)
         publish(tmp, out)
     _barrier(state)

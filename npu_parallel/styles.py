@@ -12,7 +12,8 @@ from torch import nn
 
 from .comm import copy_to_tp
 from .experts import LocalExperts
-from .layers import ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear, VocabParallelEmbedding
+from .layers import (ColumnParallelLinear, GradSummedRMSNorm, HeadSelectLinear, ParallelLMHead, ReplicatedLinear,
+                     RowParallelLinear, VocabParallelEmbedding)
 from .moe import TensorParallelMoE, router_outputs_for
 
 
@@ -164,6 +165,7 @@ class MoE(Style):
     router: str = "gate"
     experts: str = "experts"
     shared: str | None = "shared_experts"
+    shared_gate: str | None = None
     shared_mlp: MLP = field(default_factory=lambda: MLP(reduce_output=False))
     owns_subtree = True
 
@@ -176,9 +178,64 @@ class MoE(Style):
         shared = getattr(module, self.shared, None) if self.shared else None
         if shared is not None:
             shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
-        new = TensorParallelMoE(gate, experts, shared, self.shared_mlp.down, ctx.group,
-                                ctx.moe_impl, router_outputs_for(gate))
+        new = TensorParallelMoE(gate, experts, shared, self.shared_mlp.down, ctx.group, ctx.moe_impl,
+                                router_outputs_for(gate),
+                                getattr(module, self.shared_gate, None) if self.shared_gate else None,
+                                self.shared or "shared_experts")
         new.capacity_factor = ctx.capacity_factor
         if hasattr(module, "config"):
             new.config = module.config
         return new
+
+
+def kv_heads_kept(num_heads: int, num_kv: int, tp_size: int, tp_rank: int) -> tuple[int, int, bool]:
+    """(first, count, split) of the key/value heads this rank keeps for GQA at this tp size."""
+    if num_kv % tp_size == 0:
+        per = num_kv // tp_size
+        return tp_rank * per, per, True
+    group = num_heads // num_kv  # query heads per key/value head
+    first_q = tp_rank * (num_heads // tp_size)
+    return first_q // group, 1, False
+
+
+@dataclass
+class GQAttention(Style):
+    """Standard multi-head / grouped-query attention: query heads split; key/value heads split when tp
+    divides them, else kept whole and each rank selects the head its query heads use; o row-parallel.
+    Per-head norms (``q_norm``/``k_norm``) stay whole with their gradient summed over the group."""
+
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    norms: tuple[str, ...] = ("q_norm", "k_norm")
+    owns_subtree = True
+
+    def applies(self, module):
+        return all(isinstance(getattr(module, n, None), nn.Linear) for n in (self.q, self.k, self.v, self.o))
+
+    def apply(self, module, ctx, path):
+        cfg = ctx.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(module, "head_dim", None) or cfg.hidden_size // heads
+        setattr(module, self.q, Colwise().apply(getattr(module, self.q), ctx, f"{path}.{self.q}"))
+        first, count, split = kv_heads_kept(heads, kv, ctx.tp_size, ctx.tp_rank)
+        for name in (self.k, self.v):
+            lin = getattr(module, name)
+            if split:
+                new = Colwise().apply(lin, ctx, f"{path}.{name}")
+            else:
+                new = HeadSelectLinear(lin, first * head_dim, (first + count) * head_dim, ctx.group)
+            setattr(module, name, new)
+        setattr(module, self.o, Rowwise().apply(getattr(module, self.o), ctx, f"{path}.{self.o}"))
+        for name in self.norms:
+            norm = getattr(module, name, None)
+            if norm is not None and ctx.tp_size > 1:
+                setattr(module, name, GradSummedRMSNorm(norm, ctx.group))
+        local_q = heads // ctx.tp_size
+        module.num_key_value_groups = local_q // count
+        for attr, value in (("num_heads", local_q), ("num_key_value_heads", count)):
+            if hasattr(module, attr):
+                setattr(module, attr, value)
+        return module

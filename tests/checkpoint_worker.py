@@ -37,10 +37,10 @@ def load_matches_convert(paths: list[str], tp: int, dtype: str | None = None) ->
             same_logits = torch.equal(ref(input_ids=ids).logits, model(input_ids=ids).logits)
         experts = sorted({int(m.group(1)) for k in model._np_load_stats["keys_read"]
                           if (m := re.search(r"\.experts\.(\d+)\.", k))})
-        mine = model.model.layers[-1].mlp.experts
+        mine = getattr(model.model.layers[-1].mlp, "experts", None)
+        own = [mine.expert_start, mine.expert_start + mine.num_local] if mine is not None else None
         everyone = [None] * state.world_size
-        torch.distributed.all_gather_object(everyone, {"experts_read": experts,
-                                                       "own": [mine.expert_start, mine.expert_start + mine.num_local],
+        torch.distributed.all_gather_object(everyone, {"experts_read": experts, "own": own,
                                                        "bytes": model._np_load_stats["bytes_read"]})
         out[Path(path).name] = {"diff": _diff_states(ref, model), "same_logits": same_logits, "ranks": everyone,
                                 "dtype": str(next(model.parameters()).dtype)}

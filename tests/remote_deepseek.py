@@ -198,3 +198,53 @@ def to_remote_layout(model: nn.Module) -> nn.Module:
         moe.shared_experts = fused.shared_experts
         layer.mlp = moe
     return model
+
+
+class DeepseekMoE(DeepseekV2MoE):
+    """DeepSeek-MoE 16B (v1): the same MoE block as V2's remote code (greedy softmax MoEGate, aux loss)."""
+
+
+class DeepseekMLP(DeepseekV2MLP):
+    pass
+
+
+V1_DEFAULTS = {"n_routed_experts": None, "n_shared_experts": 1, "moe_intermediate_size": None, "first_k_dense_replace": 1,
+               "moe_layer_freq": 1, "scoring_func": "softmax", "aux_loss_alpha": 0.1, "seq_aux": True,
+               "norm_topk_prob": False, "topk_method": "greedy", "routed_scaling_factor": 1.0, "n_group": None,
+               "topk_group": None}
+
+
+def to_remote_v1_layout(model: nn.Module, seed: int = 1234) -> nn.Module:
+    """A transformers Mixtral model (standard attention, fused experts) turned into DeepSeek-MoE v1's remote-code
+    tree: model_type "deepseek", a dense first layer, DeepseekMoE (MoEGate, ModuleList experts, shared_experts)."""
+    config = model.config
+    experts0 = model.model.layers[0].mlp.experts
+    values = dict(V1_DEFAULTS, n_routed_experts=experts0.gate_up_proj.shape[0],
+                  moe_intermediate_size=experts0.down_proj.shape[2])
+    for key, value in values.items():
+        setattr(config, key, value)
+    config.model_type = "deepseek"
+    config.architectures = ["DeepseekForCausalLM"]
+    config.output_router_logits = False
+    g = torch.Generator().manual_seed(seed)
+    inter = config.moe_intermediate_size
+    for i, layer in enumerate(model.model.layers):
+        fused = layer.mlp
+        if i < config.first_k_dense_replace:
+            dense = DeepseekMLP(config, intermediate_size=4 * inter)
+            with torch.no_grad():
+                for p in dense.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            layer.mlp = dense
+            continue
+        moe = DeepseekMoE(config)
+        with torch.no_grad():
+            moe.gate.weight.copy_(fused.gate.weight)
+            for e, expert in enumerate(moe.experts):
+                expert.gate_proj.weight.copy_(fused.experts.gate_up_proj[e, :inter])
+                expert.up_proj.weight.copy_(fused.experts.gate_up_proj[e, inter:])
+                expert.down_proj.weight.copy_(fused.experts.down_proj[e])
+            for p in moe.shared_experts.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        layer.mlp = moe
+    return model

@@ -14,17 +14,19 @@ from npu_parallel.loading import load_pretrained
 
 from .dist import run_ranks
 
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "llama", "qwen2")  # loadable by transformers' Auto classes
+
 
 @pytest.fixture(scope="module")
 def load_results(checkpoints, layouts):
-    paths = [str(checkpoints / n) for n in ("deepseek_v2", "deepseek_v2_lite", "deepseek_v3")]
+    paths = [str(checkpoints / n) for n in ("deepseek_v2", "deepseek_v2_lite", "deepseek_v3", *FAMILIES)]
     paths += [str(p) for p in layouts.values()]
     return {tp: run_ranks(tp, "tests.checkpoint_worker:load_matches_convert", paths, tp) for tp in (1, 2, 4)}
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v2_lite", "deepseek_v3", "v2_sharded_index",
-                                  "v2_fused_keys", "v2_tied"])
+                                  "v2_fused_keys", "v2_tied", *FAMILIES])
 def test_load_pretrained_is_bit_identical_to_convert(load_results, name, tp):
     r = load_results[tp][name]
     assert r["diff"] == [] and r["same_logits"]
@@ -32,7 +34,7 @@ def test_load_pretrained_is_bit_identical_to_convert(load_results, name, tp):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_other_ranks_experts_are_never_read(load_results, tp):
-    for name in ("deepseek_v2", "deepseek_v3", "v2_sharded_index"):
+    for name in ("deepseek_v2", "deepseek_v3", "v2_sharded_index", "mixtral", "qwen2_moe"):
         ranks = load_results[tp][name]["ranks"]
         for r in ranks:
             lo, hi = r["own"]

@@ -175,3 +175,13 @@ def test_inspect_cli(capsys, src):
         assert fragment in out, fragment
     code, out, _ = run_cli(capsys, "inspect", str(src), "--json")
     assert code == 0 and json.loads(out)["tp"]["valid"] == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "llama", "qwen2"])
+def test_round_trip_other_families(capsys, checkpoints, tmp_path, name):
+    """Each family's own key layout comes back (Mixtral: block_sparse_moe.experts.N.w1/w3/w2)."""
+    src = checkpoints / name
+    assert run_cli(capsys, "convert", str(src), "--tp", "4", "--out", str(tmp_path / "tp"), "-q")[0] == 0
+    assert run_cli(capsys, "merge", str(tmp_path / "tp"), "--out", str(tmp_path / "hf"), "-q")[0] == 0
+    a, b = tensors(src), tensors(tmp_path / "hf")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

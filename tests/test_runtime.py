@@ -71,7 +71,7 @@ def test_tp_must_divide_heads_and_experts(checkpoints):
 
 def test_unsupported_architecture_lists_supported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(ValueError, match=r"no parallel plan for model_type='gpt2'.*supported: deepseek_v2, deepseek_v3.*Adding an architecture"):
+    with pytest.raises(ValueError, match=r"no parallel plan for model_type='gpt2'.*supported: deepseek, deepseek_v2, deepseek_v3, llama, mixtral, qwen2, qwen2_moe, qwen3_moe.*Adding an architecture"):
         npu_parallel.convert_model(model, fake_state(1))
 
 
