@@ -13,7 +13,9 @@ from typing import Callable
 import torch
 
 from .experts import LocalExperts
+from .device import torch_npu_module
 from .grouped_gemm import grouped_mm
+from .npu_kernels import npu_moe
 
 
 def _local_keys(indices: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
@@ -91,15 +93,18 @@ def static(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expert
     return (y * weights.reshape(-1, 1)).to(x.dtype).view(t, k, -1).sum(dim=1)
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {"grouped": grouped, "static": static, "masked": masked}
+IMPLEMENTATIONS: dict[str, Callable] = {"grouped": grouped, "static": static, "masked": masked, "npu": npu_moe}
 
 
 def resolve(moe_impl: str, device_type: str) -> str:
     """The concrete implementation for ``moe_impl`` ("auto" picks per device)."""
     if moe_impl == "auto":
-        return "npu" if device_type == "npu" and "npu" in IMPLEMENTATIONS else "grouped"
+        return "npu" if device_type == "npu" else "grouped"
     if moe_impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"moe_impl={moe_impl!r} is not an implementation; use one of {['auto', *IMPLEMENTATIONS]}"
         )
+    if moe_impl == "npu" and torch_npu_module() is None:
+        raise ValueError("moe_impl='npu' needs torch_npu (pip install -e .[npu] over your CANN stack); "
+                         "use moe_impl='grouped' on this machine")
     return moe_impl

@@ -77,7 +77,7 @@ def test_unsupported_architecture_lists_supported():
 
 def test_unknown_moe_impl(checkpoints):
     model = load_reference("deepseek_v2", checkpoints / "deepseek_v2")
-    with pytest.raises(ValueError, match=r"moe_impl='fast' is not an implementation; use one of \['auto', 'grouped', 'static', 'masked'"):
+    with pytest.raises(ValueError, match=r"moe_impl='fast' is not an implementation; use one of \['auto', 'grouped', 'static', 'masked', 'npu'"):
         npu_parallel.convert_model(model, fake_state(1), moe_impl="fast")
 
 
@@ -108,3 +108,9 @@ def test_converted_model_deepcopies_with_its_shards(checkpoints):
     assert twin.model.layers[1].mlp.group is model.model.layers[1].mlp.group
     ids = torch.randint(0, 250, (1, 8))
     assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_npu_impl_needs_torch_npu(checkpoints):
+    model = load_reference("deepseek_v2", checkpoints / "deepseek_v2")
+    with pytest.raises(ValueError, match=r"moe_impl='npu' needs torch_npu \(pip install -e .\[npu\]"):
+        npu_parallel.convert_model(model, fake_state(1), moe_impl="npu")
