@@ -1,4 +1,4 @@
-"""The ``npu-parallel`` command: env, inspect, convert, merge.
+"""The ``npu-parallel`` command: env, inspect, convert, merge, audit, verify.
 
 Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr, never a traceback).
 """
@@ -96,6 +96,8 @@ def _checkpoint_errors(fn):
 @_checkpoint_errors
 def cmd_inspect(args: argparse.Namespace) -> int:
     """What a user needs before converting: structure, sizes, valid tp sizes."""
+    if getattr(args, "routing", False):
+        return cmd_inspect_routing(args)
     from .inspect_checkpoint import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
@@ -125,6 +127,135 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_inspect_routing(args: argparse.Namespace) -> int:
+    """Tokens per expert per MoE layer on a sample (unconverted model, one process)."""
+    from .routing_stats import format_routing, inspect_routing
+
+    if args.data and not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such file")
+    rows, source = inspect_routing(args.path, data=args.data, tokens=args.tokens, plot=args.plot)
+    if args.json:
+        print(json.dumps({"source": source, "layers": rows}, indent=2))
+    else:
+        print(format_routing(rows, source))
+        if args.plot:
+            print(f"heat map: {args.plot}")
+    return EXIT_OK
+
+
+def _tp_list(value: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--tp {value!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    if not sizes or any(n < 1 for n in sizes):
+        raise UserError(f"--tp {value!r}: expected positive integers, e.g. 1,2,4")
+    return sorted(set(sizes))
+
+
+def _check_tp_sizes(path: str, sizes: list[int]) -> None:
+    """Bad input (exit 2) before any rank starts: unreadable config, no plan, a tp size the model cannot use."""
+    from .convert_model import check_divisibility
+    from .hf_source import load_config
+    from .plans import plan_for
+
+    config = load_config(path)
+    plan = plan_for(config)
+    for tp in sizes:
+        check_divisibility(plan, config, tp, None)
+
+
+def _in_torchrun_world(sizes: list[int], flag: str = "--tp") -> list[int]:
+    """Inside torchrun only tp = WORLD_SIZE runs (in place)."""
+    world = int(os.environ["WORLD_SIZE"])
+    if world not in sizes:
+        raise UserError(f"inside torchrun (WORLD_SIZE={world}) only {flag} {world} can run in place; "
+                        f"got {flag} {','.join(map(str, sizes))} (run without torchrun to launch each tp size)")
+    return [world]
+
+
+@_checkpoint_errors
+def cmd_audit(args: argparse.Namespace) -> int:
+    """One forward and backward under the op audit: banned ops, host syncs, collectives with file:line."""
+    from .verify import audit_summary, in_torchrun, run_audit
+
+    if args.unconverted and args.tp != 1:
+        raise UserError("--unconverted audits transformers' own single-process model: use --tp 1")
+    if args.experts_implementation and not args.unconverted:
+        raise UserError("--experts-implementation applies to transformers' model: add --unconverted")
+    if args.tp < 1:
+        raise UserError(f"--tp {args.tp}: must be a positive integer")
+    if in_torchrun():
+        args.tp = _in_torchrun_world([args.tp])[0]
+    if args.unconverted:
+        from .hf_source import load_config
+
+        load_config(args.path)
+    else:
+        _check_tp_sizes(args.path, [args.tp])
+    kw = dict(batch=args.batch, seq=args.seq)
+    if args.unconverted:
+        kw.update(unconverted=True, experts_implementation=args.experts_implementation)
+    else:
+        kw.update(moe_impl=args.moe_impl)
+    try:
+        results = run_audit(args.path, args.tp, **kw)
+    except RuntimeError as exc:
+        print(f"npu-parallel audit: the ranks failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if int(os.environ.get("RANK", "0")) != 0:
+        return EXIT_OK
+    line, banned = audit_summary(results)
+    print(results[0]["table"])
+    print(line)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"summary": line, "banned": banned, "ranks": results}, f, indent=2)
+    return EXIT_FAILED if banned else EXIT_OK
+
+
+@_checkpoint_errors
+def cmd_verify(args: argparse.Namespace) -> int:
+    """The converted model against transformers', layer by layer, at each tp size."""
+    from .verify import evaluate, format_table, in_torchrun, plot_errors, run_verify, tolerances_for
+
+    sizes = _tp_list(args.tp)
+    dtype = DTYPES.get(args.dtype.lower()) if args.dtype else None
+    if dtype is None:
+        raise UserError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
+    if in_torchrun():
+        sizes = _in_torchrun_world(sizes)
+    _check_tp_sizes(args.path, sizes)
+    tol = tolerances_for(dtype, args.atol, args.grad_atol, args.min_agree)
+    try:
+        results = run_verify(args.path, sizes, dtype=dtype, moe_impl=args.moe_impl, backward=args.backward,
+                             batch=args.batch, seq=args.seq, seed=args.seed, perturb=args.perturb_expert)
+    except RuntimeError as exc:
+        print(f"npu-parallel verify: the ranks failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not results:  # a non-zero rank inside torchrun: rank 0 reports
+        return EXIT_OK
+    for tp in sorted(results):
+        print(format_table(results[tp], tol))
+        print()
+    failed = evaluate(results, tol)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"path": str(args.path), "tolerances": tol.__dict__, "passed": not failed,
+                       "failures": failed, "results": {str(tp): r for tp, r in results.items()}}, f, indent=2)
+    if args.plot:
+        plot_errors(results, args.plot, tol)
+        print(f"plot: {args.plot}")
+    if failed:
+        print(f"FAILED: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
+        return EXIT_FAILED
+    print(f"PASSED: tp {','.join(map(str, sorted(results)))}: every layer within atol {tol.atol:g} (outputs), "
+          f"{tol.grad_atol:g} (grads{'' if args.backward else ', not run'}), router agreement >= {tol.min_agree:g}%")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npu-parallel", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -137,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="architecture, experts, parameters, bytes, valid tp sizes of a checkpoint")
     p.add_argument("path", help="a Hugging Face checkpoint folder or an npu-parallel sharded checkpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--routing", action="store_true",
+                   help="load the model, run a sample and count tokens per expert per MoE layer")
+    p.add_argument("--data", default=None, help="--routing: text file to route (tokenizer, else bytes); default random ids")
+    p.add_argument("--tokens", type=int, default=256, help="--routing: tokens in the sample (default 256)")
+    p.add_argument("--plot", default=None, help="--routing: PNG heat map, layer x expert")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="split a HF checkpoint into tp rank files, offline")
@@ -155,6 +291,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier npu-parallel output in --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("audit", help="op audit of one forward+backward: banned ops, host syncs, collectives")
+    p.add_argument("path", help="Hugging Face checkpoint folder")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (>1 launches the ranks with torchrun)")
+    p.add_argument("--moe-impl", default="auto", help="MoE implementation of the converted model")
+    p.add_argument("--unconverted", action="store_true", help="audit transformers' own model instead of ours")
+    p.add_argument("--experts-implementation", choices=("eager", "grouped_mm", "batched_mm"), default=None,
+                   help="with --unconverted: transformers' experts implementation (its default: grouped_mm)")
+    p.add_argument("--batch", type=int, default=2, help="sequences in the batch (default 2)")
+    p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write every event and the summary to OUT")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("verify", help="converted vs transformers' model, per layer, at each tp size")
+    p.add_argument("path", help="Hugging Face checkpoint folder")
+    p.add_argument("--tp", default="1,2", help="comma-separated tp sizes (default 1,2); each >1 launches torchrun")
+    p.add_argument("--backward", action="store_true", help="also compare every gradient, gathered to full shape")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--moe-impl", default="auto", help="MoE implementation of the converted model")
+    p.add_argument("--atol", type=float, default=None, help="max abs diff of outputs (fp32 1e-4, bf16/fp16 5e-2)")
+    p.add_argument("--grad-atol", type=float, default=None, help="max abs diff of gradients (default: --atol)")
+    p.add_argument("--min-agree", type=float, default=None,
+                   help="router top-k agreement in percent (fp32 100, bf16/fp16 99)")
+    p.add_argument("--batch", type=int, default=2, help="sequences in the batch (default 2)")
+    p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the random input ids")
+    p.add_argument("--json", default=None, metavar="OUT", help="write every figure to OUT")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="PNG of the worst error per layer per tp size")
+    p.add_argument("--_perturb-expert", dest="perturb_expert", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
