@@ -79,7 +79,16 @@ def plot_loss(out: Path, records: list[dict]) -> Path | None:
     ax.set_ylabel("loss")
     ax.set_title("npu_parallel fine-tuning")
     ax.grid(alpha=0.3)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -99,12 +99,9 @@ def plot_routing(rows: list[dict], out: str | Path, source: str) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(f"token-slots per expert ({source})", fontsize=9)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    from .metrics import save_figure
+
+    return save_figure(fig, out)
 
 
 def inspect_routing(path: str | Path, data: str | None = None, tokens: int = 256, seed: int = 0,

@@ -79,18 +79,10 @@ def publish(tmp: Path, out: Path) -> None:
 # -- what a converted model holds ------------------------------------------------------------------------
 
 def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, ShardSpec | None]]:
-    """Each parameter once (tied weights under their first name) and each persistent buffer."""
-    seen, out = set(), []
-    for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        for leaf, p in module._parameters.items():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                out.append((prefix + leaf, p, spec_of(p)))
-        for leaf, b in module._buffers.items():
-            if b is not None and leaf not in module._non_persistent_buffers_set:
-                out.append((prefix + leaf, b, None))
-    return out
+    """Each parameter once (tied weights under their first name) with its spec, and each persistent buffer."""
+    from .loading import tensors_to_load
+
+    return [(name, t, spec_of(t) if is_param else None) for name, _, _, t, is_param in tensors_to_load(model)]
 
 
 def trim(t: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:

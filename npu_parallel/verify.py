@@ -457,12 +457,9 @@ def plot_errors(results: dict[int, dict], out: str | Path, tol: Tolerances) -> P
     ax.set_ylabel("max abs diff vs reference")
     ax.set_title("npu-parallel verify: worst error per layer")
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    from .metrics import save_figure
+
+    return save_figure(fig, out)
 
 
 def _worker_args(task: str, path: str, out: str, **kw) -> list[str]:

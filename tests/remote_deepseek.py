@@ -174,6 +174,17 @@ class DeepseekV2MoE(nn.Module):
         )
 
 
+def _copy_routed(moe: nn.Module, fused: nn.Module, inter: int) -> nn.Module:
+    """Router and routed experts of a transformers fused MoE block copied into the remote-code modules."""
+    with torch.no_grad():
+        moe.gate.weight.copy_(fused.gate.weight)
+        for e, expert in enumerate(moe.experts):
+            expert.gate_proj.weight.copy_(fused.experts.gate_up_proj[e, :inter])
+            expert.up_proj.weight.copy_(fused.experts.gate_up_proj[e, inter:])
+            expert.down_proj.weight.copy_(fused.experts.down_proj[e])
+    return moe
+
+
 REMOTE_DEFAULTS = {"scoring_func": "softmax", "aux_loss_alpha": 0.1, "seq_aux": True, "norm_topk_prob": True}
 
 
@@ -187,14 +198,7 @@ def to_remote_layout(model: nn.Module) -> nn.Module:
         fused = layer.mlp
         if not hasattr(fused, "experts"):
             continue
-        moe = DeepseekV2MoE(config).to(fused.gate.weight.dtype)
-        inter = config.moe_intermediate_size
-        with torch.no_grad():
-            moe.gate.weight.copy_(fused.gate.weight)
-            for e, expert in enumerate(moe.experts):
-                expert.gate_proj.weight.copy_(fused.experts.gate_up_proj[e, :inter])
-                expert.up_proj.weight.copy_(fused.experts.gate_up_proj[e, inter:])
-                expert.down_proj.weight.copy_(fused.experts.down_proj[e])
+        moe = _copy_routed(DeepseekV2MoE(config).to(fused.gate.weight.dtype), fused, config.moe_intermediate_size)
         moe.shared_experts = fused.shared_experts
         layer.mlp = moe
     return model
@@ -237,13 +241,8 @@ def to_remote_v1_layout(model: nn.Module, seed: int = 1234) -> nn.Module:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             layer.mlp = dense
             continue
-        moe = DeepseekMoE(config)
+        moe = _copy_routed(DeepseekMoE(config), fused, inter)
         with torch.no_grad():
-            moe.gate.weight.copy_(fused.gate.weight)
-            for e, expert in enumerate(moe.experts):
-                expert.gate_proj.weight.copy_(fused.experts.gate_up_proj[e, :inter])
-                expert.up_proj.weight.copy_(fused.experts.gate_up_proj[e, inter:])
-                expert.down_proj.weight.copy_(fused.experts.down_proj[e])
             for p in moe.shared_experts.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         layer.mlp = moe
