@@ -53,7 +53,7 @@ def _mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int],
 
 
 def _wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, counts: list[int], native: bool) -> torch.Tensor:
-    """``[N, K]^T x [N, M] per group -> [G, K, M]`` (zero for empty groups)."""
+    """``[N, A]^T x [N, B] per group -> [G, A, B]`` (zero for empty groups)."""
     if native and _aligned(x, grad):
         return torch._grouped_mm(x.t(), grad, offs=offs)
     out = x.new_zeros(len(counts), x.shape[1], grad.shape[1])
@@ -77,7 +77,9 @@ class _GroupedMM(torch.autograd.Function):
         x, w, offs = ctx.saved_tensors
         grad = grad.contiguous()
         gx = _mm(grad, w.transpose(1, 2), offs, ctx.counts, ctx.native) if ctx.needs_input_grad[0] else None
-        gw = _wgrad(x, grad, offs, ctx.counts, ctx.native) if ctx.needs_input_grad[1] else None
+        # computed as [G, M, K] (grad^T x) and returned transposed: callers pass w as a transposed view of an
+        # [G, M, K] parameter, so the gradient lands in the parameter's own layout, with no copy into .grad
+        gw = _wgrad(grad, x, offs, ctx.counts, ctx.native).transpose(1, 2) if ctx.needs_input_grad[1] else None
         return gx, gw, None, None, None
 
 

@@ -44,11 +44,12 @@ def test_two_allreduces_per_decoder_layer(equivalence, name, tp):
     assert r["allgather_forward"] == 1  # the LM head's logits
 
 
+@pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("impl", ["masked", "static"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_other_moe_impls_match_too(equivalence, name, impl):
+def test_other_moe_impls_match_too(equivalence, name, impl, tp):
     """The seed's masked reference and the sync-free static path: same results, zero host syncs."""
-    r = equivalence(2, impl)[name]
+    r = equivalence(tp, impl)[name]
     assert r["logits_max_diff"] <= 1e-4
     assert r["loss_after_step"] == pytest.approx(r["ref_loss_after_step"], abs=1e-5)
     assert r["banned_ops"] == [] and r["host_syncs_forward_total"] == 0
