@@ -15,7 +15,7 @@ from .distributed import ParallelState
 from .hf_source import HFCheckpoint
 from .plans import plan_for
 from .safetensors_io import CheckpointError
-from .sharding import ShardSpec, mark, spec_of
+from .sharding import ShardSpec, mark, pad_to_spec, spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,7 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
 
     for name, module, leaf, t, is_param, spec in tqdm(todo, desc="loading", unit="tensor",
                                                       disable=None if (progress and state.rank == 0) else True):
-        data = ckpt.read(name, spec)
-        if spec is not None and spec.padded > spec.length:
-            pad = list(data.shape)
-            pad[spec.dim] = spec.padded - spec.length
-            data = torch.cat([data, data.new_zeros(pad)], dim=spec.dim)
+        data = pad_to_spec(ckpt.read(name, spec), spec)
         want_dtype = t.dtype if t.is_floating_point() else data.dtype
         if t.is_floating_point() and _keep_fp32(model, name, target):
             want_dtype = torch.float32

@@ -23,7 +23,7 @@ from torch import nn
 
 from .distributed import ParallelState
 from .safetensors_io import CheckpointError, SafetensorsFile, SafetensorsWriter, TORCH_DTYPES, ST_DTYPES, sha256_file
-from .sharding import ShardSpec, spec_of
+from .sharding import ShardSpec, mark, pad_to_spec, spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def load_sharded(path: str | Path, state: ParallelState, *, model: nn.Module | N
     With ``model``, weights are copied into its parameters in place (an optimizer built on them stays valid).
     """
     from .convert_model import apply_plan, check_divisibility
-    from .loading import empty_model, resolve_dtype
+    from .loading import _rebind, empty_model, resolve_dtype
     from .plans import plan_for
 
     ckpt = ShardedCheckpoint(path, verify=verify)
@@ -337,14 +337,8 @@ def load_sharded(path: str | Path, state: ParallelState, *, model: nn.Module | N
         if ckpt.tensors[name]["shape"] != want:
             raise CheckpointError(f"{ckpt.path}: tensor {name} has shape {ckpt.tensors[name]['shape']}, model expects {want}")
         data = ckpt.read(name) if spec is None else ckpt.read(name, spec.dim, spec.start, spec.stop)
-        if spec is not None and spec.padded > spec.length:
-            pad = list(data.shape)
-            pad[spec.dim] = spec.padded - spec.length
-            data = torch.cat([data, data.new_zeros(pad)], dim=spec.dim)
+        data = pad_to_spec(data, spec)
         if build:
-            from .loading import _rebind
-            from .sharding import mark
-
             data = data.to(device=state.device, dtype=t.dtype if t.is_floating_point() else data.dtype)
             new = mark(nn.Parameter(data, requires_grad=t.requires_grad), spec) if isinstance(t, nn.Parameter) else data
             _rebind(model, t, new, isinstance(t, nn.Parameter))

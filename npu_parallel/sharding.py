@@ -53,6 +53,15 @@ def shard_tensor(t: torch.Tensor, dim: int, start: int, stop: int, padded: int |
     return piece.clone() if piece.device.type != "meta" else piece
 
 
+def pad_to_spec(data: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
+    """The unpadded rows read for ``spec`` zero-padded to its local size (vocab tp does not divide)."""
+    if spec is None or spec.padded == spec.length:
+        return data
+    pad = list(data.shape)
+    pad[spec.dim] = spec.padded - spec.length
+    return torch.cat([data, data.new_zeros(pad)], dim=spec.dim)
+
+
 def mark(param: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
     if spec is not None:
         setattr(param, ATTR, spec)

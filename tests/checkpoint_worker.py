@@ -47,6 +47,20 @@ def load_matches_convert(paths: list[str], tp: int, dtype: str | None = None) ->
     return out
 
 
+def _adamw(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+
+
+def _step(model, opt, sched, ids) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return loss.item()
+
+
 def save(path: str, out: str, tp: int, with_training: bool) -> dict:
     """load_pretrained at tp, optionally one AdamW step, save_sharded; then the losses of 2 more steps."""
     state = npu_parallel.init_distributed(tp)
@@ -55,20 +69,11 @@ def save(path: str, out: str, tp: int, with_training: bool) -> dict:
     if not with_training:
         save_sharded(model, out, state)
         return {}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    opt, sched = _adamw(model)
     ids = _ids(model.config.vocab_size)
-    losses = []
-    for step in range(3):
-        if step == 1:
-            save_sharded(model, out, state, optimizer=opt, scheduler=sched, extra={"step": 1})
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return {"losses_after_save": losses[1:], "rng_after_save": None}
+    _step(model, opt, sched, ids)
+    save_sharded(model, out, state, optimizer=opt, scheduler=sched, extra={"step": 1})
+    return {"losses_after_save": [_step(model, opt, sched, ids) for _ in range(2)]}
 
 
 def load_and_compare(path: str, saved: str, tp: int) -> dict:
@@ -88,16 +93,7 @@ def resume(path: str, saved: str, tp: int) -> dict:
     """Weights, optimizer, scheduler and RNG from a training checkpoint; the losses of the next 2 steps."""
     state = npu_parallel.init_distributed(tp)
     model = load_sharded(saved, state).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    opt, sched = _adamw(model)
     extra = load_training_state(saved, state, optimizer=opt, scheduler=sched)
     ids = _ids(model.config.vocab_size)
-    losses = []
-    for _ in range(2):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return {"extra": extra, "losses": losses}
+    return {"extra": extra, "losses": [_step(model, opt, sched, ids) for _ in range(2)]}
