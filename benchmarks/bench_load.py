@@ -275,7 +275,7 @@ def rank_main(args) -> None:
     import transformers.conversion_mapping  # noqa: F401
     import transformers.core_model_loading  # noqa: F401
     import transformers.distributed.tensor_parallel  # noqa: F401
-    from npu_parallel.loading import load_pretrained
+    from npu_parallel.checkpoint.load import load_pretrained
     from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2ForCausalLM  # noqa: F401
     from transformers.utils import logging as hf_logging
 
@@ -357,7 +357,8 @@ def rank_main(args) -> None:
             rec["mmap_views"] = mmap_view_bytes(model, path)
             rec["held"] = param_bytes(model)
             rec["dtype"] = str(next(model.parameters()).dtype)
-            stats = getattr(model, "_np_load_stats", None)
+            info = getattr(model, "npu_parallel_conversion", None)  # None: not converted by us
+            stats = info.load_stats if info is not None else None
             if stats is not None:
                 rec["bytes_read"], rec["load_s"] = stats["bytes_read"], stats["seconds"]
             elif method == "naive":

@@ -68,7 +68,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from npu_parallel import dispatch  # noqa: E402
-from npu_parallel.experts import LocalExperts  # noqa: E402
+from npu_parallel.moe.experts import LocalExperts  # noqa: E402
 
 NOT_RUNNABLE = {"npu"}  # needs torch_npu
 HF_IMPLS = ("grouped_mm", "eager")

@@ -95,7 +95,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from npu_parallel.tiny import build_tiny_deepseek_v2_lite
+    from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_"))
     model = build_tiny_deepseek_v2_lite(work / "tiny-deepseek-v2-lite")

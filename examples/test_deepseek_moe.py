@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import npu_parallel
-    from npu_parallel.device import device_type
-    from npu_parallel.tiny import build_tiny_deepseek_v2_lite
+    from npu_parallel.parallel.device import device_type
+    from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
     from transformers import AutoModelForCausalLM
 
     state = npu_parallel.init_distributed(args.tp_size)

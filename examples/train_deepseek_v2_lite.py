@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from npu_parallel import device, init_distributed
-from npu_parallel.tiny import build_tiny_deepseek_v2_lite
-from npu_parallel.train import add_train_args, config_from_args, train
+from npu_parallel.parallel import device
+
+from npu_parallel import init_distributed
+from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
+from npu_parallel.training.loop import add_train_args, config_from_args, train
 
 
 def main(argv=None) -> int:

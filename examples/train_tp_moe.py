@@ -14,7 +14,7 @@ import sys
 
 import torch.distributed as dist
 
-from npu_parallel.train import add_train_args, config_from_args, train
+from npu_parallel.training.loop import add_train_args, config_from_args, train
 
 
 def main(argv=None) -> int:

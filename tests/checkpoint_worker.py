@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import npu_parallel
-from npu_parallel.loading import load_pretrained
-from npu_parallel.sharded import load_sharded, load_training_state, save_sharded
+from npu_parallel.convert.conversion import conversion_info
+from npu_parallel.checkpoint.load import load_pretrained
+from npu_parallel.checkpoint.sharded import load_sharded, load_training_state, save_sharded
 
 
 def _diff_states(a, b) -> list[str]:
@@ -35,13 +36,13 @@ def load_matches_convert(paths: list[str], tp: int, dtype: str | None = None) ->
         ids = _ids(model.config.vocab_size)
         with torch.no_grad():
             same_logits = torch.equal(ref(input_ids=ids).logits, model(input_ids=ids).logits)
-        experts = sorted({int(m.group(1)) for k in model._np_load_stats["keys_read"]
+        experts = sorted({int(m.group(1)) for k in conversion_info(model).load_stats["keys_read"]
                           if (m := re.search(r"\.experts\.(\d+)\.", k))})
         mine = getattr(model.model.layers[-1].mlp, "experts", None)
         own = [mine.expert_start, mine.expert_start + mine.num_local] if mine is not None else None
         everyone = [None] * state.world_size
         torch.distributed.all_gather_object(everyone, {"experts_read": experts, "own": own,
-                                                       "bytes": model._np_load_stats["bytes_read"]})
+                                                       "bytes": conversion_info(model).load_stats["bytes_read"]})
         out[Path(path).name] = {"diff": _diff_states(ref, model), "same_logits": same_logits, "ranks": everyone,
                                 "dtype": str(next(model.parameters()).dtype)}
     return out

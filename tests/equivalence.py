@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import npu_parallel
-from npu_parallel.audit import OpAudit
+from npu_parallel.tools.audit import OpAudit
 
 from .models import load_reference
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import npu_parallel
-from npu_parallel import comm
-from npu_parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
-                                 vocab_parallel_cross_entropy)
+from npu_parallel.parallel import collectives as comm
+from npu_parallel.parallel.linear import ColumnParallelLinear, RowParallelLinear
+from npu_parallel.parallel.vocab import ParallelLMHead, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 
 def _full_grad(local: torch.Tensor, spec, group) -> torch.Tensor:
@@ -24,7 +24,7 @@ def _full_grad(local: torch.Tensor, spec, group) -> torch.Tensor:
 
 def check_layers(tp: int, vocab: int) -> dict:
     state = npu_parallel.init_distributed(tp)
-    g, r, n = state.tp_group, state.tp_rank, state.tp_size
+    tp, g, r, n = state.tp, state.tp_group, state.tp_rank, state.tp_size
     torch.manual_seed(0)
     out = {}
 
@@ -33,8 +33,8 @@ def check_layers(tp: int, vocab: int) -> dict:
     x = torch.randn(4, 16, requires_grad=True)
     ref = fc2(F.gelu(fc1(x)))
     ref.square().sum().backward()
-    c1 = ColumnParallelLinear.from_linear(fc1, r, n, g)
-    c2 = RowParallelLinear.from_linear(fc2, r, n, g)
+    c1 = ColumnParallelLinear.from_linear(fc1, tp)
+    c2 = RowParallelLinear.from_linear(fc2, tp)
     xp = x.detach().clone().requires_grad_(True)
     y = c2(F.gelu(c1(xp)))
     y.square().sum().backward()
@@ -52,8 +52,8 @@ def check_layers(tp: int, vocab: int) -> dict:
     ref_logits = head(emb(ids))
     ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), ids.flatten())
     ref_loss.backward()
-    pemb = VocabParallelEmbedding.from_embedding(emb, r, n, g)
-    phead = ParallelLMHead.from_linear(head, r, n, g)
+    pemb = VocabParallelEmbedding.from_embedding(emb, tp)
+    phead = ParallelLMHead.from_linear(head, tp)
     logits = phead(pemb(ids))
     loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
     loss.backward()
@@ -70,7 +70,7 @@ def check_layers(tp: int, vocab: int) -> dict:
     labels = ids.clone()
     labels[1, 2] = -100
     local = phead(h)
-    vp = vocab_parallel_cross_entropy(local, labels, phead.vocab_start, phead.vocab_stop, g).sum() / (labels != -100).sum()
+    vp = vocab_parallel_cross_entropy(local, labels, phead.vocab_start, phead.vocab_stop, tp).sum() / (labels != -100).sum()
     phead.gather_output = True
     ce = F.cross_entropy(phead(h_ref).flatten(0, 1), labels.flatten())
     vp.backward()
@@ -80,8 +80,8 @@ def check_layers(tp: int, vocab: int) -> dict:
 
     # scatter/gather conjugates
     t = torch.randn(2, 4 * n, requires_grad=True)
-    s = comm.scatter_to_tp(t, g)
-    back = comm.gather_from_tp(s * (r + 1), g)
+    s = comm.scatter_to_tp(t, tp)
+    back = comm.gather_from_tp(s * (r + 1), tp)
     back.sum().backward()
     expect = torch.cat([torch.full((2, 4), float(i + 1)) for i in range(n)], dim=-1)
     out["scatter_gather_grad"] = (t.grad - expect).abs().max().item() if n > 1 else 0.0

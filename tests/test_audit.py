@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from npu_parallel.audit import OpAudit, OpEvent, audit_ops
+from npu_parallel.tools.audit import OpAudit, OpEvent, audit_ops
 
 
 def _line(marker: str) -> int:

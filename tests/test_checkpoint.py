@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import npu_parallel
-from npu_parallel.safetensors_io import CheckpointError, SafetensorsWriter
-from npu_parallel.sharded import MANIFEST, ShardedCheckpoint, load_sharded, save_sharded
-from npu_parallel.loading import load_pretrained
+from npu_parallel.convert.conversion import conversion_info
+from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
+from npu_parallel.checkpoint.sharded import MANIFEST, ShardedCheckpoint, load_sharded, save_sharded
+from npu_parallel.checkpoint.load import load_pretrained
 
 from .dist import run_ranks
 
@@ -61,7 +62,7 @@ def saved(checkpoints, tmp_path_factory):
 def test_manifest_describes_every_tensor(saved):
     _, root, _ = saved
     m = json.loads((root / "tp4" / MANIFEST).read_text())
-    assert m["format"] == "npu_parallel.sharded" and m["format_version"] == 1 and m["tp_size"] == 4
+    assert m["format"] == "npu_parallel.checkpoint.sharded" and m["format_version"] == 1 and m["tp_size"] == 4
     assert m["architecture"] == "DeepseekV3ForCausalLM" and m["config"]["n_routed_experts"] == 8
     experts = m["tensors"]["model.layers.1.mlp.experts.gate_up_proj"]
     assert experts["shape"] == [8, 64, 64] and experts["split"] == {"dim": 0, "ranges": [[0, 2], [2, 4], [4, 6], [6, 8]]}
@@ -156,4 +157,4 @@ def test_loaded_parameters_own_their_memory(checkpoints, tmp_path):
     f.write_bytes(b"\0" * size)  # rewrite in place (a view of an mmap would now read zeros, or crash on truncation)
     f.write_bytes(b"")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert model._np_load_stats["bytes_read"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert conversion_info(model).load_stats["bytes_read"] == sum(p.numel() * p.element_size() for p in model.parameters())

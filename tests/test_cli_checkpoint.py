@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from npu_parallel.cli import main
+from npu_parallel.tools.cli import main
 
 
 def run_cli(capsys, *argv):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from npu_parallel.inspect_checkpoint import compact_ranges, format_report, human_bytes, human_count, inspect_checkpoint
-from npu_parallel.safetensors_io import CheckpointError
+from npu_parallel.checkpoint.inspect import compact_ranges, format_report, human_bytes, human_count, inspect_checkpoint
+from npu_parallel.checkpoint.safetensors_io import CheckpointError
 
 HEADS_OR_EXPERTS = r"attention heads|routed experts"
 
@@ -190,15 +190,15 @@ def test_unsupported_architecture_reports_without_plan(tmp_path):
 
 def test_sharded_checkpoint(checkpoints, tmp_path):
     """Our own format: the same facts from manifest.json, plus its tp."""
-    from npu_parallel.distributed import single_rank_state
-    from npu_parallel.loading import load_pretrained
-    from npu_parallel.sharded import save_sharded
+    from npu_parallel.parallel.state import single_rank_state
+    from npu_parallel.checkpoint.load import load_pretrained
+    from npu_parallel.checkpoint.sharded import save_sharded
 
     state = single_rank_state()
     out = save_sharded(load_pretrained(checkpoints / "deepseek_v3", state, progress=False), tmp_path / "sh", state)
     hf = inspect_checkpoint(checkpoints / "deepseek_v3")
     r = inspect_checkpoint(out)
-    assert r["format"] == "npu_parallel.sharded" and r["sharded_tp"] == 1
+    assert r["format"] == "npu_parallel.checkpoint.sharded" and r["sharded_tp"] == 1
     assert r["bytes_on_disk"] == (out / "rank-00000-of-00001.safetensors").stat().st_size
     same = ("architecture", "model_type", "num_layers", "dense_layers", "moe_layers", "experts", "top_k",
             "shared_experts", "routing", "attention", "hidden_size", "vocab_size", "tie_word_embeddings",

@@ -40,7 +40,7 @@ def test_grouped_mm_matches_per_group_matmul(k, m):
     """Forward and our own backward, native kernel or loop, with an empty group."""
     import torch
 
-    from npu_parallel.grouped_gemm import grouped_mm
+    from npu_parallel.moe.grouped_gemm import grouped_mm
 
     counts = [3, 0, 5, 2]
     x = torch.randn(10, k, requires_grad=True)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-import npu_parallel.device as device
-from npu_parallel import dispatch
-from npu_parallel.audit import OpAudit
-from npu_parallel.experts import LocalExperts
-from npu_parallel.npu_kernels import NpuOps, ReferenceNpuOps, npu_moe, npu_ops
+import npu_parallel.parallel.device as device
+from npu_parallel.moe import dispatch
+from npu_parallel.tools.audit import OpAudit
+from npu_parallel.moe.experts import LocalExperts
+from npu_parallel.moe.npu import NpuOps, ReferenceNpuOps, npu_moe, npu_ops
 
 H, I = 8, 6  # hidden, expert intermediate
 

@@ -10,10 +10,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import npu_parallel
-from npu_parallel import device
-from npu_parallel.convert_model import check_divisibility
-from npu_parallel.distributed import ParallelState, group_layout, init_distributed
-from npu_parallel.plans import DEEPSEEK
+from npu_parallel.parallel import device
+from npu_parallel.parallel.state import Group, ParallelState, group_layout, init_distributed
+from npu_parallel.convert.plans.deepseek import PLAN as DEEPSEEK
 
 from .dist import run_ranks
 from .models import load_reference
@@ -22,7 +21,7 @@ from .models import load_reference
 def fake_state(tp_size: int, world_size: int | None = None) -> ParallelState:
     """A state with no process group: conversion must reject bad sizes before touching one."""
     world_size = world_size or tp_size
-    return ParallelState(torch.device("cpu"), "gloo", 0, world_size, tp_size, 0, None, world_size // tp_size, 0, None)
+    return ParallelState(torch.device("cpu"), "gloo", 0, world_size, tp=Group(0, tp_size), dp=Group(0, world_size // tp_size))
 
 
 def test_group_layout_tp_contiguous():
@@ -66,7 +65,7 @@ def test_tp_must_divide_heads_and_experts(checkpoints):
     config = copy.deepcopy(model.config)
     config.n_routed_experts = 6
     with pytest.raises(ValueError, match=r"tp_size=4 must divide the routed experts \(n_routed_experts\) = 6 .*: \[1, 2\]"):
-        check_divisibility(DEEPSEEK, config, 4, 4)
+        DEEPSEEK.check_tp(config, 4, 4)
 
 
 def test_unsupported_architecture_lists_supported():
@@ -82,30 +81,30 @@ def test_unknown_moe_impl(checkpoints):
 
 
 def test_cli_env_reports_sizes_and_hccl():
-    out = subprocess.run([sys.executable, "-m", "npu_parallel.cli", "env", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "npu_parallel.tools.cli", "env", "--json"], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     assert report["device"] == "cpu" and report["backend"] == "gloo"
     assert (report["world_size"], report["tp_size"], report["dp_size"]) == (1, 1, 1)
     assert "HCCL_CONNECT_TIMEOUT" in report["hccl_env"]
-    text = subprocess.run([sys.executable, "-m", "npu_parallel.cli", "env"], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run([sys.executable, "-m", "npu_parallel.tools.cli", "env"], capture_output=True, text=True, check=True).stdout
     assert "world/tp/dp  1 / 1 / 1" in text and "HCCL_EXEC_TIMEOUT" in text
 
 
 def test_cli_env_bad_tp_is_one_line_exit_2():
-    out = subprocess.run([sys.executable, "-m", "npu_parallel.cli", "env", "--tp", "3"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "npu_parallel.tools.cli", "env", "--tp", "3"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "tp_size=3" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_converted_model_deepcopies_with_its_shards(checkpoints):
     """A deep copy (EMA, reference copies) shares the process group and keeps every parameter's shard spec."""
-    from npu_parallel.sharding import spec_of
+    from npu_parallel.parallel.shard_spec import spec_of
 
     model = npu_parallel.convert_model(load_reference("deepseek_v2", checkpoints / "deepseek_v2"), init_distributed())
     twin = copy.deepcopy(model)
     specs = [spec_of(p) for p in model.parameters()]
     assert [spec_of(p) for p in twin.parameters()] == specs and any(s is not None for s in specs)
-    assert twin.model.layers[1].mlp.group is model.model.layers[1].mlp.group
+    assert twin.model.layers[1].mlp.tp.group is model.model.layers[1].mlp.tp.group
     ids = torch.randint(0, 250, (1, 8))
     assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
 

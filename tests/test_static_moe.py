@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import npu_parallel
-from npu_parallel import dispatch
-from npu_parallel.experts import LocalExperts
+from npu_parallel.moe import dispatch
+from npu_parallel.moe.experts import LocalExperts
 
 from .models import load_reference
 

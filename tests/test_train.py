@@ -74,7 +74,7 @@ def test_remote_code_aux_loss_is_reported(checkpoints):
     import torch
 
     import npu_parallel
-    from npu_parallel.losses import causal_lm_loss
+    from npu_parallel.training.losses import causal_lm_loss
 
     from .models import load_reference
 

@@ -15,11 +15,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import transformers
-from npu_parallel import cli
-from npu_parallel.distributed import single_rank_state
-from npu_parallel.loading import load_pretrained
-from npu_parallel.routers import NoMoEBlockError, find_moe_blocks, router_outputs
-from npu_parallel.verify import Tolerances, audit_summary, evaluate, failures, format_table, run_jobs, tolerances_for
+from npu_parallel.tools import cli
+from npu_parallel.parallel.state import single_rank_state
+from npu_parallel.checkpoint.load import load_pretrained
+from npu_parallel.convert.moe_blocks import NoMoEBlockError, find_moe_blocks
+from npu_parallel.moe.router import router_outputs
+from npu_parallel.tools.verify import Tolerances, audit_summary, evaluate, failures, format_table, run_jobs, tolerances_for
 
 from .remote_deepseek import to_remote_layout
 
@@ -85,42 +86,48 @@ class _Expert(nn.Module):
 class _SparseBlock(nn.Module):
     """transformers 4.x Mixtral: block_sparse_moe with an nn.Linear gate and a ModuleList of experts."""
 
-    def __init__(self, router_name="gate"):
+    def __init__(self):
         super().__init__()
         self.top_k = 2
-        setattr(self, router_name, nn.Linear(8, 4, bias=False))
+        self.gate = nn.Linear(8, 4, bias=False)
         self.experts = nn.ModuleList(_Expert() for _ in range(4))
 
 
-def _fake_model(block_name: str, router_name: str = "gate") -> nn.Module:
-    layers = nn.ModuleList()
+def test_find_moe_blocks_mixtral_4x_tree():
+    """The Mixtral plan's block_sparse_moe rule finds transformers 4.x's layout (nn.Linear gate, ModuleList)."""
+    from transformers import MixtralConfig
+
+    model = nn.Module()
+    model.config = MixtralConfig(num_local_experts=4, num_experts_per_tok=2)
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList()
     for _ in range(2):
         layer = nn.Module()
         layer.self_attn = nn.Linear(8, 8)
-        setattr(layer, block_name, _SparseBlock(router_name))
-        layers.append(layer)
-    model = nn.Module()
-    model.model = nn.Module()
-    model.model.layers = layers
-    return model
-
-
-@pytest.mark.parametrize("block, router", [("block_sparse_moe", "gate"), ("mlp", "router")])
-def test_find_moe_blocks_fake_trees(block, router):
-    blocks = find_moe_blocks(_fake_model(block, router))
+        layer.block_sparse_moe = _SparseBlock()
+        model.model.layers.append(layer)
+    blocks = find_moe_blocks(model)
     assert [(b.path, b.router_path, b.layout, b.num_experts, b.top_k, b.shared) for b in blocks] == [
-        (f"model.layers.{i}.{block}", f"model.layers.{i}.{block}.{router}", "modulelist", 4, 2, None) for i in range(2)]
+        (f"model.layers.{i}.block_sparse_moe", f"model.layers.{i}.block_sparse_moe.gate", "modulelist", 4, 2, None)
+        for i in range(2)]
     assert router_outputs(torch.zeros(3, 4)) == (None, None, None)  # a plain linear gate: logits only
 
 
 def test_find_moe_blocks_explains_when_none(checkpoints):
     llama = _ref(checkpoints / "llama")
     assert find_moe_blocks(llama, required=False) == []
-    with pytest.raises(NoMoEBlockError) as err:
+    with pytest.raises(NoMoEBlockError, match=r"^no MoE block found in LlamaForCausalLM: its plan \(Llama/Qwen2 \(dense\)\) "
+                       r"is dense"):
         find_moe_blocks(llama)
+    mixtral = _ref(checkpoints / "mixtral")
+    for layer in mixtral.model.layers:
+        layer.mlp = nn.Identity()
+    with pytest.raises(NoMoEBlockError) as err:
+        find_moe_blocks(mixtral)
     msg = str(err.value)
-    assert msg.startswith("no MoE block found in LlamaForCausalLM: looked for modules with an `experts` child")
-    assert "model.layers.*.mlp = LlamaMLP" in msg and "block_sparse_moe" in msg
+    assert msg.startswith("no MoE block found in MixtralForCausalLM: its plan (Mixtral) looks for "
+                          "model.layers.*.block_sparse_moe with `gate` and `experts` children"), msg
+    assert msg.endswith("saw: model.layers.*.mlp = Identity"), msg
 
 
 # -- audit ----------------------------------------------------------------------------------------------
@@ -132,7 +139,7 @@ def test_audit_converted_tp1_and_tp2_clean(checkpoints, capsys, tp2):
     assert "converted, tp=1" in out and "0 banned ops" in out and out.rstrip().endswith("-> CLEAN")
     line, banned = audit_summary(tp2["audit"])
     assert banned == 0 and "converted, tp=2" in line and "2 ranks, all the same" in line, line
-    assert re.search(r"^allreduce\s+collective\s+\d+\s+\S+comm\.py:\d+$", tp2["audit"][0]["table"], re.M)
+    assert re.search(r"^allreduce\s+collective\s+\d+\s+\S+collectives\.py:\d+$", tp2["audit"][0]["table"], re.M)
 
 
 def test_audit_unconverted_eager_reports_nonzero_line(checkpoints, capsys, tmp_path):

@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import npu_parallel
-from npu_parallel.loading import load_pretrained
-from npu_parallel.losses import causal_lm_loss, set_vocab_parallel_logits
-from npu_parallel.optim import global_grad_norm
-from npu_parallel.train import TrainConfig, train
+from npu_parallel.checkpoint.load import load_pretrained
+from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
+from npu_parallel.training.optim import global_grad_norm
+from npu_parallel.training.loop import TrainConfig, train
 
 
 def run_train(kwargs: dict) -> dict:

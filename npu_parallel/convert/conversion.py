@@ -1,0 +1,105 @@
+"""convert_model(): apply an architecture's plan to a loaded model, in place.
+
+The conversion is recorded on the model as one :class:`ConversionInfo` (:func:`conversion_info` reads it):
+the plan, this rank's tp group, the MoE implementation, and what loading learnt about the source.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from npu_parallel.convert.attention import use_fused_attention
+from npu_parallel.convert.plan import Plan, matches, plan_for
+from npu_parallel.convert.styles import Context
+from npu_parallel.moe import dispatch
+from npu_parallel.parallel.state import Group, ParallelState
+
+logger = logging.getLogger(__name__)
+
+INFO_ATTR = "npu_parallel_conversion"
+
+
+@dataclass
+class ConversionInfo:
+    """What convert_model did to a model, and what loading learnt about its source checkpoint."""
+
+    plan: Plan
+    tp: Group
+    moe_impl: str
+    # how the source checkpoint stored the routed experts ({"kind": "fused"} or per-expert key names)
+    expert_layout: dict | None = None
+    # load_pretrained's reading statistics: bytes_read, seconds, keys_read
+    load_stats: dict | None = None
+
+
+def conversion_info(model: nn.Module) -> ConversionInfo:
+    """The model's ConversionInfo; a ValueError for a model that was never converted."""
+    info = getattr(model, INFO_ATTR, None)
+    if not isinstance(info, ConversionInfo):
+        raise ValueError(f"{type(model).__name__} was not converted: pass a model returned by "
+                         f"npu_parallel.convert_model, load_pretrained or load_sharded")
+    return info
+
+
+def _convert_children(module: nn.Module, prefix: str, plan: Plan, ctx: Context, used: dict[str, int]) -> None:
+    for name, child in list(module.named_children()):
+        path = f"{prefix}{name}"
+        new = child
+        hit = next(((p, s) for p, s in plan.rules if matches(p, path) and s.applies(child)), None)
+        if hit is not None:
+            pattern, style = hit
+            new = style.apply(child, ctx, path)
+            ctx.converted[path] = new
+            used[pattern] = used.get(pattern, 0) + 1
+            if new is not child:
+                setattr(module, name, new)
+            if style.owns_subtree:
+                continue
+        _convert_children(new, f"{path}.", plan, ctx, used)
+
+
+def apply_plan(model: nn.Module, tp: Group, *, device_type: str, plan: Plan | None = None,
+               moe_impl: str = "auto", capacity_factor: float | None = None,
+               world_size: int | None = None) -> ConversionInfo:
+    """Swap modules and slice weights per the plan, leaving tensors where they are (meta included).
+
+    Checks every size against the plan first (before any collective), then converts; warns about rules
+    that matched no module, as transformers' ``verify_tp_plan`` does.
+    """
+    config = model.config
+    plan = plan or plan_for(config)
+    plan.check_tp(config, tp.size, world_size)
+    impl = dispatch.resolve(moe_impl, device_type)
+    if capacity_factor is not None and (impl != "static" or capacity_factor <= 0):
+        raise ValueError(f"capacity_factor={capacity_factor!r} needs moe_impl='static' and a value > 0 "
+                         f"(e.g. 1.25); the other implementations never drop tokens")
+    ctx = Context(tp, config, impl, capacity_factor)
+    used: dict[str, int] = {}
+    _convert_children(model, "", plan, ctx, used)
+    unused = sorted({p for p, _ in plan.rules} - set(used) - set(plan.optional))
+    if unused and tp.rank == 0:
+        logger.warning("%s plan: rules that matched no module of %s: %s", plan.name, type(model).__name__, unused)
+    use_fused_attention(model)
+    info = ConversionInfo(plan, tp, impl)
+    setattr(model, INFO_ATTR, info)
+    experts = plan.num_experts(config)
+    if experts and tp.rank == 0:
+        logger.info("converted %s for tp=%d: %d experts -> %d local experts per rank; modules per rule %s",
+                    plan.name, tp.size, experts, experts // tp.size, used)
+    return info
+
+
+def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str = "auto",
+                  capacity_factor: float | None = None) -> nn.Module:
+    """Convert a loaded Hugging Face model to tensor/expert-parallel form in place and return it.
+
+    The HF forward API is unchanged: ``model(input_ids=..., labels=...)`` gives the same loss and
+    full-vocab logits as before conversion. ``capacity_factor`` applies to ``moe_impl="static"`` only
+    (None: dropless).
+    """
+    apply_plan(model, state.tp, device_type=state.device.type, moe_impl=moe_impl, capacity_factor=capacity_factor,
+               world_size=state.world_size)
+    return model.to(state.device)

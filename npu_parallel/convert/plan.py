@@ -1,0 +1,147 @@
+"""A Plan: every fact about one model family that conversion, loading, saving and the tools need.
+
+Module rules (path pattern -> parallel style), the sizes tp must divide, where the routed experts'
+count lives in the config, how the family's checkpoints name their tensors. Plans are declared one per
+file in :mod:`npu_parallel.convert.plans` and found by ``model_type`` through :func:`plan_for`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from npu_parallel.convert.styles import GQAttention, LMHead, MoE, Style, VocabParallel
+from npu_parallel.parallel.state import divisors
+
+SizeOf = Callable[[object], "int | None"]
+Check = Callable[[object, int], "str | None"]
+
+
+def config_value(config: object, name: str) -> object:
+    """A config attribute, None when absent (transformers configs raise AttributeError for unknown names)."""
+    try:
+        return getattr(config, name)
+    except AttributeError:
+        return None
+
+
+def num_attention_heads(config: object) -> int | None:
+    return config_value(config, "num_attention_heads")  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One architecture family's parallel plan and checkpoint layout."""
+
+    name: str
+    model_types: tuple[str, ...]
+    # (module path pattern, style): '*' matches one dotted component; the first style that applies wins
+    rules: tuple[tuple[str, Style], ...]
+    # config attribute holding the number of routed experts (None for dense families)
+    experts_attr: str | None = None
+    # (what, size from the config) tp must divide, besides the attention heads and the routed experts
+    divides: tuple[tuple[str, SizeOf], ...] = ()
+    # further rules: fn(config, tp) -> why tp does not work, or None
+    checks: tuple[Check, ...] = ()
+    # (name in memory, name in checkpoints) fragments, where transformers renames modules on load
+    checkpoint_aliases: tuple[tuple[str, str], ...] = ()
+    # per-expert (gate, up, down) key names this family's checkpoints use
+    expert_key_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # patterns that match only some variants of the family (no warning when they match nothing)
+    optional: tuple[str, ...] = ()
+
+    def styles_for(self, path: str) -> Iterator[Style]:
+        """Styles whose pattern matches ``path``, in rule order."""
+        for pattern, style in self.rules:
+            if matches(pattern, path):
+                yield style
+
+    def moe_rules(self) -> list[tuple[str, MoE]]:
+        """The (pattern, MoE style) rules: where this family's MoE blocks are and how they are named."""
+        return [(p, s) for p, s in self.rules if isinstance(s, MoE)]
+
+    def num_experts(self, config: object) -> int | None:
+        n = config_value(config, self.experts_attr) if self.experts_attr else None
+        return n if isinstance(n, int) and n > 0 else None
+
+    def sizes(self) -> tuple[tuple[str, SizeOf], ...]:
+        """Every (what, size) tp must divide: attention heads, routed experts, then the plan's own."""
+        out: list[tuple[str, SizeOf]] = [("attention heads (num_attention_heads)", num_attention_heads)]
+        if self.experts_attr:
+            out.append((f"routed experts ({self.experts_attr})", self.num_experts))
+        return tuple(out) + self.divides
+
+    def tp_problem(self, config: object, tp_size: int) -> str | None:
+        """Why ``tp_size`` cannot split this model (a phrase following "tp_size=N"), or None."""
+        for what, size in self.sizes():
+            n = size(config)
+            if n and n % tp_size:
+                return f"must divide the {what} = {n}"
+        for check in self.checks:
+            why = check(config, tp_size)
+            if why:
+                return f"does not fit {why}"
+        return None
+
+    def valid_tp_sizes(self, config: object, candidates: list[int]) -> list[int]:
+        return [d for d in candidates if self.tp_problem(config, d) is None]
+
+    def check_tp(self, config: object, tp_size: int, world_size: int | None = None) -> None:
+        """Raise ValueError (same on every rank, before any collective) when tp cannot split the model."""
+        why = self.tp_problem(config, tp_size)
+        if why is None:
+            return
+        sizes = [n for _, f in self.sizes() if (n := f(config))]
+        candidates = divisors(world_size) if world_size else sorted({d for n in sizes for d in divisors(n)})
+        within = f" with world size {world_size}" if world_size else ""
+        raise ValueError(
+            f"tp_size={tp_size} {why} of this {config_value(config, 'model_type')} model; "
+            f"tp sizes that work{within}: {self.valid_tp_sizes(config, candidates)}"
+        )
+
+
+def matches(pattern: str, path: str) -> bool:
+    """``'model.layers.*.mlp'`` matches ``'model.layers.3.mlp'``: '*' is one dotted component."""
+    pat, parts = pattern.split("."), path.split(".")
+    return len(pat) == len(parts) and all(p in ("*", q) for p, q in zip(pat, parts))
+
+
+# -- building blocks the family files share ----------------------------------------------------------
+
+def kv_heads_rule(config: object, tp: int) -> str | None:
+    """GQA: key/value heads are split when tp divides them, shared when tp is a multiple of them."""
+    kv = config_value(config, "num_key_value_heads") or num_attention_heads(config)
+    if not isinstance(kv, int) or kv % tp == 0 or tp % kv == 0:
+        return None
+    return f"the {kv} key/value heads (num_key_value_heads): tp must divide them or be a multiple of them"
+
+
+EMBEDDING = ("model.embed_tokens", VocabParallel())
+LM_HEAD = ("lm_head", LMHead())
+# standard attention (MHA/GQA), per-head q_norm/k_norm when present (Qwen3)
+ATTENTION = ("model.layers.*.self_attn", GQAttention())
+
+
+# -- the registry -----------------------------------------------------------------------------------
+
+def all_plans() -> tuple[Plan, ...]:
+    from npu_parallel.convert.plans import PLANS
+
+    return PLANS
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for p in all_plans() for t in p.model_types)
+
+
+def plan_for(config: object) -> Plan:
+    """The plan of ``config.model_type``; a ValueError listing the supported types otherwise."""
+    model_type = config_value(config, "model_type")
+    for plan in all_plans():
+        if model_type in plan.model_types:
+            return plan
+    archs = config_value(config, "architectures") or [type(config).__name__]
+    raise ValueError(
+        f"no parallel plan for model_type={model_type!r} ({', '.join(archs)}); supported: "  # type: ignore[arg-type]
+        f"{', '.join(supported_model_types())}. See README section 'Adding an architecture'."
+    )

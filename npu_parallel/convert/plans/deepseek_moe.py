@@ -1,0 +1,18 @@
+"""DeepSeek-MoE 16B (v1, trust_remote_code): DeepseekMoE with MoEGate, ModuleList experts, shared_experts."""
+
+from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, Plan, kv_heads_rule
+from npu_parallel.convert.styles import MLP, MoE
+
+PLAN = Plan(
+    name="DeepSeek-MoE",
+    model_types=("deepseek",),
+    rules=(
+        EMBEDDING,
+        ATTENTION,
+        ("model.layers.*.mlp", MoE(router="gate", experts="experts", shared="shared_experts")),
+        ("model.layers.*.mlp", MLP()),
+        LM_HEAD,
+    ),
+    experts_attr="n_routed_experts",
+    checks=(kv_heads_rule,),
+)

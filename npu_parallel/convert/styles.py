@@ -1,0 +1,241 @@
+"""Reusable parallel styles: each turns one module of a loaded model into its tensor-parallel form.
+
+A plan (plans.py) maps module paths to styles; convert_model applies them. A style that ``owns`` its
+subtree converts the children itself; otherwise conversion continues into the children.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from npu_parallel.parallel.collectives import copy_to_tp
+from npu_parallel.moe.experts import LocalExperts
+from npu_parallel.parallel.linear import (ColumnParallelLinear, GradSummedRMSNorm, HeadSelectLinear, ReplicatedLinear,
+                                          RowParallelLinear)
+from npu_parallel.parallel.state import Group
+from npu_parallel.parallel.vocab import ParallelLMHead, VocabParallelEmbedding
+from npu_parallel.moe.block import TensorParallelMoE, router_outputs_for
+
+
+@dataclass
+class Context:
+    """What styles need beyond the module: ranks, group, config, implementation choices."""
+
+    tp: Group
+    config: object
+    moe_impl: str
+    capacity_factor: float | None = None
+    converted: dict = field(default_factory=dict)  # path -> new module, for styles that refer to others
+
+
+class Style:
+    owns_subtree = False
+
+    def applies(self, module: nn.Module) -> bool:
+        return True
+
+    def apply(self, module: nn.Module, ctx: Context, path: str) -> nn.Module:
+        raise NotImplementedError
+
+
+def _require_linear(module: nn.Module, path: str, style: Style) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{type(style).__name__} expects nn.Linear at {path!r}, found {type(module).__name__}")
+    return module
+
+
+@dataclass
+class Colwise(Style):
+    """Output features split; f on the input unless an enclosing style already applied it."""
+
+    input_grad_reduce: bool = True
+
+    def applies(self, module):
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module, ctx, path):
+        return ColumnParallelLinear.from_linear(_require_linear(module, path, self), ctx.tp,
+                                                input_grad_reduce=self.input_grad_reduce)
+
+
+@dataclass
+class Rowwise(Style):
+    """Input features split; output all-reduced (or left partial for the enclosing block to reduce)."""
+
+    reduce_output: bool = True
+
+    def applies(self, module):
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module, ctx, path):
+        return RowParallelLinear.from_linear(_require_linear(module, path, self), ctx.tp,
+                                             reduce_output=self.reduce_output)
+
+
+@dataclass
+class ReplicatedSumGradFrom(Style):
+    """Kept whole on every rank; output-gradient columns from ``config.<start_attr>`` on are all-reduced."""
+
+    start_attr: str
+
+    def applies(self, module):
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module, ctx, path):
+        return ReplicatedLinear(_require_linear(module, path, self), getattr(ctx.config, self.start_attr), ctx.tp)
+
+
+@dataclass
+class ShardHeads(Style):
+    """Divides head-count attributes that the module's own forward reads (the linears are split by rules)."""
+
+    attrs: tuple[str, ...] = ("num_heads",)
+
+    def apply(self, module, ctx, path):
+        for name in self.attrs:
+            if hasattr(module, name):
+                setattr(module, name, getattr(module, name) // ctx.tp.size)
+        return module
+
+
+class VocabParallel(Style):
+    def applies(self, module):
+        return isinstance(module, nn.Embedding)
+
+    def apply(self, module, ctx, path):
+        new = VocabParallelEmbedding.from_embedding(module, ctx.tp)
+        ctx.converted["embedding"] = new
+        return new
+
+
+class LMHead(Style):
+    """Column-parallel over the vocab, logits gathered; shares the embedding shard when weights are tied."""
+
+    def applies(self, module):
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module, ctx, path):
+        shared = None
+        emb = ctx.converted.get("embedding")
+        if getattr(ctx.config, "tie_word_embeddings", False) and emb is not None:
+            shared = emb.weight
+        return ParallelLMHead.from_linear(module, ctx.tp, shared_weight=shared)
+
+
+def _input_to_tp_region(tp: Group):
+    """A forward pre-hook putting f on a module's first input (a closure: deepcopy shares it, group included)."""
+
+    def hook(module, args, kwargs):
+        return (copy_to_tp(args[0], tp), *args[1:]), kwargs
+
+    return hook
+
+
+@dataclass
+class MLP(Style):
+    """Gated MLP: f once on the input, gate/up column-parallel, down row-parallel."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    reduce_output: bool = True
+    owns_subtree = True
+
+    def applies(self, module):
+        return all(isinstance(getattr(module, n, None), nn.Linear) for n in (self.gate, self.up, self.down))
+
+    def apply(self, module, ctx, path):
+        for name in (self.gate, self.up):
+            setattr(module, name, Colwise(input_grad_reduce=False).apply(getattr(module, name), ctx, f"{path}.{name}"))
+        setattr(module, self.down, Rowwise(self.reduce_output).apply(getattr(module, self.down), ctx, f"{path}.{self.down}"))
+        for attr in ("intermediate_size",):
+            if hasattr(module, attr):
+                setattr(module, attr, getattr(module, attr) // ctx.tp.size)
+        if self.reduce_output:  # a partial MLP (shared experts) sits behind its block's own f
+            module.register_forward_pre_hook(_input_to_tp_region(ctx.tp), with_kwargs=True)
+        return module
+
+
+@dataclass
+class MoE(Style):
+    """Routed experts split E/tp per rank, router replicated, shared experts sharded as a partial MLP."""
+
+    router: str = "gate"
+    experts: str = "experts"
+    shared: str | None = "shared_experts"
+    shared_gate: str | None = None
+    shared_mlp: MLP = field(default_factory=lambda: MLP(reduce_output=False))
+    owns_subtree = True
+
+    def applies(self, module):
+        return hasattr(module, self.experts) and hasattr(module, self.router)
+
+    def apply(self, module, ctx, path):
+        gate = getattr(module, self.router)
+        experts = LocalExperts.from_module(getattr(module, self.experts), ctx.tp)
+        shared = getattr(module, self.shared, None) if self.shared else None
+        if shared is not None:
+            shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
+        new = TensorParallelMoE(gate, experts, shared, self.shared_mlp.down, ctx.tp, ctx.moe_impl,
+                                router_outputs_for(gate),
+                                getattr(module, self.shared_gate, None) if self.shared_gate else None,
+                                self.shared or "shared_experts")
+        new.capacity_factor = ctx.capacity_factor
+        if hasattr(module, "config"):
+            new.config = module.config
+        return new
+
+
+def kv_heads_kept(num_heads: int, num_kv: int, tp_size: int, tp_rank: int) -> tuple[int, int, bool]:
+    """(first, count, split) of the key/value heads this rank keeps for GQA at this tp size."""
+    if num_kv % tp_size == 0:
+        per = num_kv // tp_size
+        return tp_rank * per, per, True
+    group = num_heads // num_kv  # query heads per key/value head
+    first_q = tp_rank * (num_heads // tp_size)
+    return first_q // group, 1, False
+
+
+@dataclass
+class GQAttention(Style):
+    """Standard multi-head / grouped-query attention: query heads split; key/value heads split when tp
+    divides them, else kept whole and each rank selects the head its query heads use; o row-parallel.
+    Per-head norms (``q_norm``/``k_norm``) stay whole with their gradient summed over the group."""
+
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    norms: tuple[str, ...] = ("q_norm", "k_norm")
+    owns_subtree = True
+
+    def applies(self, module):
+        return all(isinstance(getattr(module, n, None), nn.Linear) for n in (self.q, self.k, self.v, self.o))
+
+    def apply(self, module, ctx, path):
+        cfg = ctx.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(module, "head_dim", None) or cfg.hidden_size // heads
+        setattr(module, self.q, Colwise().apply(getattr(module, self.q), ctx, f"{path}.{self.q}"))
+        first, count, split = kv_heads_kept(heads, kv, ctx.tp.size, ctx.tp.rank)
+        for name in (self.k, self.v):
+            lin = getattr(module, name)
+            if split:
+                new = Colwise().apply(lin, ctx, f"{path}.{name}")
+            else:
+                new = HeadSelectLinear(lin, first * head_dim, (first + count) * head_dim, ctx.tp)
+            setattr(module, name, new)
+        setattr(module, self.o, Rowwise().apply(getattr(module, self.o), ctx, f"{path}.{self.o}"))
+        for name in self.norms:
+            norm = getattr(module, name, None)
+            if norm is not None and ctx.tp.size > 1:
+                setattr(module, name, GradSummedRMSNorm(norm, ctx.tp))
+        local_q = heads // ctx.tp.size
+        module.num_key_value_groups = local_q // count
+        for attr, value in (("num_heads", local_q), ("num_key_value_heads", count)):
+            if hasattr(module, attr):
+                setattr(module, attr, value)
+        return module

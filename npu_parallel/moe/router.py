@@ -1,0 +1,24 @@
+"""Reading a router's output, whatever its layout: the one place that knows the router conventions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def router_outputs(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(indices, weights, aux_loss)`` from a router's output, whatever its order.
+
+    transformers 5.x routers return ``(logits, weights, indices)``, 4.5x ``(indices, weights)``,
+    DeepSeek's remote-code ``MoEGate`` ``(indices, weights[, aux_loss])``; a plain ``nn.Linear`` gate
+    (older Mixtral) returns logits only, giving ``(None, None, None)``. The indices are the integer
+    tensor, the weights the floating tensor of the same shape, the auxiliary loss a floating scalar.
+    """
+    if isinstance(output, torch.Tensor) or not isinstance(output, (tuple, list)):
+        return None, None, None
+    tensors = [t for t in output if isinstance(t, torch.Tensor)]
+    indices = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 1), None)
+    weights = None
+    if indices is not None:
+        weights = next((t for t in tensors if t.is_floating_point() and t.shape == indices.shape), None)
+    aux = next((t for t in tensors if t.is_floating_point() and t.numel() == 1 and t is not weights), None)
+    return indices, weights, aux

@@ -1,0 +1,132 @@
+"""Autograd-aware collectives over the tensor-parallel group (Megatron's conjugate f/g pairs).
+
+Every public function takes the group as a :class:`~npu_parallel.parallel.state.Group` handle and is the
+identity when the group has one rank, so a tp=1 model runs without collectives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from npu_parallel.parallel.state import Group
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _split_last(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(_size(group), dim=-1)[_rank(group)].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    """f: identity forward, all-reduce backward (enter a region where ranks hold different shards)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: all-reduce forward, identity backward (leave the region: sum the partial results)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along the last dim forward; keep this rank's slice backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last(grad, ctx.group), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Keep this rank's slice of the last dim forward; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_last(grad, ctx.group), None
+
+
+class _ReduceGradColumns(torch.autograd.Function):
+    """Identity forward; backward all-reduces only columns [start:] of the gradient.
+
+    For a replicated projection whose output feeds both a sharded consumer (its gradient is already
+    full) and a replicated consumer used by every rank's shard (its gradient is partial per rank).
+    """
+
+    @staticmethod
+    def forward(ctx, x, start, group):
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        cols = grad[..., ctx.start :].contiguous()
+        grad[..., ctx.start :] = _all_reduce(cols, ctx.group)
+        return grad, None, None
+
+
+def copy_to_tp(x: torch.Tensor, tp: Group) -> torch.Tensor:
+    return x if tp.size == 1 else _CopyToTP.apply(x, tp.group)
+
+
+def reduce_from_tp(x: torch.Tensor, tp: Group) -> torch.Tensor:
+    return x if tp.size == 1 else _ReduceFromTP.apply(x, tp.group)
+
+
+def gather_from_tp(x: torch.Tensor, tp: Group) -> torch.Tensor:
+    return x if tp.size == 1 else _GatherFromTP.apply(x, tp.group)
+
+
+def scatter_to_tp(x: torch.Tensor, tp: Group) -> torch.Tensor:
+    return x if tp.size == 1 else _ScatterToTP.apply(x, tp.group)
+
+
+def reduce_grad_columns(x: torch.Tensor, start: int, tp: Group) -> torch.Tensor:
+    return x if tp.size == 1 else _ReduceGradColumns.apply(x, start, tp.group)
+
+
+def reduce_grad(x: torch.Tensor, tp: Group) -> torch.Tensor:
+    """Identity forward, all-reduce backward: makes a replicated value's gradient the full one."""
+    return copy_to_tp(x, tp)

@@ -1,0 +1,204 @@
+"""init_distributed(): torchrun's environment -> process groups (tp inside, dp across) -> ParallelState.
+
+Each parallel dimension travels as one typed :class:`Group` handle (this rank's position, the group's
+size, its process group), so layers, styles and collectives never pass loose ``(rank, size, group)``
+triples around.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from npu_parallel.parallel import device as _device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One parallel dimension as this rank sees it: ``rank`` of ``size`` in ``group`` (global ``ranks``).
+
+    ``group`` is None for a dimension of size 1 without a process group (single process, offline tools).
+    """
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+    ranks: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"group rank {self.rank} is outside [0, {self.size})")
+
+    def __deepcopy__(self, memo: dict) -> Group:
+        return self  # immutable, and a process group cannot be copied: deep copies of a model share it
+
+    @classmethod
+    def offline(cls, rank: int, size: int) -> Group:
+        """A handle for planning rank ``rank`` of ``size`` without a process group (offline conversion)."""
+        return cls(rank, size, None, tuple(range(size)))
+
+
+TRIVIAL = Group()
+
+
+@dataclass
+class ParallelState:
+    """Where this process sits: device, backend, global rank, and one :class:`Group` per dimension."""
+
+    device: torch.device
+    backend: str
+    rank: int
+    world_size: int
+    tp: Group = TRIVIAL
+    dp: Group = TRIVIAL
+    local_rank: int = 0
+
+    # the documented flat attributes
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        return self.tp.group
+
+    @property
+    def tp_ranks(self) -> tuple[int, ...]:
+        return self.tp.ranks
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp.size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.rank
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self.dp.group
+
+    @property
+    def dp_ranks(self) -> tuple[int, ...]:
+        return self.dp.ranks
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return (
+            f"rank {self.rank}/{self.world_size} device={self.device} backend={self.backend} "
+            f"tp={self.tp_rank}/{self.tp_size} dp={self.dp_rank}/{self.dp_size}"
+        )
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_tp_size(tp_size: int, world_size: int) -> None:
+    """Raise a ValueError naming the valid sizes when tp_size cannot split world_size."""
+    if not isinstance(tp_size, int) or tp_size < 1 or world_size % tp_size:
+        raise ValueError(
+            f"tp_size={tp_size!r} must be a positive divisor of the world size {world_size} "
+            f"(world = tp x dp); use one of {divisors(world_size)} or change --nproc_per_node"
+        )
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def group_layout(world_size: int, tp_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """TP groups of contiguous ranks (one node's cards) and the strided DP groups across them."""
+    dp_size = world_size // tp_size
+    tp_groups = [list(range(d * tp_size, (d + 1) * tp_size)) for d in range(dp_size)]
+    dp_groups = [list(range(t, world_size, tp_size)) for t in range(tp_size)]
+    return tp_groups, dp_groups
+
+
+def _new_groups(layouts: list[list[int]], rank: int, world_size: int) -> Group:
+    """Create every group of one dimension (collective: all ranks, same order) and return this rank's."""
+    mine = None
+    for ranks in layouts:
+        g = dist.new_group(ranks) if world_size > 1 else dist.group.WORLD
+        if rank in ranks:
+            mine = Group(ranks.index(rank), len(ranks), g, tuple(ranks))
+    assert mine is not None, f"rank {rank} is in no group of {layouts}"
+    return mine
+
+
+def init_distributed(
+    tp_size: int | None = None, *, backend: str | None = None, timeout_s: float | None = None
+) -> ParallelState:
+    """Read torchrun's environment (or run as a single process), pick device and backend, build tp/dp groups.
+
+    ``tp_size=None`` means all ranks form one tensor-parallel group. Reuses a process group that
+    already exists. On Ascend, HCCL defaults are exported before the group is created.
+    """
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    tp_size = world_size if tp_size is None else tp_size
+    check_tp_size(tp_size, world_size)  # before any collective: every rank raises the same error
+
+    kind = _device.device_type()
+    if backend is None:
+        backend = _device.backend_for(kind)
+    if backend == "gloo" and kind != "cpu":
+        kind = "cpu"  # gloo moves CPU tensors; keep the model where the backend can reach it
+    if kind == "npu":
+        applied = _device.apply_hccl_defaults()
+        if applied:
+            logger.info("HCCL defaults applied: %s", applied)
+    dev = _device.local_device(kind, local_rank)
+
+    if not dist.is_initialized():
+        kwargs: dict = {"backend": backend, "rank": rank, "world_size": world_size}
+        if timeout_s is not None:
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" not in os.environ and world_size == 1:
+            kwargs["store"] = dist.HashStore()
+        if kind != "cpu":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    else:
+        backend = dist.get_backend()
+
+    tp_layout, dp_layout = group_layout(world_size, tp_size)
+    state = ParallelState(
+        device=dev,
+        backend=backend,
+        rank=rank,
+        world_size=world_size,
+        tp=_new_groups(tp_layout, rank, world_size),
+        dp=_new_groups(dp_layout, rank, world_size),
+        local_rank=local_rank,
+    )
+    logger.info("initialised %s", state.describe())
+    return state
+
+
+def single_rank_state(device: torch.device | str = "cpu") -> ParallelState:
+    """A tp=1 state with no process group, for offline tools and the unconverted reference."""
+    return ParallelState(device=torch.device(device), backend="none", rank=0, world_size=1)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

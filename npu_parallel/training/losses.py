@@ -1,0 +1,49 @@
+"""Causal-LM loss of a converted model: transformers' own (full logits) or vocab-parallel (no full logits)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
+from npu_parallel.moe.block import TensorParallelMoE
+
+IGNORE = -100
+
+
+def lm_head_of(model: nn.Module) -> ParallelLMHead:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, ParallelLMHead):
+        raise ValueError("the vocab-parallel loss needs a model converted by npu_parallel (its lm_head is ParallelLMHead)")
+    return head
+
+
+def set_vocab_parallel_logits(model: nn.Module, enabled: bool) -> None:
+    """Make ``model(...).logits`` this rank's vocab slice (True) or the gathered full vocab (False)."""
+    lm_head_of(model).gather_output = not enabled
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the auxiliary losses the MoE routers computed in the last forward (remote-code MoEGate)."""
+    values = [m.last_aux_loss for m in model.modules() if isinstance(m, TensorParallelMoE) and m.last_aux_loss is not None]
+    return torch.stack([v.float() for v in values]).sum() if values else None
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_parallel: bool,
+                   group=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, aux_loss) for one batch; the same value either way, vocab-parallel never gathers the logits."""
+    module = model.module if hasattr(model, "module") else model  # DistributedDataParallel
+    if not vocab_parallel:
+        out = model(input_ids=input_ids, labels=labels)
+        aux = getattr(out, "aux_loss", None)
+        return out.loss, (aux if aux is not None else moe_aux_loss(module))
+    head = lm_head_of(module)
+    out = model(input_ids=input_ids)
+    local = out.logits[:, :-1]
+    target = labels[:, 1:]
+    per_token = vocab_parallel_cross_entropy(local, target, head.vocab_start, head.vocab_stop, head.tp, IGNORE)
+    loss = per_token.sum() / (target != IGNORE).sum().clamp(min=1)
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:  # transformers adds coef * aux to its own loss; do the same here
+        loss = loss + getattr(module.config, "router_aux_loss_coef", 0.0) * aux
+    return loss, (aux if aux is not None else moe_aux_loss(module))

@@ -1,0 +1,67 @@
+"""Optimizer, LR schedule and gradient clipping by the true global norm of a tensor-parallel model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from npu_parallel.parallel.state import ParallelState
+from npu_parallel.parallel.shard_spec import spec_of
+
+
+def unique_params(model: nn.Module) -> list[nn.Parameter]:
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def global_grad_norm(model: nn.Module, state: ParallelState) -> torch.Tensor:
+    """L2 norm of the full model's gradient: each sharded parameter counted once across the TP group,
+    each replicated one once (its gradient is identical on every TP rank), not tp times."""
+    params = [p for p in unique_params(model) if p.grad is not None]
+    ref = params[0].grad if params else torch.zeros(())
+    sharded = torch.zeros((), dtype=torch.float32, device=ref.device)
+    replicated = torch.zeros((), dtype=torch.float32, device=ref.device)
+    for p in params:
+        sq = p.grad.detach().float().pow(2).sum()
+        if spec_of(p) is not None:
+            sharded += sq
+        else:
+            replicated += sq
+    if state.tp_size > 1:
+        dist.all_reduce(sharded, group=state.tp_group)
+    return (sharded + replicated).sqrt()
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> torch.Tensor:
+    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before clipping."""
+    norm = global_grad_norm(model, state)
+    if max_norm and max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in unique_params(model):
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for p in unique_params(model):
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+    """Linear warmup to the base LR, then cosine decay to ``min_ratio`` of it at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(warmup_steps, 1)
+        progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
