@@ -1,5 +1,5 @@
-# `make test` and `make demo` build everything they need from nothing: a .venv with the CPU build of
-# torch, the package with its test extra, and rsync for the remote-script tests.
+# `make test`, `make lint` and `make demo` build everything they need from nothing: a .venv with the CPU build
+# of torch, the package with its test and lint extras, and rsync for the remote-script tests.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
 DEMO_STEPS ?= 40
 
-.PHONY: test demo venv sysdeps clean
+.PHONY: test lint format demo venv sysdeps clean
 
 venv: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,lint]"
 	touch $(STAMP)
 
 # rsync is only needed by sync_to_remote.sh and its test; the test skips (saying why) if this fails.
@@ -27,6 +27,17 @@ sysdeps:
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest tests -q
+
+# ruff (lint + format check) over everything we wrote, mypy over the package; both configured in pyproject.toml
+LINTED := npu_parallel tests benchmarks examples setup.py
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)
 
 demo: $(STAMP)
 	rm -rf $(DEMO)

@@ -244,7 +244,7 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
 
     report = {
         "path": str(path),
-        "format": "npu_parallel.checkpoint.sharded" if sharded else "huggingface",
+        "format": "npu_parallel.sharded" if sharded else "huggingface",
         "sharded_tp": manifest["tp_size"] if sharded else None,
         "files": files,
         "architecture": architecture,
@@ -311,7 +311,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{label:<14} {text}")
 
     r = report
-    if r["format"] == "npu_parallel.checkpoint.sharded":
+    if r["format"] == "npu_parallel.sharded":
         fmt = (f"npu_parallel sharded checkpoint, tp={r['sharded_tp']} "
                f"({len(r['files'])} rank file{'s' if len(r['files']) != 1 else ''})")
     else:

@@ -28,7 +28,7 @@ from npu_parallel.parallel.shard_spec import ShardSpec, mark, pad_to_spec, spec_
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "npu_parallel.checkpoint.sharded"
+FORMAT = "npu_parallel.sharded"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 

@@ -1,0 +1,9 @@
+"""The parallel runtime, below everything else: where this process runs and how ranks talk.
+
+``device`` picks the accelerator (npu > cuda > cpu), its collective backend and the HCCL presets;
+``state`` reads torchrun's environment into a :class:`~npu_parallel.parallel.state.ParallelState` whose
+dimensions (tp inside a node, dp across) are typed :class:`~npu_parallel.parallel.state.Group` handles;
+``collectives`` holds Megatron's autograd-aware f/g pairs over a group; ``shard_spec`` records which
+global rows a local tensor holds; ``linear`` and ``vocab`` are the tensor-parallel layers built from them.
+Nothing here knows a model family, a checkpoint or a training loop.
+"""
