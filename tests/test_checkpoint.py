@@ -62,7 +62,7 @@ def saved(checkpoints, tmp_path_factory):
 def test_manifest_describes_every_tensor(saved):
     _, root, _ = saved
     m = json.loads((root / "tp4" / MANIFEST).read_text())
-    assert m["format"] == "npu_parallel.checkpoint.sharded" and m["format_version"] == 1 and m["tp_size"] == 4
+    assert m["format"] == "npu_parallel.sharded" and m["format_version"] == 1 and m["tp_size"] == 4
     assert m["architecture"] == "DeepseekV3ForCausalLM" and m["config"]["n_routed_experts"] == 8
     experts = m["tensors"]["model.layers.1.mlp.experts.gate_up_proj"]
     assert experts["shape"] == [8, 64, 64] and experts["split"] == {"dim": 0, "ranges": [[0, 2], [2, 4], [4, 6], [6, 8]]}

@@ -198,7 +198,7 @@ def test_sharded_checkpoint(checkpoints, tmp_path):
     out = save_sharded(load_pretrained(checkpoints / "deepseek_v3", state, progress=False), tmp_path / "sh", state)
     hf = inspect_checkpoint(checkpoints / "deepseek_v3")
     r = inspect_checkpoint(out)
-    assert r["format"] == "npu_parallel.checkpoint.sharded" and r["sharded_tp"] == 1
+    assert r["format"] == "npu_parallel.sharded" and r["sharded_tp"] == 1
     assert r["bytes_on_disk"] == (out / "rank-00000-of-00001.safetensors").stat().st_size
     same = ("architecture", "model_type", "num_layers", "dense_layers", "moe_layers", "experts", "top_k",
             "shared_experts", "routing", "attention", "hidden_size", "vocab_size", "tie_word_embeddings",

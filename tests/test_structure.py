@@ -55,8 +55,9 @@ def upward_imports(package: Path) -> list[str]:
         for line, target in _imports(path, package):
             theirs = _layer(target)
             if theirs is not None and theirs > mine:
-                upward.append(f"{path.relative_to(package.parent)}:{line} ({LAYERS[mine]}) imports {target} "
-                              f"({LAYERS[theirs]})")
+                upward.append(
+                    f"{path.relative_to(package.parent)}:{line} ({LAYERS[mine]}) imports {target} ({LAYERS[theirs]})"
+                )
     return upward
 
 
@@ -81,7 +82,9 @@ def test_the_import_check_sees_upward_imports(tmp_path):
 
 
 def test_no_module_over_the_size_limit():
-    big = {str(p.relative_to(PACKAGE.parent)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    big = {
+        str(p.relative_to(PACKAGE.parent)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not big, f"modules over {MAX_LINES} lines: {big}"
 
 

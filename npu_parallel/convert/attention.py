@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PADDED_SDPA = "npu_parallel_sdpa"
 
 
-def padded_value_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs):
+def padded_value_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+):
     """transformers' SDPA attention with value heads zero-padded to the query head dim (a no-op when equal)."""
     dq, dv = query.shape[-1], value.shape[-1]
     if dv >= dq:
@@ -30,7 +36,7 @@ def padded_value_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 AttentionInterface.register(PADDED_SDPA, padded_value_sdpa)
 
 
-def use_fused_attention(model: torch.nn.Module) -> None:
+def use_fused_attention(model: PreTrainedModel) -> None:
     """Switch a model on transformers' SDPA to the padded-value SDPA; other choices are the user's and stay."""
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(PADDED_SDPA)

@@ -24,25 +24,27 @@ class NoMoEBlockError(ValueError):
 
 @dataclass
 class MoEBlockInfo:
-    path: str                 # "model.layers.1.mlp"
+    path: str  # "model.layers.1.mlp"
     block: nn.Module
     router: nn.Module
-    router_path: str          # "model.layers.1.mlp.gate"
+    router_path: str  # "model.layers.1.mlp.gate"
     experts: nn.Module
     experts_path: str
-    layout: str               # "fused" | "modulelist"
-    num_experts: int          # global number of routed experts (a converted block holds only its local share)
-    num_local_experts: int    # experts held by this module (== num_experts unless converted)
+    layout: str  # "fused" | "modulelist"
+    num_experts: int  # global number of routed experts (a converted block holds only its local share)
+    num_local_experts: int  # experts held by this module (== num_experts unless converted)
     top_k: int | None
     shared: nn.Module | None
     shared_path: str | None
-    layer: int | None         # index in model.layers, when the path has one
+    layer: int | None  # index in model.layers, when the path has one
 
     def describe(self) -> str:
         shared = f", shared {self.shared_path}" if self.shared is not None else ""
         local = f" ({self.num_local_experts} local)" if self.num_local_experts != self.num_experts else ""
-        return (f"{self.path}: router {self.router_path} ({type(self.router).__name__}), "
-                f"{self.num_experts}{local} experts {self.layout} at {self.experts_path}, top_k {self.top_k}{shared}")
+        return (
+            f"{self.path}: router {self.router_path} ({type(self.router).__name__}), "
+            f"{self.num_experts}{local} experts {self.layout} at {self.experts_path}, top_k {self.top_k}{shared}"
+        )
 
 
 def layer_index(path: str) -> int | None:
@@ -85,10 +87,19 @@ def _info(path: str, module: nn.Module, style: MoE, plan: Plan, config: object) 
     prefix = f"{path}." if path else ""
     kind, total, local = layout
     return MoEBlockInfo(
-        path=path, block=module, router=router, router_path=prefix + style.router, experts=experts,
-        experts_path=prefix + style.experts, layout=kind, num_experts=total, num_local_experts=local,
-        top_k=_top_k(router, module, config), shared=shared,
-        shared_path=prefix + style.shared if shared is not None and style.shared else None, layer=layer_index(path),
+        path=path,
+        block=module,
+        router=router,
+        router_path=prefix + style.router,
+        experts=experts,
+        experts_path=prefix + style.experts,
+        layout=kind,
+        num_experts=total,
+        num_local_experts=local,
+        top_k=_top_k(router, module, config),
+        shared=shared,
+        shared_path=prefix + style.shared if shared is not None and style.shared else None,
+        layer=layer_index(path),
     )
 
 
@@ -114,7 +125,9 @@ def _explain(model: nn.Module, plan: Plan) -> str:
     """Why nothing was found: what the plan looks for, and what the decoder layers hold there."""
     rules = plan.moe_rules()
     if not rules:
-        return f"no MoE block found in {type(model).__name__}: its plan ({plan.name}) is dense, it declares no MoE block"
+        return (
+            f"no MoE block found in {type(model).__name__}: its plan ({plan.name}) is dense, it declares no MoE block"
+        )
     seen: dict[str, set[str]] = {}
     for path, module in model.named_modules():
         for pattern, _ in rules:

@@ -103,10 +103,11 @@ class Plan:
 def matches(pattern: str, path: str) -> bool:
     """``'model.layers.*.mlp'`` matches ``'model.layers.3.mlp'``: '*' is one dotted component."""
     pat, parts = pattern.split("."), path.split(".")
-    return len(pat) == len(parts) and all(p in ("*", q) for p, q in zip(pat, parts))
+    return len(pat) == len(parts) and all(p in ("*", q) for p, q in zip(pat, parts, strict=True))
 
 
 # -- building blocks the family files share ----------------------------------------------------------
+
 
 def kv_heads_rule(config: object, tp: int) -> str | None:
     """GQA: key/value heads are split when tp divides them, shared when tp is a multiple of them."""
@@ -123,6 +124,7 @@ ATTENTION = ("model.layers.*.self_attn", GQAttention())
 
 
 # -- the registry -----------------------------------------------------------------------------------
+
 
 def all_plans() -> tuple[Plan, ...]:
     from npu_parallel.convert.plans import PLANS

@@ -24,7 +24,12 @@ HCCL_DEFAULTS: dict[str, str] = {
     "PYTORCH_NPU_ALLOC_CONF": "max_split_size_mb:128",
     "TORCH_NPU_ALLOC_CONF": "max_split_size_mb:128",
 }
-HCCL_REPORTED = tuple(HCCL_DEFAULTS) + ("HCCL_BUFFSIZE", "HCCL_IF_IP", "ASCEND_RT_VISIBLE_DEVICES", "HCCL_WHITELIST_DISABLE")
+HCCL_REPORTED = tuple(HCCL_DEFAULTS) + (
+    "HCCL_BUFFSIZE",
+    "HCCL_IF_IP",
+    "ASCEND_RT_VISIBLE_DEVICES",
+    "HCCL_WHITELIST_DISABLE",
+)
 
 _torch_npu_checked = False
 _torch_npu = None
@@ -37,7 +42,7 @@ def torch_npu_module():
         _torch_npu_checked = True
         if importlib.util.find_spec("torch_npu") is not None:
             try:
-                import torch_npu  # noqa: F401
+                import torch_npu
 
                 _torch_npu = torch_npu
             except Exception as exc:  # a broken CANN install must not break CPU use
@@ -60,10 +65,8 @@ def device_type() -> str:
 
 def device_count(kind: str | None = None) -> int:
     kind = kind or device_type()
-    if kind == "npu":
-        return torch.npu.device_count()
-    if kind == "cuda":
-        return torch.cuda.device_count()
+    if kind in ("npu", "cuda"):
+        return getattr(torch, kind).device_count()  # torch.npu exists only once torch_npu is imported
     return 0
 
 

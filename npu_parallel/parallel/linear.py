@@ -13,7 +13,9 @@ from npu_parallel.parallel.state import Group
 
 def sharded_param(t: torch.Tensor, requires_grad: bool, spec: ShardSpec | None = None) -> nn.Parameter:
     """A new parameter over ``t`` carrying its shard spec (None: replicated)."""
-    return mark(nn.Parameter(t, requires_grad=requires_grad), spec)
+    param = nn.Parameter(t, requires_grad=requires_grad)
+    mark(param, spec)
+    return param
 
 
 class ColumnParallelLinear(ShardedModule):
@@ -110,7 +112,7 @@ class GradSummedRMSNorm(ShardedModule):
 
     def __init__(self, norm: nn.Module, tp: Group):
         super().__init__()
-        self.weight = norm.weight
+        self.weight: nn.Parameter = norm.weight  # type: ignore[assignment]
         self.variance_epsilon = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
         self.tp = tp
 

@@ -84,6 +84,7 @@ class ShardedModule(torch.nn.Module):
         for key, value in self.__dict__.items():
             new.__dict__[key] = copy.deepcopy(value, memo)
         for name, p in self._parameters.items():
-            if p is not None and spec_of(p) is not None:
-                mark(new._parameters[name], spec_of(p))
+            copied = new._parameters[name]
+            if p is not None and copied is not None:
+                mark(copied, spec_of(p))
         return new

@@ -9,7 +9,7 @@ from torch import nn
 
 from npu_parallel.parallel.collectives import _all_reduce, copy_to_tp, gather_from_tp, reduce_from_tp
 from npu_parallel.parallel.linear import sharded_param
-from npu_parallel.parallel.shard_spec import ShardedModule, ShardSpec, padded_range, shard_tensor
+from npu_parallel.parallel.shard_spec import ShardedModule, ShardSpec, padded_range, shard_tensor, spec_of
 from npu_parallel.parallel.state import Group
 
 
@@ -59,8 +59,9 @@ class ParallelLMHead(ShardedModule):
     vocab slice for :func:`vocab_parallel_cross_entropy`, never materialising the full logits.
     """
 
-    def __init__(self, weight: nn.Parameter, spec: ShardSpec, bias: nn.Parameter | None, tp: Group,
-                 gather_output: bool = True):
+    def __init__(
+        self, weight: nn.Parameter, spec: ShardSpec, bias: nn.Parameter | None, tp: Group, gather_output: bool = True
+    ):
         super().__init__()
         self.weight, self.bias, self.tp = weight, bias, tp
         self.vocab_start, self.vocab_stop, self.vocab_size = spec.start, spec.stop, spec.full
@@ -70,13 +71,17 @@ class ParallelLMHead(ShardedModule):
     @classmethod
     def from_linear(cls, linear: nn.Linear, tp: Group, shared_weight: nn.Parameter | None = None) -> ParallelLMHead:
         if shared_weight is not None:
-            weight, spec = shared_weight, shared_weight.np_shard
+            weight, spec = shared_weight, spec_of(shared_weight)
+            assert spec is not None, "a tied LM head shares the vocab-parallel embedding's shard"
         else:
             weight, spec = _vocab_shard(linear.weight.data, tp, linear.weight.requires_grad)
         bias = None
         if linear.bias is not None:
-            bias = sharded_param(shard_tensor(linear.bias.data, 0, spec.start, spec.stop, padded=spec.padded),
-                                 linear.bias.requires_grad, spec)
+            bias = sharded_param(
+                shard_tensor(linear.bias.data, 0, spec.start, spec.stop, padded=spec.padded),
+                linear.bias.requires_grad,
+                spec,
+            )
         return cls(weight, spec, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +91,10 @@ class ParallelLMHead(ShardedModule):
         return gather_from_tp(logits, self.tp)[..., : self.vocab_size]
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, vocab={self.vocab_size}, local=[{self.vocab_start}, {self.vocab_stop}), "
-                f"gather={self.gather_output}")
+        return (
+            f"in={self.in_features}, vocab={self.vocab_size}, local=[{self.vocab_start}, {self.vocab_stop}), "
+            f"gather={self.gather_output}"
+        )
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -127,12 +134,17 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(
-    local_logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_stop: int, tp: Group,
+    local_logits: torch.Tensor,
+    target: torch.Tensor,
+    vocab_start: int,
+    vocab_stop: int,
+    tp: Group,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Per-token cross-entropy from vocab-sharded logits; three small all-reduces, no full-vocab tensor."""
     if tp.size == 1:
         logits = local_logits[..., : vocab_stop - vocab_start].float()
-        return F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=ignore_index,
-                               reduction="none").view(target.shape)
+        return F.cross_entropy(
+            logits.flatten(0, -2), target.flatten(), ignore_index=ignore_index, reduction="none"
+        ).view(target.shape)
     return _VocabParallelCE.apply(local_logits, target, vocab_start, vocab_stop, tp.group, ignore_index)

@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -82,7 +82,9 @@ class HFTokenizer:
 
 def load_tokenizer(model_path: str | Path | None, vocab_size: int, eos_token_id: int | None):
     """The checkpoint's tokenizer when it has one, else bytes."""
-    if model_path is not None and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if model_path is not None and any(
+        (Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
         from transformers import AutoTokenizer
 
         try:
@@ -103,8 +105,10 @@ def pack(documents: Iterator[str], tokenizer, seq_len: int, max_sequences: int) 
             break
     n = min(len(buf) // seq_len, max_sequences)
     if n == 0:
-        raise ValueError(f"the data holds {len(buf)} tokens, fewer than one sequence of {seq_len}; "
-                         f"use more data or a smaller --max_length")
+        raise ValueError(
+            f"the data holds {len(buf)} tokens, fewer than one sequence of {seq_len}; "
+            f"use more data or a smaller --max_length"
+        )
     return torch.tensor(buf[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
@@ -138,13 +142,26 @@ class PackedData:
         return self.batch_size * self.sequences.shape[1]
 
 
-def build_data(model_path, data_path, *, vocab_size: int, eos_token_id: int | None, seq_len: int, batch_size: int,
-               micro_batches: int, dp_size: int, dp_rank: int, seed: int = 0, text_field: str = "text") -> PackedData:
+def build_data(
+    model_path,
+    data_path,
+    *,
+    vocab_size: int,
+    eos_token_id: int | None,
+    seq_len: int,
+    batch_size: int,
+    micro_batches: int,
+    dp_size: int,
+    dp_rank: int,
+    seed: int = 0,
+    text_field: str = "text",
+) -> PackedData:
     """Enough packed sequences for ``micro_batches`` per dp rank (cycled when the corpus is smaller)."""
     tokenizer = load_tokenizer(model_path, vocab_size, eos_token_id)
     docs = file_documents(data_path, text_field) if data_path else stdlib_documents()
     sequences = pack(docs, tokenizer, seq_len, max(micro_batches * batch_size * dp_size, 1))
     source = data_path or "the Python standard library (.py files)"
-    logger.info("data: %d sequences of %d tokens from %s (%s)", len(sequences), seq_len, source,
-                type(tokenizer).__name__)
+    logger.info(
+        "data: %d sequences of %d tokens from %s (%s)", len(sequences), seq_len, source, type(tokenizer).__name__
+    )
     return PackedData(sequences, batch_size, dp_size, dp_rank, seed)

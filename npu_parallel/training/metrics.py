@@ -29,8 +29,14 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
         # disable=None switches the bar off when stderr is not a terminal (logs stay readable)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=None if enabled else True,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=None if enabled else True,
+            dynamic_ncols=True,
+        )
 
     def step(self, record: dict) -> None:
         self.records.append(record)
@@ -42,7 +48,8 @@ class MetricsLog:
         aux = f" aux {record['aux_loss']:.4f}" if record.get("aux_loss") is not None else ""
         self.bar.write(
             f"step {record['step']:>5} | loss {record['loss']:.4f}{aux} | lr {record['lr']:.2e} | "
-            f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | peak {record['peak_mem_mb']:.0f} MB"
+            f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+            f"peak {record['peak_mem_mb']:.0f} MB"
         )
         self.bar.set_postfix(loss=f"{record['loss']:.4f}")
         self.bar.update(1)

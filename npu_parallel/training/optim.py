@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from npu_parallel.parallel.state import ParallelState
 from npu_parallel.parallel.shard_spec import spec_of
+from npu_parallel.parallel.state import ParallelState
 
 
 def unique_params(model: nn.Module) -> list[nn.Parameter]:
@@ -19,12 +19,12 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
 def global_grad_norm(model: nn.Module, state: ParallelState) -> torch.Tensor:
     """L2 norm of the full model's gradient: each sharded parameter counted once across the TP group,
     each replicated one once (its gradient is identical on every TP rank), not tp times."""
-    params = [p for p in unique_params(model) if p.grad is not None]
-    ref = params[0].grad if params else torch.zeros(())
-    sharded = torch.zeros((), dtype=torch.float32, device=ref.device)
-    replicated = torch.zeros((), dtype=torch.float32, device=ref.device)
-    for p in params:
-        sq = p.grad.detach().float().pow(2).sum()
+    grads = [(p, p.grad) for p in unique_params(model) if p.grad is not None]
+    device = grads[0][1].device if grads else torch.device("cpu")
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    for p, grad in grads:
+        sq = grad.detach().float().pow(2).sum()
         if spec_of(p) is not None:
             sharded += sq
         else:
@@ -47,7 +47,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and other 1-D parameters."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in unique_params(model):
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

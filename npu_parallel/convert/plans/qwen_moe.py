@@ -10,8 +10,10 @@ PLAN = Plan(
     rules=(
         EMBEDDING,
         ATTENTION,
-        ("model.layers.*.mlp", MoE(router="gate", experts="experts", shared="shared_expert",
-                                   shared_gate="shared_expert_gate")),
+        (
+            "model.layers.*.mlp",
+            MoE(router="gate", experts="experts", shared="shared_expert", shared_gate="shared_expert_gate"),
+        ),
         ("model.layers.*.mlp", MLP()),
         LM_HEAD,
     ),
