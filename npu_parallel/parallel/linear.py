@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import Self
 
 from npu_parallel.parallel.collectives import copy_to_tp, reduce_from_tp, reduce_grad_columns
 from npu_parallel.parallel.shard_spec import ShardedModule, ShardSpec, even_range, mark, shard_tensor
@@ -18,28 +21,43 @@ def sharded_param(t: torch.Tensor, requires_grad: bool, spec: ShardSpec | None =
     return param
 
 
-class ColumnParallelLinear(ShardedModule):
+class _SplitLinear(ShardedModule):
+    """A linear whose weight is split along ``split_dim`` (0: output features, 1: input features)."""
+
+    split_dim: ClassVar[int]
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tp: Group):
+        super().__init__()
+        self.weight, self.bias, self.tp = weight, bias, tp
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, tp: Group, **options: bool) -> Self:
+        """This rank's even slice of ``linear``; the bias is split with the output features, else kept whole."""
+        dim = cls.split_dim
+        full = linear.weight.shape[dim]
+        start, stop = even_range(full, tp.size, tp.rank)
+        spec = ShardSpec(dim, start, stop, full, stop - start)
+        weight = sharded_param(shard_tensor(linear.weight.data, dim, start, stop), linear.weight.requires_grad, spec)
+        bias = None
+        if linear.bias is not None:
+            data = shard_tensor(linear.bias.data, 0, start, stop) if dim == 0 else linear.bias.data.clone()
+            bias = sharded_param(data, linear.bias.requires_grad, spec if dim == 0 else None)
+        return cls(weight, bias, tp, **options)
+
+
+class ColumnParallelLinear(_SplitLinear):
     """``y_local = x @ W[rows of this rank].T``: output features split across the TP group.
 
     ``input_grad_reduce`` puts f (identity forward, all-reduce backward) on the input; turn it off when
     the enclosing block already applied f once to an input shared by several column-parallel layers.
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tp: Group, *, input_grad_reduce: bool = True):
-        super().__init__()
-        self.weight, self.bias, self.tp = weight, bias, tp
-        self.input_grad_reduce = input_grad_reduce
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+    split_dim = 0
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, tp: Group, *, input_grad_reduce: bool = True) -> ColumnParallelLinear:
-        start, stop = even_range(linear.out_features, tp.size, tp.rank)
-        spec = ShardSpec(0, start, stop, linear.out_features, stop - start)
-        weight = sharded_param(shard_tensor(linear.weight.data, 0, start, stop), linear.weight.requires_grad, spec)
-        bias = None
-        if linear.bias is not None:
-            bias = sharded_param(shard_tensor(linear.bias.data, 0, start, stop), linear.bias.requires_grad, spec)
-        return cls(weight, bias, tp, input_grad_reduce=input_grad_reduce)
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tp: Group, *, input_grad_reduce: bool = True):
+        super().__init__(weight, bias, tp)
+        self.input_grad_reduce = input_grad_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_grad_reduce:
@@ -50,28 +68,18 @@ class ColumnParallelLinear(ShardedModule):
         return f"in={self.in_features}, out_local={self.out_features}, bias={self.bias is not None}"
 
 
-class RowParallelLinear(ShardedModule):
+class RowParallelLinear(_SplitLinear):
     """``y = sum_r x_r @ W_r.T + b``: input features split, partial sums all-reduced, bias added once.
 
     With ``reduce_output=False`` the partial sum is returned without the bias; the caller reduces it
     together with other partial sums (one all-reduce per block) and then adds ``self.bias``.
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tp: Group, *, reduce_output: bool = True):
-        super().__init__()
-        self.weight, self.bias, self.tp = weight, bias, tp
-        self.reduce_output = reduce_output
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+    split_dim = 1
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, tp: Group, *, reduce_output: bool = True) -> RowParallelLinear:
-        start, stop = even_range(linear.in_features, tp.size, tp.rank)
-        spec = ShardSpec(1, start, stop, linear.in_features, stop - start)
-        weight = sharded_param(shard_tensor(linear.weight.data, 1, start, stop), linear.weight.requires_grad, spec)
-        bias = None
-        if linear.bias is not None:
-            bias = sharded_param(linear.bias.data.clone(), linear.bias.requires_grad)
-        return cls(weight, bias, tp, reduce_output=reduce_output)
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tp: Group, *, reduce_output: bool = True):
+        super().__init__(weight, bias, tp)
+        self.reduce_output = reduce_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
