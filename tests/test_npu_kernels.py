@@ -12,7 +12,9 @@ import npu_parallel.parallel.device as device
 from npu_parallel.moe import dispatch
 from npu_parallel.tools.audit import OpAudit
 from npu_parallel.moe.experts import LocalExperts
-from npu_parallel.moe.npu import NpuOps, ReferenceNpuOps, npu_moe, npu_ops
+from npu_parallel.moe.npu import NpuOps, npu_moe, npu_ops
+
+from .npu_reference import ReferenceNpuOps
 
 H, I = 8, 6  # hidden, expert intermediate
 
