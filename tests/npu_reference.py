@@ -1,8 +1,8 @@
-"""A pure-torch stand-in for torch_npu's MoE kernels, for CPU tests of the ``"npu"`` MoE dispatch.
+"""A pure-torch stand-in for torch_npu's MoE kernels, for CPU tests of the ``"npu"`` dispatcher.
 
-:class:`ReferenceNpuOps` has the three methods of :class:`npu_parallel.moe.npu.NpuOps` with the
+:class:`ReferenceNpuOps` has the three methods of :class:`npu_parallel.moe.npu_ops.NpuOps` with the
 documented semantics (docs/npu_kernels.md), strict about the documented argument types, shapes and values,
-so a wrong argument in ``npu_moe`` fails on CPU.
+so a wrong argument in the dispatcher fails on CPU.
 """
 
 from __future__ import annotations

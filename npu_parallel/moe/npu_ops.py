@@ -1,9 +1,8 @@
-"""The ``"npu"`` expert dispatch: torch_npu's fused MoE kernels (permute, grouped matmul, unpermute).
+"""torch_npu's MoE kernels behind one adapter, and a grouped matmul on them with a backward of our own.
 
-:func:`npu_moe` has the contract of :func:`npu_parallel.moe.dispatch.grouped`. The algorithm, its host syncs,
-the kernel documentation relied on and why no other kernel is used: ``docs/npu_kernels.md``. Tests run it
-on CPU through ``tests/npu_reference.py::ReferenceNpuOps``, a strict stand-in with the methods of
-:class:`NpuOps`.
+What the kernels do, the documentation pages relied on, and why no other kernel is used: ``docs/npu_kernels.md``.
+Tests run the ``"npu"`` dispatcher on CPU through ``tests/npu_reference.py::ReferenceNpuOps``, a strict
+stand-in with the same three methods as :class:`NpuOps`.
 """
 
 from __future__ import annotations
@@ -11,18 +10,20 @@ from __future__ import annotations
 import torch
 
 from npu_parallel.parallel import device as _device
-from npu_parallel.moe.experts import LocalExperts
 
-__all__ = ["NpuOps", "npu_ops", "npu_moe"]
+__all__ = ["NpuOps", "npu_grouped_mm", "npu_ops"]
 
 _REQUIRED = ("npu_moe_token_permute", "npu_moe_token_unpermute", "npu_grouped_matmul")
 
 
 class NpuOps:
-    """The torch_npu kernels :func:`npu_moe` uses, same names, argument names and semantics."""
+    """The torch_npu kernels the ``"npu"`` dispatcher uses, same names, argument names and semantics."""
 
     def __init__(self, module) -> None:
         self.module = module
+
+    def __deepcopy__(self, memo: dict) -> NpuOps:
+        return self  # stateless, and a Python module cannot be copied: copies of a model share the kernels
 
     def npu_moe_token_permute(self, tokens, indices, num_out_tokens=None, padded_mode=False):
         return self.module.npu_moe_token_permute(tokens, indices, num_out_tokens=num_out_tokens,
@@ -56,9 +57,6 @@ def npu_ops() -> NpuOps:
             "moe_impl='grouped'."
         )
     return NpuOps(module)
-
-
-# --- the implementation -----------------------------------------------------------------------------
 
 
 class _GroupedMatmul(torch.autograd.Function):
@@ -98,35 +96,6 @@ class _GroupedMatmul(torch.autograd.Function):
         return None, gx, gw, None
 
 
-def _local_keys(indices: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
-    """Local expert number of each slot, ``num_local`` (a sentinel that sorts last) when remote."""
-    local = indices - experts.expert_start
-    inside = (local >= 0) & (local < experts.num_local)
-    return torch.where(inside, local, torch.full_like(local, experts.num_local))
-
-
-def npu_moe(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts,
-            ops: NpuOps | None = None) -> torch.Tensor:
-    """This rank's partial MoE output ``[T, H]`` on torch_npu's fused kernels (contract of ``dispatch.grouped``).
-
-    No host sync when the rank holds all experts, one (the local row count) under expert parallelism.
-    """
-    ops = npu_ops() if ops is None else ops
-    t, k = indices.shape
-    n_local, slots = experts.num_local, indices.numel()
-    keys = _local_keys(indices, experts)
-    permuted, sorted_indices = ops.npu_moe_token_permute(x, keys.to(torch.int32))
-    flat = keys.reshape(-1)
-    counts = flat.new_zeros(n_local + 1).scatter_add_(0, flat, torch.ones_like(flat))[:n_local]
-    if experts.expert_start == 0 and n_local == experts.num_experts:
-        rows = slots  # every slot is local: no sentinel rows, no sync
-    else:
-        rows = int(counts.sum())  # the one host sync: the grouped matmul wants sum(group_list) == rows of x
-    xs = permuted[:rows]
-    gate, up = _GroupedMatmul.apply(ops, xs, experts.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)
-    h = _GroupedMatmul.apply(ops, experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), counts)
-    if rows < slots:  # the sentinel slots' rows: zeros, so other ranks' slots contribute nothing
-        h = torch.cat([h, h.new_zeros(slots - rows, h.shape[-1])])
-    # routing weights and the k-slot sum in the weights' dtype, as dispatch.grouped does
-    out = ops.npu_moe_token_unpermute(h.to(weights.dtype), sorted_indices, probs=weights)
-    return out.to(x.dtype)
+def npu_grouped_mm(ops: NpuOps, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` rows in groups of ``counts`` (int64 device tensor, sum M), group g times ``w[g]`` -> ``[M, N]``."""
+    return _GroupedMatmul.apply(ops, x, w, counts)
