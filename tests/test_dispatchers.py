@@ -15,6 +15,7 @@ from npu_parallel.moe.dispatchers.masked import MaskedDispatcher
 from npu_parallel.moe.dispatchers.npu import NpuDispatcher
 from npu_parallel.moe.dispatchers.static import StaticDispatcher
 from npu_parallel.moe.experts import LocalExperts
+from npu_parallel.moe.router import router_outputs
 from npu_parallel.parallel import device
 from npu_parallel.parallel.state import Group
 
@@ -133,3 +134,13 @@ def test_block_rejects_a_router_that_gives_logits_only():
     with pytest.raises(TypeError, match="Linear returned no top-k indices and weights"):
         block(torch.randn(2, 3, 8))
 
+
+def test_router_outputs_when_every_expert_is_picked():
+    """k == E: the logits have the weights' shape; the weights are the float tensor next to the indices."""
+    logits = torch.randn(5, 2)
+    weights, indices = logits.softmax(-1).topk(2, dim=-1)
+    got = router_outputs((logits, weights, indices))  # transformers 5.x order
+    assert got[0] is indices and got[1] is weights and got[2] is None
+    aux = torch.tensor(0.5)
+    got = router_outputs((indices, weights, aux))  # remote-code MoEGate order
+    assert got[0] is indices and got[1] is weights and got[2] is aux
