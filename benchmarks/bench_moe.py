@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""MoE layer forward+backward on one simulated tensor-parallel rank: every ``npu_parallel.dispatch`` implementation
-against transformers' own experts module, with DeepSeek-V2-Lite's routing at a CPU-sized width.
+"""MoE layer forward+backward on one simulated tensor-parallel rank: every implementation registered in
+``npu_parallel.moe.dispatchers`` against transformers' own experts module, with DeepSeek-V2-Lite's routing at a
+CPU-sized width.
 
     python benchmarks/bench_moe.py            # the full run (10-15 minutes on the shared 2-core VM)
     python benchmarks/bench_moe.py --quick    # a smoke run (tiny sizes, about 30 s)
@@ -9,7 +10,7 @@ The layer: DeepSeek-V2-Lite's MoE (64 routed experts, top-6, 2 shared experts, t
 ``DeepseekV2TopkRouter`` with its greedy softmax top-k) at hidden 1024 and expert intermediate 704 by default
 (``--hidden``/``--intermediate``). One rank at tensor-parallel size ``tp`` routes *all* tokens with the replicated
 router, computes only its local experts ``[0, 64/tp)`` (``LocalExperts.from_module`` on transformers' experts
-module) with the implementation under test (``fn(x, indices, weights, experts)`` from ``dispatch.IMPLEMENTATIONS``:
+module) with the implementation under test (``dispatcher(x, indices, weights, experts)``, one per registered name:
 every entry except ``"npu"``, read at run time), and its shard of the shared experts (a dense SwiGLU MLP of
 intermediate ``2 * 704 / tp``, the same module for every implementation). The all-reduce that sums the ranks'
 partial outputs is not part of it (bench_collectives.py counts collectives). Implementations that accept a
@@ -49,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
@@ -67,8 +67,10 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from npu_parallel import dispatch  # noqa: E402
+from npu_parallel.moe.dispatchers import implementations, option_names, resolve_dispatcher  # noqa: E402
+from npu_parallel.moe.dispatchers.static import capacity  # noqa: E402
 from npu_parallel.moe.experts import LocalExperts  # noqa: E402
+from npu_parallel.parallel.state import Group  # noqa: E402
 
 NOT_RUNNABLE = {"npu"}  # needs torch_npu
 HF_IMPLS = ("grouped_mm", "eager")
@@ -130,17 +132,15 @@ class Impl:
 
 def our_impls(experts: LocalExperts, capacity_factors: list[float]) -> list[Impl]:
     out = []
-    for name, fn in dispatch.IMPLEMENTATIONS.items():
+    for name in implementations():
         if name in NOT_RUNNABLE:
             continue
-        params = inspect.signature(fn).parameters
-        out.append(Impl(name, lambda x, i, w, fn=fn: fn(x, i, w, experts), experts))
-        if "capacity_factor" in params:
+        d = resolve_dispatcher(name, "cpu")
+        out.append(Impl(name, lambda x, i, w, d=d: d(x, i, w, experts), experts))
+        if "capacity_factor" in option_names(name):
             for cf in capacity_factors:
-                stats: dict = {}
-                kw = {"capacity_factor": cf, **({"stats": stats} if "stats" in params else {})}
-                out.append(Impl(f"{name}@cf{cf:g}", lambda x, i, w, fn=fn, kw=kw: fn(x, i, w, experts, **kw),
-                                experts, cf, stats))
+                d = resolve_dispatcher(name, "cpu", capacity_factor=cf)
+                out.append(Impl(f"{name}@cf{cf:g}", lambda x, i, w, d=d: d(x, i, w, experts), experts, cf, d.stats))
     return out
 
 
@@ -206,8 +206,7 @@ def dropped_weights(indices: torch.Tensor, weights: torch.Tensor, experts: Local
                     cf: float) -> tuple[torch.Tensor, int]:
     """Routing weights with the slots an expert cannot take (past capacity, counted in token order) zeroed."""
     t, k = indices.shape
-    cap = dispatch.capacity(t, k, experts.num_experts, cf) if hasattr(dispatch, "capacity") else \
-        max(1, min(t, math.ceil(cf * t * k / experts.num_experts)))
+    cap = capacity(t, k, experts.num_experts, cf)
     local = (indices - experts.expert_start).reshape(-1)
     inside = (local >= 0) & (local < experts.num_local)
     onehot = torch.nn.functional.one_hot(torch.where(inside, local, experts.num_local), experts.num_local + 1)
@@ -252,7 +251,7 @@ def _compare(cell: Cell, impl: Impl, res: dict, ref: dict | None, x0: torch.Tens
     if impl.capacity_factor is not None:
         w_ref, n_drop = dropped_weights(res["indices"], res["weights"], impl.module, impl.capacity_factor)
         with torch.no_grad():
-            y_ref = dispatch.grouped(x0, res["indices"], w_ref, impl.module)
+            y_ref = resolve_dispatcher("grouped", "cpu")(x0, res["indices"], w_ref, impl.module)
         checks["y"] = max_diff(res["y"], y_ref)
         reported = impl.stats.get("dropped") if impl.stats is not None else None
         reported = "n/a" if reported is None else int(reported)
@@ -311,7 +310,7 @@ def run_cell(args, cell: Cell, router, impls: list[Impl], shared, experts: Local
         cell.reference = f"masked, no-grad forward of the first {n} tokens"
         with torch.no_grad():
             _, weights, indices = router(x0)
-            y_ref = dispatch.masked(x0[:n], indices[:n], weights[:n], experts)
+            y_ref = resolve_dispatcher("masked", "cpu")(x0[:n], indices[:n], weights[:n], experts)
         for checks in cell.checks.values():
             if "_y" in checks:
                 checks["y"] = max_diff(checks.pop("_y")[:n], y_ref)
@@ -628,15 +627,15 @@ def main() -> None:
     started = time.perf_counter()
     import transformers
 
-    names = [n for n in dispatch.IMPLEMENTATIONS if n not in NOT_RUNNABLE]
-    log(f"implementations from dispatch.IMPLEMENTATIONS: {list(dispatch.IMPLEMENTATIONS)} (running {names})")
+    names = [n for n in implementations() if n not in NOT_RUNNABLE]
+    log(f"implementations registered: {implementations()} (running {names})")
 
     # the E-expert layer: transformers' experts module holds all weights; ranks slice theirs out of it
     hf_experts = make_hf_experts(args, args.experts, seed=1)
     router = make_router(args, args.experts, seed=2)
     cells: list[Cell] = []
     for tp in args.tp:
-        experts = LocalExperts.from_module(hf_experts, 0, tp)
+        experts = LocalExperts.from_module(hf_experts, Group.offline(0, tp))
         shared = make_shared(args, tp, seed=3)
         impls = our_impls(experts, args.capacity_factor) + (hf_impls(hf_experts) if tp == 1 else [])
         predicted: dict[str, float] = {}
@@ -689,7 +688,7 @@ def main() -> None:
     print(f"layer: hidden {args.hidden}, expert intermediate {args.intermediate}, {args.experts} routed experts, "
           f"top-{args.top_k} greedy softmax router (DeepseekV2TopkRouter), 2 shared experts (this rank's shard: "
           f"intermediate 2*{args.intermediate}/tp), fp32")
-    print(f"implementations: {names} from dispatch.IMPLEMENTATIONS (+ @cf{args.capacity_factor} variants), "
+    print(f"implementations: {names} from npu_parallel.moe.dispatchers (+ @cf{args.capacity_factor} variants), "
           f"baselines hf_grouped_mm / hf_eager (DeepseekV2Experts, tp=1)")
     print(f"timing: warmup {args.warmup} (1 when the first iteration > {args.long_iteration:g} s), median of up to "
           f"{args.repeats} alternating repeats (fewer once an implementation spent {args.cell_seconds:g} s in a cell: "

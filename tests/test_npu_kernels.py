@@ -1,4 +1,4 @@
-"""The "npu" MoE dispatch on torch_npu's fused kernels, run on CPU through the documented-semantics stand-in."""
+"""The "npu" MoE dispatcher on torch_npu's fused kernels, run on CPU through the documented-semantics stand-in."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import torch
 from torch import nn
 
 import npu_parallel.parallel.device as device
-from npu_parallel.moe import dispatch
-from npu_parallel.tools.audit import OpAudit
+from npu_parallel.moe.dispatchers.grouped import GroupedDispatcher
+from npu_parallel.moe.dispatchers.npu import NpuDispatcher
 from npu_parallel.moe.experts import LocalExperts
-from npu_parallel.moe.npu import NpuOps, ReferenceNpuOps, npu_moe, npu_ops
+from npu_parallel.moe.npu_ops import NpuOps, npu_ops
+from npu_parallel.tools.audit import OpAudit
+
+from .npu_reference import ReferenceNpuOps
 
 H, I = 8, 6  # hidden, expert intermediate
 
@@ -65,9 +68,8 @@ def test_matches_grouped_forward_and_gradients(case):
     x = torch.randn(t, H, generator=torch.Generator().manual_seed(2))
     grad = torch.randn(t, H, generator=torch.Generator().manual_seed(3))
 
-    ops = ReferenceNpuOps()
-    out, grads = _run(lambda *a: npu_moe(*a, ops=ops), x, idx, w, experts, grad)
-    ref, ref_grads = _run(dispatch.grouped, x, idx, w, experts, grad)
+    out, grads = _run(NpuDispatcher(ops=ReferenceNpuOps()), x, idx, w, experts, grad)
+    ref, ref_grads = _run(GroupedDispatcher(), x, idx, w, experts, grad)
 
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     for name, got, want in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads):
@@ -85,9 +87,9 @@ def test_bfloat16_close_to_grouped():
     experts = _experts(8, 4, 4, dtype=torch.bfloat16)
     idx, w = _routing(12, 2, list(range(8)))
     x = torch.randn(12, H).to(torch.bfloat16)
-    out = npu_moe(x, idx, w, experts, ops=ReferenceNpuOps())
+    out = NpuDispatcher(ops=ReferenceNpuOps())(x, idx, w, experts)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), dispatch.grouped(x, idx, w, experts).float(), atol=0.1, rtol=0.02)
+    torch.testing.assert_close(out.float(), GroupedDispatcher()(x, idx, w, experts).float(), atol=0.1, rtol=0.02)
 
 
 # --- the stand-in against the documented examples and naive loops -----------------------------------
@@ -259,7 +261,7 @@ def test_permute_and_unpermute_reject_undocumented_arguments():
 
 
 class _Tampered(ReferenceNpuOps):
-    """npu_moe's calls with one argument changed: each must make the stand-in raise."""
+    """The dispatcher's calls with one argument changed: each must make the stand-in raise."""
 
     def __init__(self, change):
         self.change = change
@@ -279,14 +281,14 @@ class _Tampered(ReferenceNpuOps):
     (lambda x, w, kw: ([x[0].contiguous()] if kw["group_type"] == 2 else x, w, kw), ValueError, "transposed view"),
     (lambda x, w, kw: (x[0], w, kw), TypeError, "lists"),
 ], ids=["cumulative_type", "cumsum_as_counts", "int32", "weight_layout", "wgrad_x_contiguous", "tensor_not_list"])
-def test_npu_moe_with_a_wrong_kernel_argument_fails(change, exc, match):
+def test_npu_dispatcher_with_a_wrong_kernel_argument_fails(change, exc, match):
     experts = _experts(8, 3, 2)
     idx, w = _routing(10, 2, list(range(8)))
     x = torch.randn(10, H, requires_grad=True)
     ops = _Tampered(lambda x_, w_, kw: (x_, w_, kw))
-    npu_moe(x, idx, w, experts, ops=ops).sum().backward()  # untampered: runs
+    NpuDispatcher(ops=ops)(x, idx, w, experts).sum().backward()  # untampered: runs
     with pytest.raises(exc, match=match):
-        npu_moe(x, idx, w, experts, ops=_Tampered(change)).sum().backward()
+        NpuDispatcher(ops=_Tampered(change))(x, idx, w, experts).sum().backward()
 
 
 # --- the adapter --------------------------------------------------------------------------------------
@@ -296,10 +298,8 @@ def test_npu_ops_without_torch_npu_raises_a_clear_error(monkeypatch):
     monkeypatch.setattr(device, "torch_npu_module", lambda: None)
     with pytest.raises(RuntimeError, match=r"torch_npu.*pip install -e \.\[npu\]"):
         npu_ops()
-    experts = _experts(4, 4, 0)
-    idx, w = _routing(3, 2, list(range(4)))
-    with pytest.raises(RuntimeError, match="torch_npu"):
-        npu_moe(torch.randn(3, H), idx, w, experts)  # ops defaults to npu_ops()
+    with pytest.raises(ValueError, match=r"moe_impl='npu' needs torch_npu \(pip install -e \.\[npu\]"):
+        NpuDispatcher()  # ops default to npu_ops(): checked when the dispatcher is made, at conversion
 
 
 def test_npu_ops_names_missing_kernels(monkeypatch):
@@ -307,6 +307,8 @@ def test_npu_ops_names_missing_kernels(monkeypatch):
     monkeypatch.setattr(device, "torch_npu_module", lambda: old)
     with pytest.raises(RuntimeError, match="npu_moe_token_permute.*npu_moe_token_unpermute"):
         npu_ops()
+    with pytest.raises(RuntimeError, match="npu_moe_token_permute.*npu_moe_token_unpermute"):
+        NpuDispatcher()
 
 
 def _fake_torch_npu():
@@ -336,15 +338,16 @@ def _fake_torch_npu():
 def test_adapter_forwards_documented_argument_names(monkeypatch):
     fake = _fake_torch_npu()
     monkeypatch.setattr(device, "torch_npu_module", lambda: fake)
-    ops = npu_ops()
-    assert isinstance(ops, NpuOps)
+    dispatcher = NpuDispatcher()  # the default ops: npu_ops() -> the fake module
+    assert isinstance(dispatcher.ops, NpuOps)
+    assert dispatcher.copy().ops is dispatcher.ops  # a block's copy shares the (stateless) kernels
     experts = _experts(8, 4, 4)
     idx, w = _routing(10, 2, list(range(8)))
     x = torch.randn(10, H, requires_grad=True)
-    out = npu_moe(x, idx, w, experts)  # the default ops: npu_ops() -> the fake module
+    out = dispatcher(x, idx, w, experts)
     out.sum().backward()
     assert fake.calls == ["permute", "gmm0", "gmm0", "unpermute", "gmm0", "gmm2", "gmm0", "gmm2"]
-    torch.testing.assert_close(out, npu_moe(x, idx, w, experts, ops=ReferenceNpuOps()))
+    torch.testing.assert_close(out, NpuDispatcher(ops=ReferenceNpuOps())(x, idx, w, experts))
 
 
 # --- op audit -----------------------------------------------------------------------------------------
@@ -359,7 +362,7 @@ def test_no_banned_ops_and_host_syncs(case, syncs):
     x = torch.randn(t, H, requires_grad=True)
     w.requires_grad_(True)
     with OpAudit() as audit:
-        npu_moe(x, idx, w, experts, ops=ReferenceNpuOps()).sum().backward()
+        NpuDispatcher(ops=ReferenceNpuOps())(x, idx, w, experts).sum().backward()
     assert not audit.banned(), audit.table()
     assert audit.host_syncs("forward") == syncs, audit.table()
     assert audit.host_syncs("backward") == 0, audit.table()

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import npu_parallel
-from npu_parallel.moe import dispatch
+from npu_parallel.moe.dispatchers.masked import MaskedDispatcher
+from npu_parallel.moe.dispatchers.static import StaticDispatcher, capacity
 from npu_parallel.moe.experts import LocalExperts
 
 from .models import load_reference
@@ -44,9 +45,9 @@ def test_static_dropless_equals_reference_and_reports_no_drops():
     x = torch.randn(40, 32, generator=g)
     idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(40)])
     w = torch.rand(40, 4, generator=g)
-    stats = {}
-    out = dispatch.static(x, idx, w, ex, stats=stats)
-    assert torch.allclose(out, dispatch.masked(x, idx, w, ex), atol=1e-5) and int(stats["dropped"]) == 0
+    static = StaticDispatcher()
+    out = static(x, idx, w, ex)
+    assert torch.allclose(out, MaskedDispatcher()(x, idx, w, ex), atol=1e-5) and int(static.stats["dropped"]) == 0
 
 
 def test_capacity_factor_drops_latest_tokens_first():
@@ -56,9 +57,9 @@ def test_capacity_factor_drops_latest_tokens_first():
     idx[:, 1] = torch.arange(40) % 16  # ... and one spread slot
     idx[idx[:, 1] == 8, 1] = 9
     w = torch.rand(40, 2)
-    stats = {}
-    cap = dispatch.capacity(40, 2, 16, 1.25)
-    out = dispatch.static(x, idx, w, ex, capacity_factor=1.25, stats=stats)
+    static = StaticDispatcher(capacity_factor=1.25)
+    cap = capacity(40, 2, 16, 1.25)
+    out = static(x, idx, w, ex)
     # reference: masked with the slots past each expert's capacity (in token order) given weight zero
     kept_w = w.clone()
     seen = {}
@@ -70,8 +71,8 @@ def test_capacity_factor_drops_latest_tokens_first():
                 if seen[e] > cap:
                     kept_w[t, j] = 0
     expected_drops = sum(max(0, n - cap) for n in seen.values())
-    assert int(stats["dropped"]) == expected_drops > 0
-    assert torch.allclose(out, dispatch.masked(x, idx, kept_w, ex), atol=1e-5)
+    assert int(static.stats["dropped"]) == expected_drops > 0
+    assert torch.allclose(out, MaskedDispatcher()(x, idx, kept_w, ex), atol=1e-5)
 
 
 def test_capacity_factor_needs_static(checkpoints):

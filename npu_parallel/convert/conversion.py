@@ -14,7 +14,7 @@ from torch import nn
 from npu_parallel.convert.attention import use_fused_attention
 from npu_parallel.convert.plan import Plan, matches, plan_for
 from npu_parallel.convert.styles import Context
-from npu_parallel.moe import dispatch
+from npu_parallel.moe.dispatchers import Dispatcher, resolve_dispatcher
 from npu_parallel.parallel.state import Group, ParallelState
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _convert_children(module: nn.Module, prefix: str, plan: Plan, ctx: Context, 
 
 
 def apply_plan(model: nn.Module, tp: Group, *, device_type: str, plan: Plan | None = None,
-               moe_impl: str = "auto", capacity_factor: float | None = None,
+               moe_impl: str | Dispatcher = "auto", capacity_factor: float | None = None,
                world_size: int | None = None) -> ConversionInfo:
     """Swap modules and slice weights per the plan, leaving tensors where they are (meta included).
 
@@ -72,18 +72,15 @@ def apply_plan(model: nn.Module, tp: Group, *, device_type: str, plan: Plan | No
     config = model.config
     plan = plan or plan_for(config)
     plan.check_tp(config, tp.size, world_size)
-    impl = dispatch.resolve(moe_impl, device_type)
-    if capacity_factor is not None and (impl != "static" or capacity_factor <= 0):
-        raise ValueError(f"capacity_factor={capacity_factor!r} needs moe_impl='static' and a value > 0 "
-                         f"(e.g. 1.25); the other implementations never drop tokens")
-    ctx = Context(tp, config, impl, capacity_factor)
+    dispatcher = resolve_dispatcher(moe_impl, device_type, capacity_factor=capacity_factor)
+    ctx = Context(tp, config, dispatcher)
     used: dict[str, int] = {}
     _convert_children(model, "", plan, ctx, used)
     unused = sorted({p for p, _ in plan.rules} - set(used) - set(plan.optional))
     if unused and tp.rank == 0:
         logger.warning("%s plan: rules that matched no module of %s: %s", plan.name, type(model).__name__, unused)
     use_fused_attention(model)
-    info = ConversionInfo(plan, tp, impl)
+    info = ConversionInfo(plan, tp, dispatcher.name)
     setattr(model, INFO_ATTR, info)
     experts = plan.num_experts(config)
     if experts and tp.rank == 0:
@@ -92,13 +89,13 @@ def apply_plan(model: nn.Module, tp: Group, *, device_type: str, plan: Plan | No
     return info
 
 
-def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str = "auto",
+def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str | Dispatcher = "auto",
                   capacity_factor: float | None = None) -> nn.Module:
     """Convert a loaded Hugging Face model to tensor/expert-parallel form in place and return it.
 
     The HF forward API is unchanged: ``model(input_ids=..., labels=...)`` gives the same loss and
-    full-vocab logits as before conversion. ``capacity_factor`` applies to ``moe_impl="static"`` only
-    (None: dropless).
+    full-vocab logits as before conversion. ``moe_impl``: a name (``"auto"``, ``"grouped"``, ...) or a
+    Dispatcher. ``capacity_factor`` applies to ``moe_impl="static"`` only (None: dropless).
     """
     apply_plan(model, state.tp, device_type=state.device.type, moe_impl=moe_impl, capacity_factor=capacity_factor,
                world_size=state.world_size)

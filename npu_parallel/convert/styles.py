@@ -16,17 +16,17 @@ from npu_parallel.parallel.linear import (ColumnParallelLinear, GradSummedRMSNor
                                           RowParallelLinear)
 from npu_parallel.parallel.state import Group
 from npu_parallel.parallel.vocab import ParallelLMHead, VocabParallelEmbedding
-from npu_parallel.moe.block import TensorParallelMoE, router_outputs_for
+from npu_parallel.moe.block import MoEBlock
+from npu_parallel.moe.dispatchers import Dispatcher
 
 
 @dataclass
 class Context:
-    """What styles need beyond the module: ranks, group, config, implementation choices."""
+    """What styles need beyond the module: ranks, group, config, the MoE dispatcher (resolved once)."""
 
     tp: Group
     config: object
-    moe_impl: str
-    capacity_factor: float | None = None
+    dispatcher: Dispatcher
     converted: dict = field(default_factory=dict)  # path -> new module, for styles that refer to others
 
 
@@ -178,11 +178,10 @@ class MoE(Style):
         shared = getattr(module, self.shared, None) if self.shared else None
         if shared is not None:
             shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
-        new = TensorParallelMoE(gate, experts, shared, self.shared_mlp.down, ctx.tp, ctx.moe_impl,
-                                router_outputs_for(gate),
-                                getattr(module, self.shared_gate, None) if self.shared_gate else None,
-                                self.shared or "shared_experts")
-        new.capacity_factor = ctx.capacity_factor
+        new = MoEBlock(router=gate, experts=experts, dispatcher=ctx.dispatcher, tp=ctx.tp,
+                       shared_experts=shared, shared_name=self.shared or "shared_experts",
+                       shared_down=self.shared_mlp.down,
+                       shared_expert_gate=getattr(module, self.shared_gate, None) if self.shared_gate else None)
         if hasattr(module, "config"):
             new.config = module.config
         return new

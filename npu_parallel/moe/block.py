@@ -1,15 +1,17 @@
-"""The tensor/expert-parallel MoE block: replicated router, local experts, sharded shared experts, one all-reduce."""
+"""The tensor/expert-parallel MoE block: route -> dispatch -> compute -> combine, shared experts, one all-reduce.
+
+Shapes: B batch, S sequence, T = B*S tokens, k top-k, H hidden.
+"""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
 
-from npu_parallel.moe import dispatch
-from npu_parallel.parallel.collectives import copy_to_tp, reduce_from_tp, reduce_grad
+from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.experts import LocalExperts
+from npu_parallel.moe.router import router_outputs
+from npu_parallel.parallel.collectives import copy_to_tp, reduce_from_tp, reduce_grad
 from npu_parallel.parallel.shard_spec import ShardedModule
 from npu_parallel.parallel.state import Group
 
@@ -27,26 +29,7 @@ class AddAuxiliaryLoss(torch.autograd.Function):
         return grad, (torch.ones(1, dtype=ctx.dtype, device=grad.device) if ctx.needs else None)
 
 
-def hf_router_outputs(out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """transformers 5.x routers return ``(router_logits, weights, indices)``."""
-    _, weights, indices = out
-    return indices, weights, None
-
-
-def remote_router_outputs(out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """DeepSeek's remote-code ``MoEGate`` returns ``(indices, weights[, aux_loss])`` (V3's has no aux loss)."""
-    indices, weights, *rest = out
-    return indices, weights, (rest[0] if rest else None)
-
-
-ROUTER_OUTPUTS: dict[str, Callable] = {"MoEGate": remote_router_outputs}
-
-
-def router_outputs_for(router: nn.Module) -> Callable:
-    return ROUTER_OUTPUTS.get(type(router).__name__, hf_router_outputs)
-
-
-class TensorParallelMoE(ShardedModule):
+class MoEBlock(ShardedModule):
     """A MoE block converted for TP: every rank routes all tokens with the replicated router, runs its
     ``E/tp`` experts and its shard of the shared experts, and one all-reduce sums both partial outputs.
 
@@ -55,40 +38,40 @@ class TensorParallelMoE(ShardedModule):
     gradient (each rank alone only sees its own experts' share of it).
     """
 
-    def __init__(self, gate: nn.Module, experts: LocalExperts, shared_experts: nn.Module | None,
-                 shared_down: str | None, tp: Group, moe_impl: str, router_outputs: Callable,
-                 shared_expert_gate: nn.Module | None = None, shared_name: str = "shared_experts"):
+    def __init__(self, *, router: nn.Module, experts: LocalExperts, dispatcher: Dispatcher, tp: Group,
+                 shared_experts: nn.Module | None = None, shared_name: str = "shared_experts",
+                 shared_down: str = "down_proj", shared_expert_gate: nn.Module | None = None):
         super().__init__()
-        self.gate, self.experts = gate, experts
+        self.gate, self.experts = router, experts  # "gate": the source models' name, kept for parameter names
         # the source model's attribute name (shared_experts, shared_expert), so parameter names do not change
         self.shared_name = shared_name
         if shared_experts is not None:
             setattr(self, shared_name, shared_experts)
         self.shared_expert_gate = shared_expert_gate  # Qwen2-MoE: sigmoid(gate(x)) scales the shared expert
         self.shared_down = shared_down  # its bias is added once, after the all-reduce
-        self.tp, self.moe_impl = tp, moe_impl
-        self._router_outputs = router_outputs
-        self._dispatch = dispatch.IMPLEMENTATIONS[moe_impl]
-        self.capacity_factor: float | None = None  # "static" only: None is dropless
-        self.stats: dict = {}  # "static": tokens dropped by this rank in the last forward ("dropped", a device tensor)
+        self.tp = tp
+        # a copy per block: a dispatcher may keep per-forward statistics (the static one's drop count)
+        self.dispatcher = dispatcher.copy()
         self.last_aux_loss: torch.Tensor | None = None  # for logging; its gradient flows through AddAuxiliaryLoss
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        indices, weights, aux_loss = self._router_outputs(self.gate(hidden_states))
+        shape = hidden_states.shape  # [B, S, H]
+        tokens = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        # route: the replicated router on every rank; the routing weights' gradient is summed over the group
+        indices, weights, aux_loss = self.route(hidden_states)  # [T, k] each
         weights = reduce_grad(weights, self.tp)
-        x = copy_to_tp(hidden_states.reshape(-1, shape[-1]), self.tp)
-        kwargs = {"capacity_factor": self.capacity_factor, "stats": self.stats} if self.moe_impl == "static" else {}
-        y = self._dispatch(x, indices.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1), self.experts, **kwargs)
+        x = copy_to_tp(tokens, self.tp)  # f: the expert input's gradient is summed over the group
+        # dispatch -> compute -> combine: this rank's experts on their rows, weighted back into [T, H]
+        routed = self.dispatcher.dispatch(x, indices, weights, self.experts)
+        y = self.dispatcher.combine(self.experts(routed.rows, routed.matmul), routed)  # [T, H], partial
         shared_experts = self.shared_module()
         if shared_experts is not None:
-            shared = shared_experts(x)
+            shared = shared_experts(x)  # [T, H], partial: this rank's intermediate columns
             if self.shared_expert_gate is not None:
-                # per-token scale, replicated; its gradient is partial per rank like the routing weights
-                scale = torch.sigmoid(self.shared_expert_gate(hidden_states.reshape(-1, shape[-1])))
-                shared = reduce_grad(scale, self.tp) * shared
+                # per-token scale [T, 1], replicated; its gradient is partial per rank like the routing weights
+                shared = reduce_grad(torch.sigmoid(self.shared_expert_gate(tokens)), self.tp) * shared
             y = y + shared
-        y = reduce_from_tp(y, self.tp)
+        y = reduce_from_tp(y, self.tp)  # the one all-reduce: experts and shared experts together
         bias = getattr(shared_experts, self.shared_down).bias if shared_experts is not None else None
         if bias is not None:
             y = y + bias
@@ -98,8 +81,20 @@ class TensorParallelMoE(ShardedModule):
             y = AddAuxiliaryLoss.apply(y, aux_loss)
         return y
 
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(indices [T, k], weights [T, k], aux_loss or None)`` from the router."""
+        indices, weights, aux_loss = router_outputs(self.gate(hidden_states))
+        if indices is None or weights is None:
+            raise TypeError(f"{type(self.gate).__name__} returned no top-k indices and weights (logits only?); the "
+                            f"MoE block needs a router that does the top-k (transformers >= 5, remote-code MoEGate)")
+        t = hidden_states.numel() // hidden_states.shape[-1]
+        return indices.reshape(t, -1), weights.reshape(t, -1), aux_loss
+
     def shared_module(self) -> nn.Module | None:
         return getattr(self, self.shared_name, None)
 
     def extra_repr(self) -> str:
-        return f"moe_impl={self.moe_impl!r}"
+        return f"dispatcher={self.dispatcher!r}"
+
+
+TensorParallelMoE = MoEBlock  # the name before moe/ was split up; training/losses.py imports it

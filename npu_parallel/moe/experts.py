@@ -1,13 +1,21 @@
-"""This rank's routed experts, stored fused as in transformers 5.x whatever the source layout."""
+"""This rank's routed experts, stored fused as in transformers 5.x whatever the source layout.
+
+Shapes: E experts (global), E_local this rank's experts, H hidden, I expert intermediate.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from npu_parallel.parallel.state import Group
 from npu_parallel.parallel.shard_spec import ShardSpec, ShardedModule, even_range, mark, shard_tensor
+
+# ``matmul(rows, w)``: each expert e's group of rows times ``w[e]``, ``w [E_local, K, N]`` -> rows of width N.
+# The dispatcher supplies it with the rows (grouped GEMM with counts, bmm on capacity buffers, ...).
+ExpertMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LocalExperts(ShardedModule):
@@ -17,7 +25,8 @@ class LocalExperts(ShardedModule):
     transformers' fused experts, so a converted model's state dict reads like the HF one.
     """
 
-    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn, num_experts: int, expert_start: int):
+    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn, num_experts: int,
+                 expert_start: int):
         super().__init__()
         self.gate_up_proj, self.down_proj, self.act_fn = gate_up_proj, down_proj, act_fn
         self.num_experts, self.expert_start = num_experts, expert_start
@@ -51,10 +60,11 @@ class LocalExperts(ShardedModule):
             act_fn, num, start,
         )
 
-    def ffn(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Local expert ``e`` (0-based on this rank) on rows ``x``."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+    def forward(self, rows: torch.Tensor, matmul: ExpertMatmul) -> torch.Tensor:
+        """Each local expert's gated MLP, ``down(act(x @ gate) * (x @ up))``, on its group of ``rows``."""
+        # rows [..., H] grouped by expert as the dispatcher laid them out; gate_up_proj [E_local, 2I, H]
+        gate, up = matmul(rows, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [..., I] each
+        return matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2))  # [..., H]
 
     def extra_repr(self) -> str:
         return (f"experts [{self.expert_start}, {self.expert_start + self.num_local}) of {self.num_experts}, "

@@ -26,7 +26,8 @@ def native_available(device: torch.device, dtype: torch.dtype) -> bool:
                 ref = torch.cat([x[:1] @ w[0], x[1:] @ w[2]])
                 gw = torch._grouped_mm(x.t(), y, offs=offs)
                 ref_gw = torch.stack([x[:1].t() @ y[:1], torch.zeros_like(w[1]), x[1:].t() @ y[1:]])
-                ok = torch.allclose(y.float(), ref.float(), atol=1e-2) and torch.allclose(gw.float(), ref_gw.float(), atol=1e-2)
+                ok = (torch.allclose(y.float(), ref.float(), atol=1e-2)
+                      and torch.allclose(gw.float(), ref_gw.float(), atol=1e-2))
             except (RuntimeError, NotImplementedError, TypeError):
                 ok = False
         _native[key] = ok
@@ -84,7 +85,7 @@ class _GroupedMM(torch.autograd.Function):
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor | None = None) -> torch.Tensor:
-    """``y[rows of group g] = x[rows of group g] @ w[g]`` for ``x [N, K]``, ``w [G, K, M]``, host ``counts`` per group."""
+    """``y[rows of group g] = x[rows of group g] @ w[g]``: ``x [N, K]``, ``w [G, K, M]``, host ``counts`` per group."""
     native = native_available(x.device, x.dtype)
     if offs is None:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)

@@ -16,9 +16,11 @@ def router_outputs(output: object) -> tuple[torch.Tensor | None, torch.Tensor | 
     if isinstance(output, torch.Tensor) or not isinstance(output, (tuple, list)):
         return None, None, None
     tensors = [t for t in output if isinstance(t, torch.Tensor)]
-    indices = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 1), None)
-    weights = None
+    at = next((i for i, t in enumerate(tensors) if not t.is_floating_point() and t.dim() >= 1), None)
+    indices, weights = (tensors[at] if at is not None else None), None
     if indices is not None:
-        weights = next((t for t in tensors if t.is_floating_point() and t.shape == indices.shape), None)
+        same = [i for i, t in enumerate(tensors) if t.is_floating_point() and t.shape == indices.shape]
+        # the one nearest the indices: with every expert picked (k == E) the logits have their shape too
+        weights = tensors[min(same, key=lambda i: abs(i - at))] if same else None
     aux = next((t for t in tensors if t.is_floating_point() and t.numel() == 1 and t is not weights), None)
     return indices, weights, aux

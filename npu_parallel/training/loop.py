@@ -21,6 +21,7 @@ from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logi
 from npu_parallel.training.metrics import MetricsLog, peak_memory_mb
 from npu_parallel.training.optim import build_optimizer, clip_grad_norm_, warmup_cosine
 from npu_parallel.checkpoint.sharded import load_sharded, load_training_state, save_sharded
+from npu_parallel.moe.dispatchers import choices as moe_impl_choices
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ HELP = {
     "precision": "auto (bf16 where the device supports it, else fp32), bf16 or fp32",
     "gradient_checkpointing": "recompute activations in backward",
     "vocab_parallel_loss": "cross-entropy on vocab-sharded logits, never gathering them",
-    "moe_impl": "MoE implementation: auto, grouped or masked",
+    "moe_impl": f"MoE implementation: {', '.join(moe_impl_choices())}",
     "jit_warmup_steps": "forward+backward passes on a small batch before the first real step (compiles kernels)",
     "timeout_s": "process-group timeout in seconds",
 }

@@ -1,0 +1,162 @@
+"""The Dispatcher interface: which rows each local expert computes, and how their outputs are combined.
+
+A dispatcher is resolved once, at conversion (:func:`resolve_dispatcher`), and each MoE block holds its own
+copy. Per forward the block calls ``routed = dispatcher.dispatch(x, indices, weights, experts)``, then
+``y = experts(routed.rows, routed.matmul)`` and ``dispatcher.combine(y, routed)``.
+
+Every implementation is NPU-safe: no ``nonzero``, boolean-mask indexing, ``unique`` or ``.any()``/``.all()``
+for control flow, float keys where it sorts; a host sync only where its docstring says so.
+
+Shapes: T tokens, k top-k, E experts (global), E_local this rank's experts, H hidden, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from npu_parallel.moe.experts import ExpertMatmul, LocalExperts
+
+__all__ = ["ANY_DEVICE", "AUTO", "Dispatcher", "Routed", "choices", "implementations", "local_keys",
+           "option_names", "resolve_dispatcher", "slot_counts"]
+
+AUTO = "auto"
+ANY_DEVICE = "*"  # in ``auto_for``: "auto" picks this implementation on devices no other one claims
+
+
+@dataclass
+class Routed:
+    """What ``dispatch`` hands the experts and, through them, ``combine``."""
+
+    rows: torch.Tensor  # the rows the local experts compute, grouped by expert ([R, H] or [E_local, C, H])
+    matmul: ExpertMatmul  # rows @ w[e] for each expert e's group of rows, w [E_local, K, N]
+    state: Any  # whatever combine needs (indices of the rows, the routing weights, ...); the dispatcher's own
+
+
+class Dispatcher(abc.ABC):
+    """Base of every MoE implementation; a subclass ``class X(Dispatcher, name="x", order=n)`` registers itself.
+
+    ``name`` is what ``moe_impl`` says; ``order`` places it in listings (error messages, ``--help``);
+    ``auto_for`` lists the device types on which ``moe_impl="auto"`` picks it (``"*"``: any other device).
+    Options (e.g. the static dispatcher's ``capacity_factor``) are the keyword-only arguments of the
+    subclass' ``__init__``, which validates them: errors surface at conversion, before any collective.
+    """
+
+    name: ClassVar[str]
+    order: ClassVar[int]
+    auto_for: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, name: str | None = None, order: int = 100, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is None:  # an intermediate base class, or a test double that registers nothing
+            return
+        if name == AUTO or name in _REGISTRY:
+            raise ValueError(f"moe_impl name {name!r} is taken (by {_REGISTRY.get(name, AUTO)!r})")
+        cls.name, cls.order = name, order
+        _REGISTRY[name] = cls
+
+    def __init__(self) -> None:
+        self.stats: dict[str, torch.Tensor] = {}  # per-forward statistics as device tensors (no host sync)
+
+    @abc.abstractmethod
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 experts: LocalExperts) -> Routed:
+        """Tokens ``x [T, H]``, global expert ``indices [T, k]``, routing ``weights [T, k]`` -> the local rows."""
+
+    @abc.abstractmethod
+    def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
+        """The experts' output rows -> this rank's partial output ``[T, H]`` (weighted sum over its slots)."""
+
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 experts: LocalExperts) -> torch.Tensor:
+        """Dispatch, compute, combine in one call (tests, benchmarks): this rank's partial output ``[T, H]``."""
+        routed = self.dispatch(x, indices, weights, experts)
+        return self.combine(experts(routed.rows, routed.matmul), routed)
+
+    def copy(self) -> Dispatcher:
+        """An independent copy (each MoE block keeps its own statistics)."""
+        return copy.deepcopy(self)
+
+    def options(self) -> dict[str, Any]:
+        """The options this dispatcher was built with (for ``repr`` and logs)."""
+        return {}
+
+    @classmethod
+    def option_error(cls, key: str, value: Any) -> str:
+        """The message for ``key=value`` given to an implementation that does not take it (this one does)."""
+        return f"{key}={value!r} needs moe_impl={cls.name!r}; the other implementations do not take it"
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}(name={self.name!r}{opts})"
+
+
+_REGISTRY: dict[str, type[Dispatcher]] = {}
+
+
+def implementations() -> list[str]:
+    """The registered names in listing order (``"auto"`` not included)."""
+    return [cls.name for cls in sorted(_REGISTRY.values(), key=lambda c: (c.order, c.name))]
+
+
+def choices() -> list[str]:
+    """Every value ``moe_impl`` accepts as a string, ``"auto"`` first."""
+    return [AUTO, *implementations()]
+
+
+def option_names(impl: str | type[Dispatcher]) -> set[str]:
+    """The options an implementation takes: the keyword-only arguments of its ``__init__``."""
+    cls = _REGISTRY[impl] if isinstance(impl, str) else impl
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def _auto(device_type: str) -> str:
+    for wanted in (device_type, ANY_DEVICE):
+        for name in implementations():
+            if wanted in _REGISTRY[name].auto_for:
+                return name
+    raise ValueError(f"no MoE implementation claims device type {device_type!r}; use one of {implementations()}")
+
+
+def resolve_dispatcher(moe_impl: str | Dispatcher, device_type: str, **options: Any) -> Dispatcher:
+    """The dispatcher for ``moe_impl`` (a name, ``"auto"`` or a Dispatcher) with ``options`` (None: default).
+
+    Raises ValueError for an unknown name, an option the implementation does not take or a bad option value,
+    and an implementation that cannot run here (``"npu"`` without torch_npu).
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    if isinstance(moe_impl, Dispatcher):
+        if given:
+            raise ValueError(f"moe_impl is a Dispatcher already; give {sorted(given)} to its constructor")
+        return moe_impl
+    name = _auto(device_type) if moe_impl == AUTO else moe_impl
+    if name not in _REGISTRY:
+        raise ValueError(f"moe_impl={moe_impl!r} is not an implementation; use one of {choices()}")
+    cls = _REGISTRY[name]
+    for key, value in given.items():
+        if key not in option_names(cls):
+            owners = [c for c in _REGISTRY.values() if key in option_names(c)]
+            raise ValueError(owners[0].option_error(key, value) if owners else
+                             f"{key}={value!r} is not an option of any MoE implementation")
+    return cls(**given)
+
+
+def local_keys(indices: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
+    """Local expert number of each slot ``[T, k]``, ``E_local`` (a sentinel that sorts last) for other ranks'."""
+    local = indices - experts.expert_start
+    inside = (local >= 0) & (local < experts.num_local)
+    return torch.where(inside, local, torch.full_like(local, experts.num_local))
+
+
+def slot_counts(keys: torch.Tensor, num_local: int) -> torch.Tensor:
+    """Slots per local expert ``[E_local + 1]`` (the last: other ranks' slots) from flat ``keys [T*k]``.
+
+    ``scatter_add`` into a fixed-size buffer: ``bincount`` sizes its output from the data (a hidden sync).
+    """
+    return keys.new_zeros(num_local + 1).scatter_add_(0, keys, torch.ones_like(keys))

@@ -1,0 +1,75 @@
+"""``moe_impl="static"``: fixed shapes and no host sync (NPU graph mode / ACL graph), capacity buffers.
+
+Each local slot gets row ``expert * C + position`` of a ``[E_local * C + 1, H]`` buffer, its position counted
+in token order (a cumsum of one-hot keys, no sort). Slots of other ranks' experts, and slots past an expert's
+capacity ``C``, go to the last, trash row, whose output reads zero. Dropless by default (``C = T``); with a
+``capacity_factor`` the latest tokens of an over-full expert are dropped and counted in ``stats["dropped"]``.
+
+Shapes: T tokens, k top-k, E experts (global), E_local this rank's experts, C capacity per expert, H hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from npu_parallel.moe.dispatchers.base import Dispatcher, Routed, local_keys
+from npu_parallel.moe.experts import LocalExperts
+
+
+def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
+    """Rows per local expert. Dropless (None): ``tokens``, since top-k picks distinct experts, an expert
+    gets at most one slot per token. With a factor f: ``ceil(f * tokens * top_k / num_experts)``."""
+    if capacity_factor is None:
+        return tokens
+    return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
+
+
+@dataclass
+class _Combine:
+    rows: torch.Tensor  # [T*k] each slot's buffer row (E_local * C: the trash row)
+    weights: torch.Tensor  # [T, k]
+    dtype: torch.dtype  # the input's
+
+
+class StaticDispatcher(Dispatcher, name="static", order=10):
+    """Batched matmuls on ``[E_local, C, H]`` buffers; zero host syncs. ``capacity_factor``: None is dropless."""
+
+    def __init__(self, *, capacity_factor: float | None = None) -> None:
+        super().__init__()
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(self.option_error("capacity_factor", capacity_factor))
+        self.capacity_factor = capacity_factor
+
+    @classmethod
+    def option_error(cls, key: str, value: object) -> str:
+        return (f"{key}={value!r} needs moe_impl={cls.name!r} and a value > 0 (e.g. 1.25); "
+                f"the other implementations never drop tokens")
+
+    def options(self) -> dict:
+        return {"capacity_factor": self.capacity_factor} if self.capacity_factor is not None else {}
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 experts: LocalExperts) -> Routed:
+        t, k = indices.shape
+        n_local = experts.num_local
+        c = capacity(t, k, experts.num_experts, self.capacity_factor)
+        keys = local_keys(indices, experts).reshape(-1)  # [T*k]
+        # a comparison, not F.one_hot: one_hot checks its input's range with a host sync
+        onehot = (keys.unsqueeze(1) == torch.arange(n_local + 1, device=keys.device)).to(keys.dtype)  # [T*k, E_l+1]
+        position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # [T*k] the slot's place in its expert's queue
+        kept = (keys < n_local) & (position < c)
+        rows = torch.where(kept, keys * c + position, torch.full_like(keys, n_local * c))  # [T*k]
+        self.stats["dropped"] = ((keys < n_local) & ~kept).sum()  # a device tensor: no sync
+        slots = x.unsqueeze(1).expand(t, k, x.shape[-1]).reshape(t * k, -1)  # [T*k, H]
+        buf = x.new_zeros(n_local * c + 1, x.shape[-1]).index_add(0, rows, slots)[:-1].view(n_local, c, -1)
+        return Routed(buf, torch.bmm, _Combine(rows, weights, x.dtype))  # buf [E_local, C, H]
+
+    def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
+        c: _Combine = routed.state
+        t, k = c.weights.shape
+        y = y.reshape(-1, y.shape[-1])  # [E_local * C, H]
+        y = torch.cat([y, y.new_zeros(1, y.shape[-1])]).index_select(0, c.rows)  # [T*k, H]; trash row reads zero
+        return (y * c.weights.reshape(-1, 1)).to(c.dtype).view(t, k, -1).sum(dim=1)  # [T, H]
