@@ -96,5 +96,3 @@ class MoEBlock(ShardedModule):
     def extra_repr(self) -> str:
         return f"dispatcher={self.dispatcher!r}"
 
-
-TensorParallelMoE = MoEBlock  # the name before moe/ was split up; training/losses.py imports it

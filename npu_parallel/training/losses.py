@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
-from npu_parallel.moe.block import TensorParallelMoE
+from npu_parallel.moe.block import MoEBlock
 
 IGNORE = -100
 
@@ -25,7 +25,7 @@ def set_vocab_parallel_logits(model: nn.Module, enabled: bool) -> None:
 
 def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of the auxiliary losses the MoE routers computed in the last forward (remote-code MoEGate)."""
-    values = [m.last_aux_loss for m in model.modules() if isinstance(m, TensorParallelMoE) and m.last_aux_loss is not None]
+    values = [m.last_aux_loss for m in model.modules() if isinstance(m, MoEBlock) and m.last_aux_loss is not None]
     return torch.stack([v.float() for v in values]).sum() if values else None
 
 
