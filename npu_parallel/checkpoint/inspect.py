@@ -92,9 +92,9 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def _hf_tensors(path: Path):
     """(config, {name: (dtype code, shape)}, safetensors files, bytes on disk) of a Hugging Face checkpoint."""
-    from npu_parallel.checkpoint.hf_source import HFCheckpoint
+    from npu_parallel.checkpoint.hf_source import HFSource
 
-    with HFCheckpoint(path) as ckpt:  # config.json, the index and its shards, checked there
+    with HFSource(path) as ckpt:  # config.json, the index and its shards, checked there
         headers = {f: read_header(ckpt.path / f) for f in ckpt.files()}
         tensors = {}
         for key, filename in ckpt.file_of.items():
@@ -107,14 +107,11 @@ def _hf_tensors(path: Path):
 
 def _sharded_tensors(path: Path):
     """(config, {name: (dtype code, shape, split?)}, rank files, bytes on disk, manifest) of a sharded checkpoint."""
-    from npu_parallel.checkpoint.sharded import ShardedCheckpoint, rank_file
+    from npu_parallel.checkpoint.manifest import rank_file
+    from npu_parallel.checkpoint.sharded_source import ShardedSource
 
-    ckpt = ShardedCheckpoint(path)
-    try:
-        config = ckpt.config()
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt.path / 'manifest.json'}: its config cannot be read by transformers "
-                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    ckpt = ShardedSource(path)
+    config = ckpt.config  # a CheckpointError when transformers cannot read it
     tensors, split = {}, set()
     for name, info in ckpt.tensors.items():
         tensors[name] = (info["dtype"], tuple(int(s) for s in info["shape"]))
