@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import npu_parallel
+from npu_parallel.checkpoint.load import load_pretrained, load_sharded
+from npu_parallel.checkpoint.save import load_training_state, save_sharded
 from npu_parallel.convert.conversion import conversion_info
-from npu_parallel.checkpoint.load import load_pretrained
-from npu_parallel.checkpoint.sharded import load_sharded, load_training_state, save_sharded
 
 
 def _diff_states(a, b) -> list[str]:

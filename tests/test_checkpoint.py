@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import npu_parallel
-from npu_parallel.convert.conversion import conversion_info
+from npu_parallel.checkpoint.load import load_pretrained, load_sharded
+from npu_parallel.checkpoint.manifest import MANIFEST
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
-from npu_parallel.checkpoint.sharded import MANIFEST, ShardedCheckpoint, load_sharded, save_sharded
-from npu_parallel.checkpoint.load import load_pretrained
+from npu_parallel.checkpoint.save import save_sharded
+from npu_parallel.checkpoint.sharded_source import ShardedSource
+from npu_parallel.convert.conversion import conversion_info
 
 from .dist import run_ranks
 
@@ -116,7 +118,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(checkpoints, tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         save_sharded(model, out, state)
     assert _tree_digest(out) == before
-    ShardedCheckpoint(out, verify=True)
+    ShardedSource(out, verify=True)
     partial = out.with_name("ckpt.partial")
     assert not (partial / MANIFEST).exists()  # the unfinished one never looks complete
     monkeypatch.setattr(SafetensorsWriter, "write", original)

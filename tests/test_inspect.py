@@ -192,7 +192,7 @@ def test_sharded_checkpoint(checkpoints, tmp_path):
     """Our own format: the same facts from manifest.json, plus its tp."""
     from npu_parallel.parallel.state import single_rank_state
     from npu_parallel.checkpoint.load import load_pretrained
-    from npu_parallel.checkpoint.sharded import save_sharded
+    from npu_parallel.checkpoint.save import save_sharded
 
     state = single_rank_state()
     out = save_sharded(load_pretrained(checkpoints / "deepseek_v3", state, progress=False), tmp_path / "sh", state)

@@ -13,9 +13,13 @@ import math
 import re
 from pathlib import Path
 
-from npu_parallel.checkpoint.hf_source import INDEX_FILE
-from npu_parallel.checkpoint.safetensors_io import CheckpointError
-from npu_parallel.checkpoint.safetensors_io import read_header as _read_header
+from npu_parallel.checkpoint.hf_source import INDEX_FILE, HFSource
+from npu_parallel.checkpoint.keys import FUSED_EXPERT_PARAMS
+from npu_parallel.checkpoint.manifest import FORMAT, MANIFEST
+from npu_parallel.checkpoint.safetensors_io import CheckpointError, read_header
+from npu_parallel.checkpoint.sharded_source import ShardedSource
+from npu_parallel.checkpoint.source import TensorSource
+from npu_parallel.convert.plan import Plan, config_value
 
 # bits per element of each safetensors dtype code
 DTYPE_BITS = {
@@ -70,14 +74,6 @@ def _tensor_bytes(shape, dtype: str) -> int:
     return math.ceil(math.prod(shape) * DTYPE_BITS.get(dtype, 16) / 8)
 
 
-def _config_attr(config, name):
-    """A config value, None when absent (transformers configs raise AttributeError for unknown names)."""
-    try:
-        return getattr(config, name)
-    except AttributeError:
-        return None
-
-
 def _layer_of(name: str) -> int | None:
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
@@ -85,54 +81,58 @@ def _layer_of(name: str) -> int | None:
 
 # -- reading the tensors' headers ------------------------------------------------------------------------
 
-def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype code, shape)} from a safetensors header (no mmap: any size, any dtype code)."""
-    return {name: (t.dtype, t.shape) for name, t in _read_header(path).items()}
-
-
 def _hf_tensors(path: Path):
-    """(config, {name: (dtype code, shape)}, safetensors files, bytes on disk) of a Hugging Face checkpoint."""
-    from npu_parallel.checkpoint.hf_source import HFCheckpoint
-
-    with HFCheckpoint(path) as ckpt:  # config.json, the index and its shards, checked there
-        headers = {f: read_header(ckpt.path / f) for f in ckpt.files()}
+    """(source, {name: (dtype code, shape)}) of a Hugging Face checkpoint; nothing but headers is read."""
+    with HFSource(path) as source:  # config.json, the index and its shards, checked there
+        headers = {f: read_header(source.path / f) for f in source.files()}
         tensors = {}
-        for key, filename in ckpt.file_of.items():
+        for key, filename in source.file_of.items():
             if key not in headers[filename]:
-                raise CheckpointError(f"{ckpt.path / INDEX_FILE} puts {key} in {filename}, which does not hold it; "
+                raise CheckpointError(f"{source.path / INDEX_FILE} puts {key} in {filename}, which does not hold it; "
                                       f"the index does not match the shards")
-            tensors[key] = headers[filename][key]
-        return ckpt.config, tensors, ckpt.files(), ckpt.disk_bytes()
+            t = headers[filename][key]
+            tensors[key] = (t.dtype, t.shape)
+        return source, tensors
 
 
 def _sharded_tensors(path: Path):
-    """(config, {name: (dtype code, shape, split?)}, rank files, bytes on disk, manifest) of a sharded checkpoint."""
-    from npu_parallel.checkpoint.sharded import ShardedCheckpoint, rank_file
-
-    ckpt = ShardedCheckpoint(path)
-    try:
-        config = ckpt.config()
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt.path / 'manifest.json'}: its config cannot be read by transformers "
-                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    """(source, {name: (dtype code, shape)}, names of split tensors) of a sharded checkpoint."""
+    source = ShardedSource(path)
     tensors, split = {}, set()
-    for name, info in ckpt.tensors.items():
+    for name, info in source.tensors.items():
         tensors[name] = (info["dtype"], tuple(int(s) for s in info["shape"]))
         if info.get("split") is not None:
             split.add(name)
-    files = [rank_file(r, ckpt.tp) for r in range(ckpt.tp)]
-    disk = sum((ckpt.path / f).stat().st_size for f in files)
-    return config, tensors, files, disk, ckpt.manifest, split
+    return source, tensors, split
 
 
 # -- the facts ------------------------------------------------------------------------------------------
 
-def _num_experts(config) -> int | None:
-    for attr in ("n_routed_experts", "num_local_experts", "num_experts"):
-        n = _config_attr(config, attr)
-        if isinstance(n, int) and n > 0:
-            return n
-    return None
+def _plan(source: TensorSource) -> tuple[Plan | None, str | None]:
+    """The model type's parallel plan, or None and why not."""
+    try:
+        return source.plan, None
+    except ValueError as exc:
+        msg = str(exc)
+        return None, msg if msg.startswith("no parallel plan") else f"no parallel plan: {msg}"
+
+
+def _stored_experts(tensors: dict) -> int | None:
+    """Routed experts per layer as the tensors store them (per-expert indices, or a fused tensor's first dim)."""
+    per_layer: dict[str, set[int]] = {}
+    for name, (_, shape) in tensors.items():
+        head, sep, tail = name.partition(ROUTED_EXPERTS)
+        index = tail.split(".", 1)[0]
+        if sep and index.isdigit():
+            per_layer.setdefault(head, set()).add(int(index))
+        elif sep and index in FUSED_EXPERT_PARAMS and shape:
+            per_layer.setdefault(head, set()).update(range(shape[0]))
+    return max(map(len, per_layer.values()), default=0) or None
+
+
+def _num_experts(config, plan: Plan | None, tensors: dict) -> int | None:
+    """Routed experts: where the plan says the config keeps them; without a plan, counted in the tensors."""
+    return plan.num_experts(config) if plan is not None else _stored_experts(tensors)
 
 
 def _layer_split(config, num_layers: int, experts: int | None, tensors: dict) -> tuple[list[int], list[int], list[str]]:
@@ -141,9 +141,9 @@ def _layer_split(config, num_layers: int, experts: int | None, tensors: dict) ->
     with_experts = {i for i in map(_layer_of, (n for n in tensors if ROUTED_EXPERTS in n)) if i is not None}
     if not experts:
         moe = set()
-    elif _config_attr(config, "first_k_dense_replace") is not None:
-        first = int(_config_attr(config, "first_k_dense_replace"))
-        freq = _config_attr(config, "moe_layer_freq") or 1
+    elif config_value(config, "first_k_dense_replace") is not None:
+        first = int(config_value(config, "first_k_dense_replace"))
+        freq = config_value(config, "moe_layer_freq") or 1
         moe = {i for i in range(num_layers) if i >= first and i % freq == 0}
     else:
         moe = {i for i in with_experts if i < num_layers} if with_experts else set(range(num_layers))
@@ -158,7 +158,7 @@ def _layer_split(config, num_layers: int, experts: int | None, tensors: dict) ->
 def _routing(config, tensors: dict) -> dict:
     out = {}
     for field in ROUTING_FIELDS:
-        value = _config_attr(config, field)
+        value = config_value(config, field)
         if value is not None:
             out[field] = value
     if any(n.endswith("e_score_correction_bias") for n in tensors):
@@ -167,17 +167,17 @@ def _routing(config, tensors: dict) -> dict:
 
 
 def _attention(config, model_type: str | None) -> dict:
-    heads = _config_attr(config, "num_attention_heads")
-    kv_lora = _config_attr(config, "kv_lora_rank")
+    heads = config_value(config, "num_attention_heads")
+    kv_lora = config_value(config, "kv_lora_rank")
     if model_type in ("deepseek_v2", "deepseek_v3") or kv_lora:
-        q_lora = _config_attr(config, "q_lora_rank")
-        dims = {k: _config_attr(config, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
+        q_lora = config_value(config, "q_lora_rank")
+        dims = {k: config_value(config, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
         summary = f"MLA, q_lora_rank={q_lora}" if q_lora else "MLA without q LoRA (q_proj)"
         return {"kind": "MLA", "summary": summary, "q_lora_rank": q_lora, "kv_lora_rank": kv_lora,
                 "num_heads": heads, **dims}
-    kv_heads = _config_attr(config, "num_key_value_heads") or heads
-    hidden = _config_attr(config, "hidden_size")
-    head_dim = _config_attr(config, "head_dim") or (hidden // heads if hidden and heads else None)
+    kv_heads = config_value(config, "num_key_value_heads") or heads
+    hidden = config_value(config, "hidden_size")
+    head_dim = config_value(config, "head_dim") or (hidden // heads if hidden and heads else None)
     kind = "MHA" if kv_heads == heads else ("MQA" if kv_heads == 1 else "GQA")
     return {"kind": kind, "summary": kind, "num_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim}
 
@@ -209,27 +209,28 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
 
     Every tp from 1 to 16 is checked against the parallel plan, plus any in ``tp_sizes``.
     """
-    from npu_parallel.convert.plan import plan_for
-
     path = Path(path)
-    sharded = (path / "manifest.json").is_file()
+    sharded = (path / MANIFEST).is_file()
     manifest, split_names = None, None
     if sharded:
-        config, tensors, files, disk, manifest, split_names = _sharded_tensors(path)
+        source, tensors, split_names = _sharded_tensors(path)
+        manifest = source.manifest
         architecture, model_type = manifest.get("architecture"), manifest.get("model_type")
     else:
-        config, tensors, files, disk = _hf_tensors(path)
-        archs = _config_attr(config, "architectures") or [type(config).__name__]
-        architecture, model_type = archs[0], _config_attr(config, "model_type")
+        source, tensors = _hf_tensors(path)
+        archs = config_value(source.config, "architectures") or [type(source.config).__name__]
+        architecture, model_type = archs[0], config_value(source.config, "model_type")
+    config, files, disk = source.config, source.files(), source.disk_bytes()
 
-    num_layers = int(_config_attr(config, "num_hidden_layers") or 0)
-    experts = _num_experts(config)
+    num_layers = int(config_value(config, "num_hidden_layers") or 0)
+    plan, plan_error = _plan(source)
+    experts = _num_experts(config, plan, tensors)
     dense, moe, warnings = _layer_split(config, num_layers, experts, tensors)
 
     numel = {n: math.prod(s) for n, (_, s) in tensors.items()}
     params_total = sum(numel.values())
     params_experts = sum(v for n, v in numel.items() if ROUTED_EXPERTS in n)
-    top_k = _config_attr(config, "num_experts_per_tok") if experts else None
+    top_k = config_value(config, "num_experts_per_tok") if experts else None
     extra_layers = sorted({i for i in map(_layer_of, tensors) if i is not None and i >= num_layers})
     params_extra = sum(v for n, v in numel.items() if (_layer_of(n) or 0) >= num_layers > 0)
     dtypes: dict[str, int] = {}
@@ -238,13 +239,13 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
         if d not in DTYPE_BITS:
             warnings.append(f"tensor {n} has dtype {d}, unknown here; byte estimates assume 2 bytes per element")
             break
-    quant = _config_attr(config, "quantization_config")
+    quant = config_value(config, "quantization_config")
     if quant is not None and not isinstance(quant, dict):
         quant = quant.to_dict() if hasattr(quant, "to_dict") else str(quant)
 
     report = {
         "path": str(path),
-        "format": "npu_parallel.sharded" if sharded else "huggingface",
+        "format": FORMAT if sharded else "huggingface",
         "sharded_tp": manifest["tp_size"] if sharded else None,
         "files": files,
         "architecture": architecture,
@@ -254,15 +255,15 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
         "moe_layers": moe,
         "extra_layers": extra_layers,
         "params_extra_layers": params_extra,
-        "num_nextn_predict_layers": _config_attr(config, "num_nextn_predict_layers"),
+        "num_nextn_predict_layers": config_value(config, "num_nextn_predict_layers"),
         "experts": experts,
         "top_k": top_k,
-        "shared_experts": _config_attr(config, "n_shared_experts") if experts else None,
+        "shared_experts": config_value(config, "n_shared_experts") if experts else None,
         "routing": _routing(config, tensors) if experts else {},
         "attention": _attention(config, model_type),
-        "hidden_size": _config_attr(config, "hidden_size"),
-        "vocab_size": _config_attr(config, "vocab_size"),
-        "tie_word_embeddings": bool(_config_attr(config, "tie_word_embeddings")),
+        "hidden_size": config_value(config, "hidden_size"),
+        "vocab_size": config_value(config, "vocab_size"),
+        "tie_word_embeddings": bool(config_value(config, "tie_word_embeddings")),
         "num_tensors": len(tensors),
         "params_total": params_total,
         "params_experts": params_experts,
@@ -278,11 +279,8 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
         "per_rank_bytes_estimate": {},
         "warnings": warnings,
     }
-    try:
-        plan = plan_for(config)
-    except ValueError as exc:
-        msg = str(exc)
-        report["plan_error"] = msg if msg.startswith("no parallel plan") else f"no parallel plan: {msg}"
+    if plan is None:
+        report["plan_error"] = plan_error
         return report
     report["plan"] = plan.name
     candidates = sorted(set(range(1, MAX_TP + 1)) | {int(t) for t in tp_sizes})
@@ -311,7 +309,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{label:<14} {text}")
 
     r = report
-    if r["format"] == "npu_parallel.sharded":
+    if r["format"] == FORMAT:
         fmt = (f"npu_parallel sharded checkpoint, tp={r['sharded_tp']} "
                f"({len(r['files'])} rank file{'s' if len(r['files']) != 1 else ''})")
     else:
@@ -337,7 +335,8 @@ def format_report(report: dict) -> str:
     a = r["attention"]
     if a["kind"] == "MLA":
         line("attention", f"{a['summary']}, kv_lora_rank={a['kv_lora_rank']}, {a['num_heads']} heads, "
-                          f"qk_nope/qk_rope/v head dims {a['qk_nope_head_dim']}/{a['qk_rope_head_dim']}/{a['v_head_dim']}")
+                          f"qk_nope/qk_rope/v head dims "
+                          f"{a['qk_nope_head_dim']}/{a['qk_rope_head_dim']}/{a['v_head_dim']}")
     else:
         line("attention", f"{a['kind']}, {a['num_heads']} heads, {a['num_key_value_heads']} kv heads, "
                           f"head dim {a['head_dim']}")

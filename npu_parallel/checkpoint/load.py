@@ -1,4 +1,4 @@
-"""load_pretrained(): build the model on the meta device, apply its plan, read only this rank's slices."""
+"""load_pretrained() and load_sharded(): source -> meta model -> plan -> materialize, each rank reading its slices."""
 
 from __future__ import annotations
 
@@ -6,78 +6,46 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from npu_parallel.convert.conversion import apply_plan
-from npu_parallel.parallel.state import ParallelState
-from npu_parallel.checkpoint.hf_source import HFCheckpoint
-from npu_parallel.convert.plan import plan_for
+from npu_parallel.checkpoint.hf_source import HFSource
+from npu_parallel.checkpoint.materialize import (
+    CopyInto,
+    Item,
+    RebindInto,
+    empty_model,
+    materialize,
+    plan_tensors,
+    resolve_dtype,
+)
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
-from npu_parallel.parallel.shard_spec import ShardSpec, mark, pad_to_spec, spec_of
+from npu_parallel.checkpoint.sharded_source import ShardedSource
+from npu_parallel.checkpoint.source import TensorSource
+from npu_parallel.convert.conversion import ConversionInfo, apply_plan, conversion_info
+from npu_parallel.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
 
 
-def global_shape(t: torch.Tensor, spec: ShardSpec | None) -> tuple[int, ...]:
-    shape = list(t.shape)
-    if spec is not None:
-        shape[spec.dim] = spec.full
-    return tuple(shape)
+def _build(source: TensorSource, state: ParallelState, dtype, moe_impl: str,
+           capacity_factor: float | None) -> tuple[nn.Module, ConversionInfo, list[Item]]:
+    """The converted model on the meta device and what it needs from ``source``; no byte read yet."""
+    plan = source.plan
+    target = resolve_dtype(dtype, source.config, source.first_float_dtype())
+    model = empty_model(source.config, target)
+    info = apply_plan(model, state.tp, device_type=state.device.type, plan=plan, moe_impl=moe_impl,
+                      capacity_factor=capacity_factor, world_size=state.world_size)  # checks tp, same on every rank
+    return model, info, plan_tensors(model, source, target)
 
 
-def resolve_dtype(dtype, config, first_float: torch.dtype | None) -> torch.dtype:
-    """transformers' "auto" rule: the requested dtype, else config.dtype, else the weights' own."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        value = getattr(torch, dtype, None)
-        if not isinstance(value, torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'bfloat16', 'float32' or 'auto'")
-        return value
-    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(cfg, str):
-        cfg = getattr(torch, cfg, None)
-    return cfg or first_float or torch.get_default_dtype()
-
-
-def empty_model(config, dtype: torch.dtype) -> nn.Module:
-    """The HF model with parameters on the meta device and real buffers (rotary caches computed as usual)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def tensors_to_load(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Tensor, bool]]:
-    """(global name, owner module, attribute, tensor, is_param) for each parameter once, plus persistent buffers."""
-    seen, out = set(), []
-    for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        for leaf, p in module._parameters.items():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                out.append((prefix + leaf, module, leaf, p, True))
-        for leaf, b in module._buffers.items():
-            if b is not None and leaf not in module._non_persistent_buffers_set:
-                out.append((prefix + leaf, module, leaf, b, False))
-    return out
-
-
-def _keep_fp32(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
-    strict = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
-    return dtype in (torch.float16, torch.bfloat16) and any(k in name for k in strict)
-
-
-def _rebind(model: nn.Module, old: torch.Tensor, new: torch.Tensor, is_param: bool) -> None:
-    """Point every module that holds ``old`` (tied weights) at ``new``."""
-    for module in model.modules():
-        table = module._parameters if is_param else module._buffers
-        for leaf, value in list(table.items()):
-            if value is old:
-                table[leaf] = new
+def _record(info: ConversionInfo, source: TensorSource, state: ParallelState, started: float, count: int) -> None:
+    seconds = time.perf_counter() - started
+    info.expert_layout = source.expert_layout()
+    info.load_stats = {"bytes_read": source.bytes_read, "seconds": seconds, "keys_read": sorted(source.keys_read)}
+    if state.rank == 0 or logger.isEnabledFor(logging.DEBUG):
+        logger.info("rank %d: loaded %d tensors, %.1f MB read in %.2f s (%.0f MB/s)", state.rank, count,
+                    source.bytes_read / 1e6, seconds, source.bytes_read / 1e6 / max(seconds, 1e-9))
 
 
 def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_impl: str = "auto",
@@ -86,55 +54,36 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
 
     Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``.
     """
-    start_time = time.perf_counter()
-    ckpt = HFCheckpoint(path)
-    config = ckpt.config
-    plan = plan_for(config)
-    ckpt.aliases = plan.checkpoint_aliases
-    plan.check_tp(config, state.tp_size, state.world_size)  # before reading a byte
-    first_float = next((ckpt.key_info(k)[0] for k in ckpt.file_of if ckpt.key_info(k)[0].is_floating_point), None)
-    target = resolve_dtype(dtype, config, first_float)
+    started = time.perf_counter()
+    with HFSource(path) as source:
+        model, info, items = _build(source, state, dtype, moe_impl, capacity_factor)
+        with tqdm(total=len(items), desc="loading", unit="tensor",
+                  disable=None if (progress and state.rank == 0) else True) as bar:
+            materialize(items, source, RebindInto(model, state.device, source), bar)
+    _record(info, source, state, started, len(items))
+    return model.eval()  # as from_pretrained returns it
 
-    model = empty_model(config, target)
-    info = apply_plan(model, state.tp, device_type=state.device.type, plan=plan, moe_impl=moe_impl,
-                      capacity_factor=capacity_factor, world_size=state.world_size)
-    todo = []
-    for name, module, leaf, t, is_param in tensors_to_load(model):
-        spec = spec_of(t) if is_param else None
-        try:
-            src_shape = ckpt.global_shape(name)
-        except CheckpointError:
-            if not is_param:
-                continue  # a buffer the checkpoint does not carry keeps its initialised value, as in transformers
-            raise
-        want = global_shape(t, spec)
-        if tuple(src_shape) != want:  # checked for every tensor before any byte is read
-            raise CheckpointError(
-                f"{ckpt.path}: tensor {name} has shape {list(src_shape)} but the config implies {list(want)}; "
-                f"the config.json does not belong to these weights"
-            )
-        todo.append((name, module, leaf, t, is_param, spec))
 
-    for name, module, leaf, t, is_param, spec in tqdm(todo, desc="loading", unit="tensor",
-                                                      disable=None if (progress and state.rank == 0) else True):
-        data = pad_to_spec(ckpt.read(name, spec), spec)
-        want_dtype = t.dtype if t.is_floating_point() else data.dtype
-        if t.is_floating_point() and _keep_fp32(model, name, target):
-            want_dtype = torch.float32
-        data = data.to(device=state.device, dtype=want_dtype)
-        new = mark(nn.Parameter(data, requires_grad=t.requires_grad), spec) if is_param else data
-        _rebind(model, t, new, is_param)
+def load_sharded(path: str | Path, state: ParallelState, *, model: nn.Module | None = None, moe_impl: str = "auto",
+                 dtype=None, verify: bool = True) -> nn.Module:
+    """Restore a model saved by save_sharded or `npu-parallel convert`, at this tp size (resharded if it differs).
 
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise CheckpointError(f"{ckpt.path}: no weights for {leftover[:3]}{'...' if len(leftover) > 3 else ''}")
-    model.to(state.device)
-    seconds = time.perf_counter() - start_time
-    ckpt.close()
-    info.expert_layout = ckpt.expert_layout()
-    info.load_stats = {"bytes_read": ckpt.bytes_read, "seconds": seconds, "keys_read": sorted(ckpt.keys_read)}
-    if state.rank == 0 or logger.isEnabledFor(logging.DEBUG):
-        logger.info("rank %d: loaded %d tensors, %.1f MB read in %.2f s (%.0f MB/s)", state.rank, len(todo),
-                    ckpt.bytes_read / 1e6, seconds, ckpt.bytes_read / 1e6 / max(seconds, 1e-9))
-    model.eval()  # as from_pretrained returns it
+    With ``model``, weights are copied into its parameters in place (an optimizer built on them stays valid).
+    """
+    started = time.perf_counter()
+    with ShardedSource(path, verify=verify) as source:
+        if model is None:
+            model, info, items = _build(source, state, dtype, moe_impl, None)
+            materialize(items, source, RebindInto(model, state.device, source))
+            model.eval()
+        else:
+            m = source.manifest
+            mine = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+            if m["model_type"] != model.config.model_type or m["architecture"] != mine:
+                raise CheckpointError(f"{source.path}: checkpoint is {m['architecture']} ({m['model_type']}), "
+                                      f"the model is {mine} ({model.config.model_type}); load it into a matching model")
+            info = conversion_info(model)
+            items = plan_tensors(model, source, None)
+            materialize(items, source, CopyInto())
+    _record(info, source, state, started, len(items))
     return model

@@ -61,10 +61,12 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
-            raise RuntimeError(f"{self.path.name}: expected tensor {self._order[self._next:self._next + 1]}, got {name!r}")
+            raise RuntimeError(f"{self.path.name}: expected tensor {self._order[self._next:self._next + 1]}, "
+                               f"got {name!r}")
         dtype, shape = self._expect[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise RuntimeError(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}")
+            raise RuntimeError(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                               f"header says {dtype} {shape}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._put(memoryview(data))
         self._next += 1
@@ -122,7 +124,8 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             continue
         try:
             begin, stop = (int(o) for o in info["data_offsets"])
-            out[name] = TensorInfo(str(info["dtype"]), tuple(int(s) for s in info["shape"]), 8 + n + begin, 8 + n + stop)
+            shape = tuple(int(s) for s in info["shape"])
+            out[name] = TensorInfo(str(info["dtype"]), shape, 8 + n + begin, 8 + n + stop)
         except (TypeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{bad} (corrupt header entry for {name}: {exc!r})") from None
         end = max(end, stop)
@@ -178,7 +181,8 @@ class SafetensorsFile:
             self._file.seek(self.tensors[key].start + start * row)
             got = self._file.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
             if got != size:
-                raise CheckpointError(f"{self.path}: tensor {key} is cut short ({got} of {size} bytes); the file is truncated")
+                raise CheckpointError(f"{self.path}: tensor {key} is cut short ({got} of {size} bytes); "
+                                      f"the file is truncated")
         return out
 
     def _read_strided(self, key, dim, start, stop, out):

@@ -16,11 +16,11 @@ from torch.nn.parallel import DistributedDataParallel
 from npu_parallel.parallel import device as _device
 from npu_parallel.training.data import build_data
 from npu_parallel.parallel.state import init_distributed
-from npu_parallel.checkpoint.load import load_pretrained
+from npu_parallel.checkpoint.load import load_pretrained, load_sharded
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
 from npu_parallel.training.metrics import MetricsLog, peak_memory_mb
 from npu_parallel.training.optim import build_optimizer, clip_grad_norm_, warmup_cosine
-from npu_parallel.checkpoint.sharded import load_sharded, load_training_state, save_sharded
+from npu_parallel.checkpoint.save import load_training_state, save_sharded
 from npu_parallel.moe.dispatchers import choices as moe_impl_choices
 
 logger = logging.getLogger(__name__)
