@@ -40,51 +40,49 @@ class Style:
         raise NotImplementedError
 
 
-def _require_linear(module: nn.Module, path: str, style: Style) -> nn.Linear:
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"{type(style).__name__} expects nn.Linear at {path!r}, found {type(module).__name__}")
-    return module
+class LinearStyle(Style):
+    """A style for one ``nn.Linear``: ``build`` makes its parallel form."""
+
+    def applies(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def apply(self, module: nn.Module, ctx: Context, path: str) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{type(self).__name__} expects nn.Linear at {path!r}, found {type(module).__name__}")
+        return self.build(module, ctx)
+
+    def build(self, linear: nn.Linear, ctx: Context) -> nn.Module:
+        raise NotImplementedError
 
 
 @dataclass
-class Colwise(Style):
+class Colwise(LinearStyle):
     """Output features split; f on the input unless an enclosing style already applied it."""
 
     input_grad_reduce: bool = True
 
-    def applies(self, module):
-        return isinstance(module, nn.Linear)
-
-    def apply(self, module, ctx, path):
-        return ColumnParallelLinear.from_linear(_require_linear(module, path, self), ctx.tp,
-                                                input_grad_reduce=self.input_grad_reduce)
+    def build(self, linear: nn.Linear, ctx: Context) -> nn.Module:
+        return ColumnParallelLinear.from_linear(linear, ctx.tp, input_grad_reduce=self.input_grad_reduce)
 
 
 @dataclass
-class Rowwise(Style):
+class Rowwise(LinearStyle):
     """Input features split; output all-reduced (or left partial for the enclosing block to reduce)."""
 
     reduce_output: bool = True
 
-    def applies(self, module):
-        return isinstance(module, nn.Linear)
-
-    def apply(self, module, ctx, path):
-        return RowParallelLinear.from_linear(_require_linear(module, path, self), ctx.tp,
-                                             reduce_output=self.reduce_output)
+    def build(self, linear: nn.Linear, ctx: Context) -> nn.Module:
+        return RowParallelLinear.from_linear(linear, ctx.tp, reduce_output=self.reduce_output)
 
 
 @dataclass
-class ReplicatedSumGradFrom(Style):
+class ReplicatedSumGradFrom(LinearStyle):
     """Kept whole on every rank; output-gradient columns from ``config.<start_attr>`` on are all-reduced."""
 
     start_attr: str
 
-    def applies(self, module):
-        return isinstance(module, nn.Linear)
-
-    def apply(self, module, ctx, path):
-        return ReplicatedLinear(_require_linear(module, path, self), getattr(ctx.config, self.start_attr), ctx.tp)
+    def build(self, linear: nn.Linear, ctx: Context) -> nn.Module:
+        return ReplicatedLinear(linear, getattr(ctx.config, self.start_attr), ctx.tp)
 
 
 @dataclass
@@ -110,18 +108,15 @@ class VocabParallel(Style):
         return new
 
 
-class LMHead(Style):
+class LMHead(LinearStyle):
     """Column-parallel over the vocab, logits gathered; shares the embedding shard when weights are tied."""
 
-    def applies(self, module):
-        return isinstance(module, nn.Linear)
-
-    def apply(self, module, ctx, path):
+    def build(self, linear: nn.Linear, ctx: Context) -> nn.Module:
         shared = None
         emb = ctx.converted.get("embedding")
         if getattr(ctx.config, "tie_word_embeddings", False) and emb is not None:
             shared = emb.weight
-        return ParallelLMHead.from_linear(module, ctx.tp, shared_weight=shared)
+        return ParallelLMHead.from_linear(linear, ctx.tp, shared_weight=shared)
 
 
 def _input_to_tp_region(tp: Group):
