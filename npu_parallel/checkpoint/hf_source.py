@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,9 +54,12 @@ class HFSource(TensorSource):
 
     mismatch_hint = "the config.json does not belong to these weights"
 
+    def read_config(self) -> Any:
+        return load_config(self.path)
+
     def __init__(self, path: str | Path):
         super().__init__(path)
-        self.config = load_config(self.path)
+        self.config  # noqa: B018 (read now: a missing or broken config.json is the first error to report)
         self.file_of = self._index()
         self._handles: dict[str, SafetensorsFile] = {}
         self._where: dict[str, tuple[str, str] | None] = {}
@@ -163,7 +167,9 @@ class HFSource(TensorSource):
         if spec is not None and spec.dim != 0:
             raise CheckpointError(f"{name}: experts can only be split by whole experts (dim 0), not dim {spec.dim}")
         first, last = (0, self._num_experts(key)) if spec is None else (spec.start, spec.stop)
-        out = torch.empty((last - first, *self.global_shape(name)[1:]), dtype=self.dtype(name))
+        shape = self.global_shape(name)
+        assert shape is not None  # _located found the experts' keys
+        out = torch.empty((last - first, *shape[1:]), dtype=self.dtype(name))
         for i, e in enumerate(range(first, last)):  # each expert's matrices straight into their rows of out
             row = 0
             for part in self.keys.expert_keys(key, e):

@@ -211,7 +211,8 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
     """
     path = Path(path)
     sharded = (path / MANIFEST).is_file()
-    manifest, split_names = None, None
+    manifest: dict = {}
+    split_names = None
     if sharded:
         source, tensors, split_names = _sharded_tensors(path)
         manifest = source.manifest

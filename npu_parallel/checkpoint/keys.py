@@ -34,7 +34,7 @@ class KeyMap:
         layout = manifest.get("expert_layout") or {}
         names = layout.get("names") if layout.get("kind") == "per_expert" else None
         aliases = tuple((str(mem), str(ck)) for mem, ck in manifest.get("key_aliases") or ())
-        return cls(aliases, tuple(names) if names else DEFAULT_EXPERT_NAMES)  # type: ignore[arg-type]
+        return cls(aliases, tuple(names) if names else DEFAULT_EXPERT_NAMES)
 
     def to_checkpoint(self, name: str) -> str:
         """The checkpoint key of memory name ``name`` (aliases applied)."""

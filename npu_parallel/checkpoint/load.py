@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from torch import nn
+from transformers import PreTrainedModel
 from tqdm.auto import tqdm
 
 from npu_parallel.checkpoint.hf_source import HFSource
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 def _build(source: TensorSource, state: ParallelState, dtype, moe_impl: str,
-           capacity_factor: float | None) -> tuple[nn.Module, ConversionInfo, list[Item]]:
+           capacity_factor: float | None) -> tuple[PreTrainedModel, ConversionInfo, list[Item]]:
     """The converted model on the meta device and what it needs from ``source``; no byte read yet."""
     plan = source.plan
     target = resolve_dtype(dtype, source.config, source.first_float_dtype())
@@ -49,7 +49,7 @@ def _record(info: ConversionInfo, source: TensorSource, state: ParallelState, st
 
 
 def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_impl: str = "auto",
-                    capacity_factor: float | None = None, progress: bool = True) -> nn.Module:
+                    capacity_factor: float | None = None, progress: bool = True) -> PreTrainedModel:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
     Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``.
@@ -64,8 +64,9 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
     return model.eval()  # as from_pretrained returns it
 
 
-def load_sharded(path: str | Path, state: ParallelState, *, model: nn.Module | None = None, moe_impl: str = "auto",
-                 dtype=None, verify: bool = True) -> nn.Module:
+def load_sharded(path: str | Path, state: ParallelState, *, model: PreTrainedModel | None = None,
+                 moe_impl: str = "auto",
+                 dtype=None, verify: bool = True) -> PreTrainedModel:
     """Restore a model saved by save_sharded or `npu-parallel convert`, at this tp size (resharded if it differs).
 
     With ``model``, weights are copied into its parameters in place (an optimizer built on them stays valid).

@@ -36,9 +36,10 @@ def train_file(rank: int, world: int) -> str:
 
 def tensor_entry(shape, dtype: torch.dtype, specs: list[ShardSpec | None]) -> dict:
     """Manifest entry from the global shape and every rank's spec (all None when replicated)."""
-    entry = {"shape": list(shape), "dtype": ST_DTYPES[dtype], "split": None}
-    if specs[0] is not None:
-        entry["split"] = {"dim": specs[0].dim, "ranges": [[s.start, s.stop] for s in specs]}  # type: ignore[union-attr]
+    entry: dict = {"shape": list(shape), "dtype": ST_DTYPES[dtype], "split": None}
+    split = [s for s in specs if s is not None]
+    if split:
+        entry["split"] = {"dim": split[0].dim, "ranges": [[s.start, s.stop] for s in split]}
     return entry
 
 

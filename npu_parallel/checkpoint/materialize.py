@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.source import TensorSource
@@ -70,7 +71,7 @@ def resolve_dtype(dtype, config, first_float: torch.dtype | None) -> torch.dtype
     return cfg or first_float or torch.get_default_dtype()
 
 
-def empty_model(config, dtype: torch.dtype, *, meta_buffers: bool = False) -> nn.Module:
+def empty_model(config, dtype: torch.dtype, *, meta_buffers: bool = False) -> PreTrainedModel:
     """The HF model with parameters on the meta device; buffers real (rotary caches computed as usual) unless
     ``meta_buffers`` (offline planning, where nothing is computed)."""
     from accelerate import init_empty_weights

@@ -41,7 +41,8 @@ class SafetensorsWriter:
         self.path = Path(path)
         self._order = [name for name, _, _ in entries]
         self._expect = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
-        header, offset = {}, 0
+        header: dict[str, dict] = {}
+        offset = 0
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         for name, dtype, shape in entries:
@@ -68,7 +69,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
                                f"header says {dtype} {shape}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._put(memoryview(data))
+        self._put(data.data)
         self._next += 1
 
     def close(self) -> str:
@@ -79,7 +80,7 @@ class SafetensorsWriter:
         self._file.close()
         return self._sha.hexdigest()
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -147,7 +148,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self.tensors = read_header(self.path)
         self._file = open(self.path, "rb")
-        self._lazy = None
+        self._lazy: safe_open | None = None
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -165,13 +166,13 @@ class SafetensorsFile:
         if dim is not None and any(s != 1 for s in shape[:dim]):
             return self._read_strided(key, dim, start, stop, out)
         if dim is not None:  # leading dims of size 1: still one contiguous byte range
-            shape = list(shape)
-            stop = shape[dim] if stop is None else stop
-            shape[dim] = stop - start
-            row = nbytes(shape[dim + 1:], dtype)
+            rows = list(shape)
+            stop = rows[dim] if stop is None else stop
+            rows[dim] = stop - start
+            row = nbytes(rows[dim + 1:], dtype)
+            shape = tuple(rows)
         else:
             start, row = 0, 0
-        shape = tuple(shape)
         if out is None:
             out = torch.empty(shape, dtype=dtype)
         elif out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous():
@@ -179,7 +180,7 @@ class SafetensorsFile:
         size = nbytes(shape, dtype)
         if size:
             self._file.seek(self.tensors[key].start + start * row)
-            got = self._file.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            got = self._file.readinto(out.reshape(-1).view(torch.uint8).numpy().data)
             if got != size:
                 raise CheckpointError(f"{self.path}: tensor {key} is cut short ({got} of {size} bytes); "
                                       f"the file is truncated")
@@ -200,7 +201,7 @@ class SafetensorsFile:
         self._file.close()
         self._lazy = None
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,8 +61,7 @@ class ShardedSource(TensorSource):
                 raise CheckpointError(f"{self.path / name}: checksum mismatch (manifest {info['sha256'][:12]}..., "
                                       f"file {digest[:12]}...); the file is corrupted, restore it")
 
-    @cached_property
-    def config(self):
+    def read_config(self) -> Any:
         from transformers import AutoConfig
 
         cfg = dict(self.manifest["config"])

@@ -11,8 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
+from typing_extensions import Self
 
 from npu_parallel.convert.plan import Plan, plan_for
 from npu_parallel.parallel.shard_spec import ShardSpec
@@ -21,7 +23,6 @@ from npu_parallel.parallel.shard_spec import ShardSpec
 class TensorSource(ABC):
     """A checkpoint's config, plan and tensors; ``read`` only what is asked, ``bytes_read``/``keys_read`` count it."""
 
-    config: object  # the transformers config the checkpoint was saved with
     # how a shape that disagrees with the model is explained to the user
     mismatch_hint = "the config does not belong to these weights"
 
@@ -29,6 +30,15 @@ class TensorSource(ABC):
         self.path = Path(path)
         self.bytes_read = 0
         self.keys_read: set[str] = set()
+
+    @cached_property
+    def config(self) -> Any:
+        """The transformers config the checkpoint was saved with, read once."""
+        return self.read_config()
+
+    @abstractmethod
+    def read_config(self) -> Any:
+        """Read the config (a CheckpointError naming the file when it cannot be read)."""
 
     @cached_property
     def plan(self) -> Plan:
@@ -63,7 +73,7 @@ class TensorSource(ABC):
     def close(self) -> None:
         """Close open files; the source can still answer questions about shapes."""
 
-    def __enter__(self) -> TensorSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from npu_parallel.convert.attention import use_fused_attention
 from npu_parallel.convert.plan import Plan, matches, plan_for
@@ -61,7 +63,7 @@ def _convert_children(module: nn.Module, prefix: str, plan: Plan, ctx: Context, 
         _convert_children(new, f"{path}.", plan, ctx, used)
 
 
-def apply_plan(model: nn.Module, tp: Group, *, device_type: str, plan: Plan | None = None,
+def apply_plan(model: PreTrainedModel, tp: Group, *, device_type: str, plan: Plan | None = None,
                moe_impl: str | Dispatcher = "auto", capacity_factor: float | None = None,
                world_size: int | None = None) -> ConversionInfo:
     """Swap modules and slice weights per the plan, leaving tensors where they are (meta included).
@@ -89,8 +91,8 @@ def apply_plan(model: nn.Module, tp: Group, *, device_type: str, plan: Plan | No
     return info
 
 
-def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str | Dispatcher = "auto",
-                  capacity_factor: float | None = None) -> nn.Module:
+def convert_model(model: PreTrainedModel, state: ParallelState, *, moe_impl: str | Dispatcher = "auto",
+                  capacity_factor: float | None = None) -> PreTrainedModel:
     """Convert a loaded Hugging Face model to tensor/expert-parallel form in place and return it.
 
     The HF forward API is unchanged: ``model(input_ids=..., labels=...)`` gives the same loss and
@@ -99,4 +101,5 @@ def convert_model(model: nn.Module, state: ParallelState, *, moe_impl: str | Dis
     """
     apply_plan(model, state.tp, device_type=state.device.type, moe_impl=moe_impl, capacity_factor=capacity_factor,
                world_size=state.world_size)
-    return model.to(state.device)
+    cast(nn.Module, model).to(state.device)  # in place; cast: transformers' decorated `to` confuses mypy
+    return model

@@ -18,6 +18,20 @@ from npu_parallel.parallel.shard_spec import ShardSpec, ShardedModule, even_rang
 ExpertMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _linear(module: nn.Module, name: str) -> nn.Linear:
+    lin = getattr(module, name)
+    if not isinstance(lin, nn.Linear):
+        raise TypeError(f"expert {name} is a {type(lin).__name__}, not nn.Linear")
+    return lin
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    t = getattr(module, name)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fused experts' {name} is a {type(t).__name__}, not a tensor")
+    return t
+
+
 class LocalExperts(ShardedModule):
     """Experts ``[expert_start, expert_start + num_local)`` of ``num_experts``.
 
@@ -38,21 +52,19 @@ class LocalExperts(ShardedModule):
         if isinstance(experts, nn.ModuleList):
             num = len(experts)
             start, stop = even_range(num, tp.size, tp.rank)
-            mine = list(experts[start:stop])
-            for mlp in mine:
-                if any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
-                    raise NotImplementedError("routed experts with biases are not supported")
-            gate_up = torch.stack(
-                [torch.cat([m.gate_proj.weight.data, m.up_proj.weight.data], dim=0) for m in mine]
-            )
-            down = torch.stack([m.down_proj.weight.data for m in mine])
-            act_fn, requires_grad = mine[0].act_fn, mine[0].gate_proj.weight.requires_grad
+            mine = [[_linear(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")] for mlp in experts[start:stop]]
+            if any(lin.bias is not None for lins in mine for lin in lins):
+                raise NotImplementedError("routed experts with biases are not supported")
+            gate_up = torch.stack([torch.cat([g.weight.data, u.weight.data], dim=0) for g, u, _ in mine])
+            down = torch.stack([d.weight.data for _, _, d in mine])
+            act_fn, requires_grad = experts[start].act_fn, mine[0][0].weight.requires_grad
         else:
-            num = experts.gate_up_proj.shape[0]
+            fused_gate_up, fused_down = _tensor(experts, "gate_up_proj"), _tensor(experts, "down_proj")
+            num = fused_gate_up.shape[0]
             start, stop = even_range(num, tp.size, tp.rank)
-            gate_up = shard_tensor(experts.gate_up_proj.data, 0, start, stop)
-            down = shard_tensor(experts.down_proj.data, 0, start, stop)
-            act_fn, requires_grad = experts.act_fn, experts.gate_up_proj.requires_grad
+            gate_up = shard_tensor(fused_gate_up.data, 0, start, stop)
+            down = shard_tensor(fused_down.data, 0, start, stop)
+            act_fn, requires_grad = experts.act_fn, fused_gate_up.requires_grad
         spec = ShardSpec(0, start, stop, num, stop - start)
         return cls(
             mark(nn.Parameter(gate_up, requires_grad=requires_grad), spec),

@@ -17,8 +17,9 @@ def router_outputs(output: object) -> tuple[torch.Tensor | None, torch.Tensor | 
         return None, None, None
     tensors = [t for t in output if isinstance(t, torch.Tensor)]
     at = next((i for i, t in enumerate(tensors) if not t.is_floating_point() and t.dim() >= 1), None)
-    indices, weights = (tensors[at] if at is not None else None), None
-    if indices is not None:
+    indices = weights = None
+    if at is not None:
+        indices = tensors[at]
         same = [i for i, t in enumerate(tensors) if t.is_floating_point() and t.shape == indices.shape]
         # the one nearest the indices: with every expert picked (k == E) the logits have their shape too
         weights = tensors[min(same, key=lambda i: abs(i - at))] if same else None

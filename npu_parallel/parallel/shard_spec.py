@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -62,7 +63,11 @@ def pad_to_spec(data: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
     return torch.cat([data, data.new_zeros(pad)], dim=spec.dim)
 
 
-def mark(param: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
+T = TypeVar("T", bound=torch.Tensor)
+
+
+def mark(param: T, spec: ShardSpec | None) -> T:
+    """Attach ``spec`` to ``param`` (None: replicated, nothing attached); returns ``param``."""
     if spec is not None:
         setattr(param, ATTR, spec)
     return param

@@ -182,7 +182,9 @@ def train(cfg: TrainConfig) -> dict:
         total, aux_total = 0.0, None
         for micro in range(cfg.grad_accum):
             batch = data.next().to(state.device)
-            sync = contextlib.nullcontext() if (micro == cfg.grad_accum - 1 or net is model) else net.no_sync()
+            sync: contextlib.AbstractContextManager = contextlib.nullcontext()
+            if isinstance(net, DistributedDataParallel) and micro < cfg.grad_accum - 1:
+                sync = net.no_sync()  # accumulate locally: DDP reduces on the last micro-batch only
             with sync:
                 loss, aux = causal_lm_loss(net, batch, batch, vocab_parallel=cfg.vocab_parallel_loss)
                 (loss / cfg.grad_accum).backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
 from npu_parallel.moe.block import MoEBlock
@@ -11,8 +12,14 @@ from npu_parallel.moe.block import MoEBlock
 IGNORE = -100
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def lm_head_of(model: nn.Module) -> ParallelLMHead:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
     if not isinstance(head, ParallelLMHead):
         raise ValueError("the vocab-parallel loss needs a model converted by npu_parallel (its lm_head is ParallelLMHead)")
     return head
@@ -32,7 +39,7 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_parallel: bool,
                    group=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, aux_loss) for one batch; the same value either way, vocab-parallel never gathers the logits."""
-    module = model.module if hasattr(model, "module") else model  # DistributedDataParallel
+    module = unwrap(model)
     if not vocab_parallel:
         out = model(input_ids=input_ids, labels=labels)
         aux = getattr(out, "aux_loss", None)
@@ -45,5 +52,5 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     loss = per_token.sum() / (target != IGNORE).sum().clamp(min=1)
     aux = getattr(out, "aux_loss", None)
     if aux is not None:  # transformers adds coef * aux to its own loss; do the same here
-        loss = loss + getattr(module.config, "router_aux_loss_coef", 0.0) * aux
+        loss = loss + getattr(getattr(module, "config", None), "router_aux_loss_coef", 0.0) * aux
     return loss, (aux if aux is not None else moe_aux_loss(module))
