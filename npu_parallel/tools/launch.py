@@ -37,6 +37,12 @@ KILL_GRACE_S = 10.0
 class LaunchError(RuntimeError):
     """The ranks failed or timed out; the message names the ranks and ends with the tails of their output."""
 
+    def __init__(self, message: str, exit_code: int | None, failed: list[int], output: dict[int, str]):
+        super().__init__(message)
+        self.exit_code = exit_code  # torchrun's; None on timeout
+        self.failed = failed        # ranks without a result
+        self.output = output        # rank -> tail of its stdout and stderr (the failed ranks', else all)
+
 
 def resolve(target: str) -> Any:
     """The function that ``"package.module:function"`` names."""
@@ -69,13 +75,9 @@ def launch(target: str, nprocs: int, *args: Any, timeout: float = 1800.0, env: d
                "-m", "npu_parallel.tools.launch", str(work)]
         log = work / "torchrun.log"
         rc = _run(cmd, _rank_env(module, env), log, timeout)
-        what = f"{target} on {nprocs} rank{'s' if nprocs > 1 else ''}"
-        if rc is None:
-            raise LaunchError(f"{what} did not finish in {timeout:g} s (killed)\n{_tails(work, nprocs, log)}")
         missing = [r for r in range(nprocs) if not (work / f"rank{r}.pkl").is_file()]
-        if rc != 0 or missing:
-            raise LaunchError(f"{what} failed: torchrun exit code {rc}, no result from rank(s) "
-                              f"{', '.join(map(str, missing)) or 'none'}\n{_tails(work, nprocs, log)}")
+        if rc is None or rc != 0 or missing:
+            raise _error(f"{target} on {nprocs} rank{'s' if nprocs > 1 else ''}", nprocs, rc, timeout, missing, work)
         results = []
         for r in range(nprocs):
             with open(work / f"rank{r}.pkl", "rb") as f:
@@ -144,12 +146,17 @@ def _tail(path: Path, chars: int = TAIL_CHARS) -> str:
     return text if len(text) <= chars else "..." + text[-chars:]
 
 
-def _tails(work: Path, nprocs: int, log: Path) -> str:
-    """The output of the ranks without a result (all of them when every rank has one), then torchrun's own."""
-    failed = [r for r in range(nprocs) if not (work / f"rank{r}.pkl").is_file()] or list(range(nprocs))
-    parts = [f"--- rank {r} output (tail) ---\n{_tail(work / f'rank{r}.log').rstrip()}" for r in failed[:2]]
-    parts.append(f"--- torchrun output (tail) ---\n{_tail(log).rstrip()}")
-    return "\n".join(parts)
+def _error(what: str, nprocs: int, rc: int | None, timeout: float, missing: list[int], work: Path) -> LaunchError:
+    """The failure, with the output of the ranks without a result (of all ranks if every one has a result)."""
+    output = {r: _tail(work / f"rank{r}.log").rstrip() for r in (missing or range(nprocs))}
+    if rc is None:
+        head = f"{what} did not finish in {timeout:g} s (killed)"
+    else:
+        ranks = ", ".join(map(str, missing)) or "none"
+        head = f"{what} failed: torchrun exit code {rc}, no result from rank(s) {ranks}"
+    parts = [head] + [f"--- rank {r} output (tail) ---\n{text}" for r, text in list(output.items())[:2]]
+    parts.append(f"--- torchrun output (tail) ---\n{_tail(work / 'torchrun.log').rstrip()}")
+    return LaunchError("\n".join(parts), rc, missing, output)
 
 
 # -- the rank side ------------------------------------------------------------------------------------------
