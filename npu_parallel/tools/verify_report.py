@@ -36,6 +36,7 @@ DEFAULT_TOLERANCES = {
 
 def tolerances_for(dtype: str, atol: float | None = None, grad_atol: float | None = None,
                    min_agree: float | None = None) -> Tolerances:
+    """The dtype's defaults, overridden by the values given (gradients default to ``atol`` when only it is)."""
     base = DEFAULT_TOLERANCES[dtype]
     grad = grad_atol if grad_atol is not None else (atol if atol is not None else base.grad_atol)
     return Tolerances(base.atol if atol is None else atol, grad, base.min_agree if min_agree is None else min_agree)
@@ -96,6 +97,7 @@ def failures(result: dict, tol: Tolerances) -> list[str]:
 
 
 def evaluate(results: dict[int, dict], tol: Tolerances) -> list[str]:
+    """Every failure of every tp size, smallest tp first."""
     return [f for tp in sorted(results) for f in failures(results[tp], tol)]
 
 
@@ -140,6 +142,7 @@ def layer_errors(result: dict) -> list[float]:
 
 
 def plot_errors(results: dict[int, dict], out: str | Path, tol: Tolerances) -> Path:
+    """PNG of the worst error per layer, one line per tp size, with the tolerance."""
     import matplotlib
 
     matplotlib.use("Agg")
