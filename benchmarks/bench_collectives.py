@@ -4,7 +4,7 @@
     python benchmarks/bench_collectives.py [--tp 2] [--batch 2] [--seq 32] [--workdir DIR]
 
 Builds the tiny DeepSeek-V2-Lite-shaped checkpoint (``npu_parallel.tiny.build_tiny_deepseek_v2_lite``), then
-launches ``python -m torch.distributed.run --standalone --nproc_per_node TP`` on this same file twice (``--worker``):
+runs ``worker`` of this file on TP torchrun ranks twice (``npu_parallel.tools.launch``):
 
 * ``ours``: ``npu_parallel.load_pretrained(path, npu_parallel.init_distributed(tp))``;
 * ``hf``: ``AutoModelForCausalLM.from_pretrained(path,
@@ -24,9 +24,7 @@ wire under the bandwidth-optimal ring algorithms (all-reduce ``2(n-1)/n``, all-g
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -47,9 +45,11 @@ def _make_audit_class():
     from torch.utils._pytree import tree_leaves
 
     from npu_parallel.tools import audit as audit_module
+    from npu_parallel.tools import launch as launch_module
     from npu_parallel.tools.audit import OpAudit
 
-    skip_files = {os.path.abspath(__file__), os.path.abspath(audit_module.__file__)}
+    # the launcher's frame calls the worker: not where a collective comes from
+    skip_files = {os.path.abspath(f) for f in (__file__, audit_module.__file__, launch_module.__file__)}
     skip_dirs = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,)
     stdlib = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 
@@ -57,8 +57,8 @@ def _make_audit_class():
         return f"{path.split('site-packages/')[-1].split(str(HERE.parent) + os.sep)[-1]}:{line}"
 
     def where() -> str:
-        """Innermost frame outside torch, the stdlib, audit.py and this file, then its first caller in another
-        file; in backward, the autograd node that is running (engine-called code has no Python caller)."""
+        """Innermost frame outside torch, the stdlib, audit.py, launch.py and this file, then its first caller in
+        another file; in backward, the autograd node that is running (engine-called code has no Python caller)."""
         frames = []
         frame = sys._getframe(1)
         while frame is not None and len(frames) < 2:
@@ -116,7 +116,8 @@ def _make_audit_class():
     return CollectiveBytes
 
 
-def worker(args) -> None:
+def worker(args: argparse.Namespace) -> dict:
+    """One rank's record: the collectives of one training step with their bytes, layers, loss."""
     import torch
     import torch.distributed as dist
 
@@ -158,23 +159,20 @@ def worker(args) -> None:
               "tokens": args.batch * args.seq, "hidden": model.config.hidden_size, "events": events,
               "host_syncs_forward": audit.host_syncs(phase="forward"), "mlp_types": sorted({
                   type(m.mlp).__name__ for n, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")})}
-    with open(f"{args.out}.rank{rank}.json", "w") as f:
-        json.dump(record, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return record
 
 
 # --------------------------------------------------------------------------------------------- launcher side
 
-def launch(impl: str, args, model: Path, out: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.tp}", __file__,
-           "--worker", "--impl", impl, "--model", str(model), "--tp", str(args.tp), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        sys.stdout.write(proc.stdout[-8000:])
-        raise SystemExit(f"{impl}: torchrun exited with {proc.returncode}")
+def launch(impl: str, args, model: Path) -> list[dict]:
+    """Per-rank records of ``worker`` on ``args.tp`` ranks."""
+    from npu_parallel.tools.launch import launch as launch_ranks
+
+    worker_args = argparse.Namespace(impl=impl, model=str(model), tp=args.tp, batch=args.batch, seq=args.seq)
+    try:
+        return launch_ranks("bench_collectives:worker", args.tp, worker_args, env={"OMP_NUM_THREADS": "1"})
+    except RuntimeError as exc:
+        raise SystemExit(f"{impl}: {exc}") from None
 
 
 def _fmt_bytes(b: float) -> str:
@@ -259,13 +257,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "npu_parallel_bench_collectives"))
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        return worker(args)
 
     sys.path.insert(0, str(HERE.parent))
     from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
@@ -275,11 +267,7 @@ def main() -> None:
     model = build_tiny_deepseek_v2_lite(work / "tiny_deepseek_v2_lite")
     records = {}
     for impl in IMPLS:
-        out = work / f"collectives_{impl}"
-        for f in work.glob(f"collectives_{impl}.rank*.json"):
-            f.unlink()
-        launch(impl, args, model, out)
-        ranks = [json.loads(f.read_text()) for f in sorted(work.glob(f"collectives_{impl}.rank*.json"))]
+        ranks = launch(impl, args, model)
         assert len(ranks) == args.tp, f"{impl}: {len(ranks)} rank records"
         same = all([(e["op"], e["phase"], e["scope"], e["payload"]) for e in r["events"]]
                    == [(e["op"], e["phase"], e["scope"], e["payload"]) for e in ranks[0]["events"]] for r in ranks)

@@ -7,9 +7,8 @@ of the same safetensors files.
     .venv/bin/python benchmarks/bench_load.py --only ours --tp 2
 
 The checkpoint has DeepSeek-V2-Lite's real layer shapes truncated to ``--layers`` layers (layer 0 dense, the
-rest MoE) and is built once under ``--workdir`` (reused if present). Every measurement runs in fresh processes
-started with ``python -m torch.distributed.run --standalone --nproc_per_node N`` that call back into this file
-(``--worker``); each rank measures itself:
+rest MoE) and is built once under ``--workdir`` (reused if present). Every measurement runs ``rank_main`` of this
+file in N fresh torchrun ranks (``npu_parallel.tools.launch``); each rank measures itself:
 
 * baseline RSS after imports (transformers' lazily imported DeepSeek-V2 modules included, so that no method
   pays their ~3 s inside its timed window) and ``init_distributed``; then the kernel's high-water mark is reset
@@ -263,12 +262,13 @@ def mmap_view_bytes(model, path: Path) -> dict:
     return out
 
 
-def rank_main(args) -> None:
+def rank_main(method: str, tp: int, ckpt: str) -> dict:
+    """One rank's record of one method: peak and end RSS, wall time, bytes read, first-use cost."""
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    path, method, tp = Path(args.ckpt), args.worker, args.rank_tp
+    path = Path(ckpt)
     t_import = time.perf_counter()
     import npu_parallel
     import torch.distributed.tensor  # noqa: F401  (DTensor, used by tp_plan="auto")
@@ -363,40 +363,33 @@ def rank_main(args) -> None:
                 rec["bytes_read"], rec["load_s"] = stats["bytes_read"], stats["seconds"]
             elif method == "naive":
                 rec["bytes_read"], rec["load_s"] = total, rec["wall"]  # every rank materialises every tensor
-    out = Path(args.out)
-    with open(out / f"{method}_tp{tp}_r{rank}.json", "w") as f:
-        json.dump(rec, f)
-    if "error" not in rec:
-        dist.barrier()
-    npu_parallel.distributed.destroy_distributed()
+    if "error" in rec:  # the group may be broken: leave it, so that the launcher does not wait on a barrier
+        dist.destroy_process_group()
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------- parent
 def launch(method: str, nproc: int, tp: int, ckpt: Path, out: Path, timeout: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(HERE), "--worker", method, "--ckpt", str(ckpt), "--rank-tp", str(tp), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
-    log = out / f"{method}_tp{tp}.log"
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        p = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGTERM)  # only the group this call started
-            p.wait()
-            rc = "timeout"
-    print(f"  -> rc={rc} in {time.perf_counter() - t0:.0f} s (log {log})", flush=True)
-    if rc != 0:
-        for r in range(nproc):
-            f = out / f"{method}_tp{tp}_r{r}.json"
-            if not f.exists():
-                lines = [ln for ln in log.read_text().splitlines() if "Error" in ln or "error" in ln]
-                tail = lines[-1:] or [f"no error line; see {log}"]
-                f.write_text(json.dumps({"method": method, "tp": tp, "rank": r, "ckpt_bytes": ckpt_bytes(ckpt),
-                                         "error": f"worker exited rc={rc}: {tail[0][:300]}"}))
+    """``rank_main`` on ``nproc`` ranks; one JSON record per rank in ``out`` (an error record if the ranks failed)."""
+    from npu_parallel.tools.launch import LaunchError
+    from npu_parallel.tools.launch import launch as launch_ranks
+
+    print(f"$ bench_load:rank_main on {nproc} rank(s): {method} tp={tp}", flush=True)
+    t0, log = time.perf_counter(), out / f"{method}_tp{tp}.log"
+    try:
+        recs = launch_ranks("bench_load:rank_main", nproc, method, tp, str(ckpt), timeout=timeout,
+                            env={"OMP_NUM_THREADS": "1"})
+        error = None
+    except LaunchError as exc:
+        log.write_text(str(exc))
+        lines = [ln for text in exc.output.values() for ln in text.splitlines() if "Error" in ln or "error" in ln]
+        error, recs = (lines[-1:] or str(exc).splitlines()[:1])[0][:300], []
+    status = "ok" if error is None else f"FAILED (log {log})"
+    print(f"  -> {status} in {time.perf_counter() - t0:.0f} s", flush=True)
+    for r in range(nproc):
+        rec = recs[r] if recs else {"method": method, "tp": tp, "rank": r, "ckpt_bytes": ckpt_bytes(ckpt),
+                                    "error": f"ranks failed: {error}"}
+        (out / f"{method}_tp{tp}_r{r}.json").write_text(json.dumps(rec))
 
 
 def fmt_row(rec: dict, ref_thr: float | None, ref_thr_n: dict, ratio_target: float, slack: int) -> dict:
@@ -495,8 +488,6 @@ def main() -> None:
     ap.add_argument("--target-slack-mib", type=int, default=200)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--rank-tp", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--interval", type=float, default=0.005, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -505,9 +496,6 @@ def main() -> None:
         return sampler_main(args.pid, args.interval)
     if args.worker == "build":
         return build_main(Path(args.ckpt), args.layers)
-    if args.worker:
-        os.environ["OMP_NUM_THREADS"] = "1"
-        return rank_main(args)
 
     import torch
     import transformers

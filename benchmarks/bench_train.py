@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py [--tp 2] [--steps 10] [--batch 4] [--seq 256]
 
 Both train the same tiny DeepSeek-V2-Lite-shaped checkpoint at the same tp on CPU (gloo) with the same
-AdamW, batch and data, each in fresh torchrun processes launched by this script; it prints the table
+AdamW, batch and data, each in fresh torchrun ranks (``npu_parallel.tools.launch``); it prints the table
 and the ratios. Warmup steps are excluded from the timing.
 """
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +20,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def worker(args) -> None:
+def worker(args: argparse.Namespace) -> dict:
+    """One rank's record: load time, mean step time, tokens/s, peak RSS, first and last loss."""
     sys.path.insert(0, str(HERE))
     import torch
     import torch.distributed as dist
@@ -64,17 +63,18 @@ def worker(args) -> None:
     record = {"impl": args.impl, "repeat": args.repeat, "rank": state.rank, "tp": args.tp, "load_s": t_load,
               "step_s": sum(times) / len(times), "tokens_per_s": args.batch * args.seq / (sum(times) / len(times)),
               "peak_mb": (peak_bytes() - base) / 2**20, "first_loss": losses[0], "last_loss": losses[-1]}
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    dist.destroy_process_group()
+    return record
 
 
 def launch(impl: str, args, model: Path, out: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.tp}", __file__,
-           "--worker", "--impl", impl, "--model", str(model), "--tp", str(args.tp), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--out", str(out), "--repeat", str(args.repeat)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    """``worker`` on ``args.tp`` ranks; their records appended to ``out``."""
+    from npu_parallel.tools.launch import launch as launch_ranks
+
+    worker_args = argparse.Namespace(impl=impl, model=str(model), tp=args.tp, steps=args.steps, warmup=args.warmup,
+                                     batch=args.batch, seq=args.seq, repeat=args.repeat)
+    records = launch_ranks("bench_train:worker", args.tp, worker_args, env={"OMP_NUM_THREADS": "1"})
+    with open(out, "a") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def main() -> None:
@@ -86,14 +86,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="alternating launches per implementation; best kept")
     p.add_argument("--workdir", default=None, help="where the tiny checkpoint is built (default: a temp dir)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        return worker(args)
 
     from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
 

@@ -20,7 +20,9 @@ from npu_parallel.parallel.state import single_rank_state
 from npu_parallel.checkpoint.load import load_pretrained
 from npu_parallel.convert.moe_blocks import NoMoEBlockError, find_moe_blocks
 from npu_parallel.moe.router import router_outputs
-from npu_parallel.tools.verify import Tolerances, audit_summary, evaluate, failures, format_table, run_jobs, tolerances_for
+from npu_parallel.tools.audit_run import audit_summary
+from npu_parallel.tools.jobs import run_jobs
+from npu_parallel.tools.verify_report import Tolerances, evaluate, failures, format_table, tolerances_for
 
 from .remote_deepseek import to_remote_layout
 

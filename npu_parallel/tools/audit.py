@@ -121,8 +121,8 @@ def _static_kind(func: Any) -> tuple[str, str] | None:
         return HOST_SYNC, str(func)
     if opname == "repeat_interleave":
         return "repeat_interleave", str(func)
-    if ((opname.startswith(("nonzero", "masked_select")) and opname != "nonzero_static") or opname.lstrip("_").startswith("unique")
-            or opname == "argwhere"):
+    if ((opname.startswith(("nonzero", "masked_select")) and opname != "nonzero_static")
+            or opname.lstrip("_").startswith("unique") or opname == "argwhere"):
         return BANNED, str(func)
     if opname in _INDEX_OPS:
         return "index", str(func)

@@ -52,16 +52,18 @@ def cmd_env(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
-    print(f"npu_parallel environment")
+    print("npu_parallel environment")
     print(f"  torch        {report['torch']}")
     print(f"  torch_npu    {report['torch_npu'] or 'not installed'}")
-    print(f"  device       {report['device']} x {report['device_count']}  (backend {report['backend']}, bf16 {'yes' if report['bf16'] else 'no'})")
+    print(f"  device       {report['device']} x {report['device_count']}  "
+          f"(backend {report['backend']}, bf16 {'yes' if report['bf16'] else 'no'})")
     print(f"  world/tp/dp  {world} / {tp} / {world // tp}")
     print("  HCCL / allocator settings:")
     for key, value in hccl.items():
         note = ""
         if value is None and key in would_apply:
-            note = f"  (init_distributed sets {would_apply[key]} on NPU)" if info.kind == "npu" else f"  (default {would_apply[key]} on NPU)"
+            note = (f"  (init_distributed sets {would_apply[key]} on NPU)" if info.kind == "npu"
+                    else f"  (default {would_apply[key]} on NPU)")
         print(f"    {key:<28} {value if value is not None else '-'}{note}")
     return EXIT_OK
 
@@ -176,7 +178,8 @@ def _in_torchrun_world(sizes: list[int], flag: str = "--tp") -> list[int]:
 @_checkpoint_errors
 def cmd_audit(args: argparse.Namespace) -> int:
     """One forward and backward under the op audit: banned ops, host syncs, collectives with file:line."""
-    from npu_parallel.tools.verify import audit_summary, in_torchrun, run_audit
+    from npu_parallel.tools.audit_run import audit_summary, run_audit
+    from npu_parallel.tools.jobs import in_torchrun
 
     if args.unconverted and args.tp != 1:
         raise UserError("--unconverted audits transformers' own single-process model: use --tp 1")
@@ -217,7 +220,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 @_checkpoint_errors
 def cmd_verify(args: argparse.Namespace) -> int:
     """The converted model against transformers', layer by layer, at each tp size."""
-    from npu_parallel.tools.verify import evaluate, format_table, in_torchrun, plot_errors, run_verify, tolerances_for
+    from npu_parallel.tools.jobs import in_torchrun
+    from npu_parallel.tools.verify import run_verify
+    from npu_parallel.tools.verify_report import evaluate, format_table, plot_errors, tolerances_for
 
     sizes = _tp_list(args.tp)
     dtype = DTYPES.get(args.dtype.lower()) if args.dtype else None
@@ -269,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--routing", action="store_true",
                    help="load the model, run a sample and count tokens per expert per MoE layer")
-    p.add_argument("--data", default=None, help="--routing: text file to route (tokenizer, else bytes); default random ids")
+    p.add_argument("--data", default=None,
+                   help="--routing: text file to route (tokenizer, else bytes); default random ids")
     p.add_argument("--tokens", type=int, default=256, help="--routing: tokens in the sample (default 256)")
     p.add_argument("--plot", default=None, help="--routing: PNG heat map, layer x expert")
     p.set_defaults(func=cmd_inspect)
@@ -326,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except UserError as exc:

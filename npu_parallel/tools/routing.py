@@ -70,7 +70,8 @@ def routing_counts(model, ids: torch.Tensor) -> list[dict]:
 
 def format_routing(rows: list[dict], source: str, show_counts: int = 16) -> str:
     lines = [f"routing on {source}: token-slots per expert (imbalance = max / mean)",
-             f"{'layer':<6} {'experts':>7} {'top_k':>5} {'min':>5} {'max':>5} {'mean':>7} {'imbalance':>9} {'unused':>6}  counts"]
+             f"{'layer':<6} {'experts':>7} {'top_k':>5} {'min':>5} {'max':>5} {'mean':>7} {'imbalance':>9} "
+             f"{'unused':>6}  counts"]
     for r in rows:
         counts = r["counts"]
         shown = " ".join(str(c) for c in counts[:show_counts]) + (" ..." if len(counts) > show_counts else "")
@@ -78,7 +79,8 @@ def format_routing(rows: list[dict], source: str, show_counts: int = 16) -> str:
                      f"{r['mean']:>7.1f} {r['imbalance']:>9.2f} {r['unused']:>6}  {shown}")
     if rows:
         worst = max(rows, key=lambda r: r["imbalance"])
-        lines.append(f"most imbalanced: layer {worst['layer']} ({worst['imbalance']:.2f}x the mean on its busiest expert)")
+        lines.append(f"most imbalanced: layer {worst['layer']} "
+                     f"({worst['imbalance']:.2f}x the mean on its busiest expert)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,84 @@
+"""Where verify and audit jobs run: in this process at tp 1, in place inside torchrun, else on launched ranks.
+
+A job is ``{"task": "verify" | "audit", "path": ..., "kwargs": {...}}``. :func:`run_jobs` runs several in ONE
+launch of tp ranks (the start-up of torch and transformers is paid once), through
+:func:`npu_parallel.tools.launch.launch` with :func:`jobs_on_rank` as the target.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from npu_parallel.parallel.state import ParallelState
+from npu_parallel.tools.launch import launch, resolve
+
+__all__ = ["TASKS", "in_torchrun", "jobs_on_rank", "quiet", "random_batch", "rank_state", "run_jobs"]
+
+# task -> the per-rank function, called as fn(path, state, **kwargs); named, not imported: those modules use this one
+TASKS = {"verify": "npu_parallel.tools.verify:verify_rank", "audit": "npu_parallel.tools.audit_run:audit_rank"}
+
+
+def in_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def rank_state() -> ParallelState:
+    """Inside torchrun: the process group (tp = world); else a single-rank state without one."""
+    from npu_parallel.parallel.state import init_distributed, single_rank_state
+
+    if in_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        return init_distributed(None)
+    return single_rank_state()
+
+
+def quiet() -> None:
+    """No progress bars or per-load INFO lines in the tables' way (``npu-parallel -v`` keeps them)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("npu_parallel").setLevel(logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def random_batch(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def jobs_on_rank(jobs: list[dict], state: ParallelState | None = None) -> list:
+    """Every job on this rank, in order (the launch target); per job, this rank's result."""
+    import torch.distributed as dist
+
+    state = state or rank_state()
+    out = []
+    for job in jobs:
+        out.append(resolve(TASKS[job["task"]])(job["path"], state, **job.get("kwargs", {})))
+        if dist.is_initialized():
+            dist.barrier()
+    return out
+
+
+def run_jobs(tp: int, jobs: list[dict], timeout: float = 1800.0) -> list:
+    """Per job: a verify job's result (None on a non-zero rank inside torchrun), an audit job's per-rank list.
+
+    tp = 1 runs in this process; inside torchrun (``WORLD_SIZE`` set) the jobs run in place at tp = world;
+    otherwise ONE launch of ``tp`` ranks runs them all. Raises RuntimeError when the ranks fail.
+    """
+    unknown = sorted({job["task"] for job in jobs} - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}: expected one of {sorted(TASKS)}")
+    if in_torchrun():
+        per_rank = [jobs_on_rank(jobs)]  # this rank's own; rank 0 reports
+    elif tp == 1:
+        from npu_parallel.parallel.state import single_rank_state
+
+        per_rank = [jobs_on_rank(jobs, single_rank_state())]
+    else:
+        per_rank = launch("npu_parallel.tools.jobs:jobs_on_rank", tp, jobs, timeout=timeout)
+    return [per_rank[0][i] if job["task"] == "verify" else [rank[i] for rank in per_rank]
+            for i, job in enumerate(jobs)]

@@ -1,0 +1,196 @@
+"""Run ``package.module:function`` on N ranks with torchrun and return every rank's result.
+
+``launch("pkg.mod:fn", 2, a, b=1)`` runs
+``python -m torch.distributed.run --standalone --nproc_per_node 2 -m npu_parallel.tools.launch DIR``: torchrun
+gives each rank RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, and the entry point at the bottom of this module imports
+``fn``, calls ``fn(a, b=1)``, and pickles its return value into ``DIR``, a private temp dir. A rank's stdout
+and stderr go to ``DIR/rank{r}.log``; their tails are in the error when a launch fails. The ranks import
+npu_parallel and the target's package from where this process imports them. The launcher knows no task:
+tests, ``npu-parallel verify``/``audit`` and the benchmarks all start their ranks through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LaunchError", "launch", "resolve"]
+
+# what an enclosing torchrun job sets: a nested launch must start its own, standalone
+INHERITED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+             "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# defaults for CPU ranks (one thread each, no progress bars in the logs); the caller's environment wins
+RANK_DEFAULTS = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                 "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+TAIL_CHARS = 3000
+KILL_GRACE_S = 10.0
+
+
+class LaunchError(RuntimeError):
+    """The ranks failed or timed out; the message names the ranks and ends with the tails of their output."""
+
+    def __init__(self, message: str, exit_code: int | None, failed: list[int], output: dict[int, str]):
+        super().__init__(message)
+        self.exit_code = exit_code  # torchrun's; None on timeout
+        self.failed = failed        # ranks without a result
+        self.output = output        # rank -> tail of its stdout and stderr (the failed ranks', else all)
+
+
+def resolve(target: str) -> Any:
+    """The function that ``"package.module:function"`` names."""
+    module, sep, name = target.partition(":")
+    if not (sep and module and name):
+        raise ValueError(f"target {target!r}: expected 'package.module:function'")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def launch(target: str, nprocs: int, *args: Any, timeout: float = 1800.0, env: dict[str, str] | None = None,
+           **kwargs: Any) -> list:
+    """``target(*args, **kwargs)`` on ``nprocs`` torchrun ranks; their return values in rank order.
+
+    ``env`` adds to (and wins over) the ranks' environment. Raises :class:`LaunchError` (a RuntimeError) when
+    a rank fails or the launch outlives ``timeout`` seconds; then the whole process group is killed.
+    """
+    module, sep, name = target.partition(":")
+    if not (sep and module and name):
+        raise ValueError(f"target {target!r}: expected 'package.module:function'")
+    if nprocs < 1:
+        raise ValueError(f"nprocs={nprocs}: must be a positive integer")
+    with tempfile.TemporaryDirectory(prefix="npu-parallel-launch-") as tmp:
+        work = Path(tmp)
+        with open(work / "call.pkl", "wb") as f:
+            pickle.dump((target, args, kwargs), f)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nprocs),
+               "-m", "npu_parallel.tools.launch", str(work)]
+        log = work / "torchrun.log"
+        rc = _run(cmd, _rank_env(module, env), log, timeout)
+        missing = [r for r in range(nprocs) if not (work / f"rank{r}.pkl").is_file()]
+        if rc is None or rc != 0 or missing:
+            raise _error(f"{target} on {nprocs} rank{'s' if nprocs > 1 else ''}", nprocs, rc, timeout, missing, work)
+        results = []
+        for r in range(nprocs):
+            with open(work / f"rank{r}.pkl", "rb") as f:
+                results.append(pickle.load(f))  # written by our own ranks into our private dir
+        return results
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> int | None:
+    """torchrun's exit code, or None on timeout; in its own session, so that one signal reaches every rank."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if proc.poll() is None:  # timeout, or an exception (Ctrl-C) in this process
+                _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)  # a rank that ignored SIGTERM, e.g. stuck in a collective
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _rank_env(module: str, extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED and not k.startswith("TORCHELASTIC_")}
+    for key, value in RANK_DEFAULTS.items():
+        env.setdefault(key, value)
+    paths = _import_roots(module) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.update(extra or {})
+    return env
+
+
+def _import_roots(module: str) -> list[str]:
+    """Folders the ranks need first on their path to import this npu_parallel and the target's package."""
+    roots = [str(Path(__file__).resolve().parents[2])]
+    top = module.split(".")[0]
+    if top == "__main__":
+        raise ValueError(f"target module {module!r}: the ranks cannot import __main__; name the module by its name")
+    spec = importlib.util.find_spec(top)
+    if spec is not None:
+        locations = list(spec.submodule_search_locations or [])
+        if locations:
+            roots.append(str(Path(locations[0]).resolve().parent))
+        elif spec.origin and Path(spec.origin).is_file():
+            roots.append(str(Path(spec.origin).resolve().parent))
+    return roots
+
+
+def _tail(path: Path, chars: int = TAIL_CHARS) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no output)"
+    return text if len(text) <= chars else "..." + text[-chars:]
+
+
+def _error(what: str, nprocs: int, rc: int | None, timeout: float, missing: list[int], work: Path) -> LaunchError:
+    """The failure, with the output of the ranks without a result (of all ranks if every one has a result)."""
+    output = {r: _tail(work / f"rank{r}.log").rstrip() for r in (missing or range(nprocs))}
+    if rc is None:
+        head = f"{what} did not finish in {timeout:g} s (killed)"
+    else:
+        ranks = ", ".join(map(str, missing)) or "none"
+        head = f"{what} failed: torchrun exit code {rc}, no result from rank(s) {ranks}"
+    parts = [head] + [f"--- rank {r} output (tail) ---\n{text}" for r, text in list(output.items())[:2]]
+    parts.append(f"--- torchrun output (tail) ---\n{_tail(work / 'torchrun.log').rstrip()}")
+    return LaunchError("\n".join(parts), rc, missing, output)
+
+
+# -- the rank side ------------------------------------------------------------------------------------------
+
+def _redirect_output(path: Path) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def rank_main(work: str) -> int:
+    """One rank: call the target with the pickled arguments, pickle its result, leave the process group."""
+    work_dir = Path(work)
+    rank = int(os.environ["RANK"])
+    _redirect_output(work_dir / f"rank{rank}.log")
+    with open(work_dir / "call.pkl", "rb") as f:
+        target, args, kwargs = pickle.load(f)
+    result = resolve(target)(*args, **kwargs)
+    part = work_dir / f"rank{rank}.pkl.part"
+    with open(part, "wb") as f:
+        pickle.dump(result, f)
+    os.replace(part, work_dir / f"rank{rank}.pkl")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or "RANK" not in os.environ:
+        sys.exit("usage: started by npu_parallel.tools.launch.launch() under torchrun, not by hand")
+    sys.exit(rank_main(sys.argv[1]))
