@@ -36,6 +36,7 @@ IMPLS = ("ours", "hf")
 
 # --------------------------------------------------------------------------------------------- worker side
 
+
 def _make_audit_class():
     import dataclasses
     import sysconfig
@@ -63,8 +64,12 @@ def _make_audit_class():
         frame = sys._getframe(1)
         while frame is not None and len(frames) < 2:
             path = os.path.abspath(frame.f_code.co_filename)
-            if not (path in skip_files or path.startswith(skip_dirs) or frame.f_code.co_filename.startswith("<")
-                    or (path.startswith(stdlib) and "site-packages" not in path)):
+            if not (
+                path in skip_files
+                or path.startswith(skip_dirs)
+                or frame.f_code.co_filename.startswith("<")
+                or (path.startswith(stdlib) and "site-packages" not in path)
+            ):
                 if not frames or path != frames[0][0]:
                     frames.append((path, frame.f_lineno))
             frame = frame.f_back
@@ -132,7 +137,8 @@ def worker(args: argparse.Namespace) -> dict:
 
         dist.init_process_group("gloo")
         model = AutoModelForCausalLM.from_pretrained(
-            args.model, distributed_config=DistributedConfig(tp_size=args.tp, tp_plan="auto"), dtype=torch.float32)
+            args.model, distributed_config=DistributedConfig(tp_size=args.tp, tp_plan="auto"), dtype=torch.float32
+        )
     rank = dist.get_rank()
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
@@ -149,20 +155,45 @@ def worker(args: argparse.Namespace) -> dict:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     model.zero_grad(set_to_none=True)
-    events = [{"op": e.op, "phase": e.phase, "scope": e.scope, "where": e.where,
-               "payload": audit.sizes[i][0], "sent": audit.sizes[i][1], "shapes": audit.sizes[i][2]}
-              for i, e in enumerate(audit.events) if e.kind == "collective"]
+    events = [
+        {
+            "op": e.op,
+            "phase": e.phase,
+            "scope": e.scope,
+            "where": e.where,
+            "payload": audit.sizes[i][0],
+            "sent": audit.sizes[i][1],
+            "shapes": audit.sizes[i][2],
+        }
+        for i, e in enumerate(audit.events)
+        if e.kind == "collective"
+    ]
     layers = [name for name, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")]
-    moe = [name for name, m in model.named_modules()
-           if type(m).__name__.endswith("DecoderLayer") and hasattr(m.mlp, "experts")]
-    record = {"impl": args.impl, "rank": rank, "tp": args.tp, "loss": loss.item(), "layers": layers, "moe_layers": moe,
-              "tokens": args.batch * args.seq, "hidden": model.config.hidden_size, "events": events,
-              "host_syncs_forward": audit.host_syncs(phase="forward"), "mlp_types": sorted({
-                  type(m.mlp).__name__ for n, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")})}
+    moe = [
+        name
+        for name, m in model.named_modules()
+        if type(m).__name__.endswith("DecoderLayer") and hasattr(m.mlp, "experts")
+    ]
+    record = {
+        "impl": args.impl,
+        "rank": rank,
+        "tp": args.tp,
+        "loss": loss.item(),
+        "layers": layers,
+        "moe_layers": moe,
+        "tokens": args.batch * args.seq,
+        "hidden": model.config.hidden_size,
+        "events": events,
+        "host_syncs_forward": audit.host_syncs(phase="forward"),
+        "mlp_types": sorted(
+            {type(m.mlp).__name__ for n, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")}
+        ),
+    }
     return record
 
 
 # --------------------------------------------------------------------------------------------- launcher side
+
 
 def launch(impl: str, args, model: Path) -> list[dict]:
     """Per-rank records of ``worker`` on ``args.tp`` ranks."""
@@ -187,7 +218,7 @@ def _fmt_bytes(b: float) -> str:
 def _table(header: list[str], rows: list[list]) -> str:
     rows = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -200,15 +231,31 @@ def summarize(records: dict[str, dict]) -> str:
     layers = records["ours"]["layers"]
     moe = set(records["ours"]["moe_layers"])
     scopes = layers + [""]
-    header = ["layer", "kind", "impl", "fwd AR", "fwd AG", "fwd other", "fwd payload", "fwd sent/rank",
-              "bwd AR", "bwd AG", "bwd other", "bwd payload", "bwd sent/rank"]
+    header = [
+        "layer",
+        "kind",
+        "impl",
+        "fwd AR",
+        "fwd AG",
+        "fwd other",
+        "fwd payload",
+        "fwd sent/rank",
+        "bwd AR",
+        "bwd AG",
+        "bwd other",
+        "bwd payload",
+        "bwd sent/rank",
+    ]
     rows = []
     totals = {}
     for scope in scopes:
         for impl in IMPLS:
             ev = [e for e in records[impl]["events"] if e["scope"] == scope]
-            row = [scope.replace("model.layers.", "layer ") or "outside layers",
-                   "-" if not scope else ("MoE" if scope in moe else "dense"), impl]
+            row = [
+                scope.replace("model.layers.", "layer ") or "outside layers",
+                "-" if not scope else ("MoE" if scope in moe else "dense"),
+                impl,
+            ]
             for phase in ("forward", "backward"):
                 pe = [e for e in ev if e["phase"] == phase]
                 cnt = defaultdict(int)
@@ -217,7 +264,11 @@ def summarize(records: dict[str, dict]) -> str:
                 payload, sent = sum(e["payload"] for e in pe), sum(e["sent"] for e in pe)
                 row += [cnt["AR"], cnt["AG"], cnt["other"], _fmt_bytes(payload), _fmt_bytes(sent)]
                 t = totals.setdefault((impl, phase), [0, 0, 0, 0, 0.0])
-                t[0] += cnt["AR"]; t[1] += cnt["AG"]; t[2] += cnt["other"]; t[3] += payload; t[4] += sent  # noqa: E702
+                t[0] += cnt["AR"]
+                t[1] += cnt["AG"]
+                t[2] += cnt["other"]
+                t[3] += payload
+                t[4] += sent
             rows.append(row)
     for impl in IMPLS:
         row = ["total", "", impl]
@@ -229,12 +280,17 @@ def summarize(records: dict[str, dict]) -> str:
 
     # breakdown: which code issued them (per MoE / dense layer, first matching layer as the example)
     out.append("")
-    out.append("Where they come from (one dense layer, one MoE layer (every MoE layer is the same) and outside the "
-               "layers; `[Node]` is the autograd node running in backward):")
+    out.append(
+        "Where they come from (one dense layer, one MoE layer (every MoE layer is the same) and outside the "
+        "layers; `[Node]` is the autograd node running in backward):"
+    )
     out.append("")
     brows = []
-    example = {"dense": next((s for s in layers if s not in moe), None),
-               "MoE": next((s for s in layers if s in moe), None), "outside": ""}
+    example = {
+        "dense": next((s for s in layers if s not in moe), None),
+        "MoE": next((s for s in layers if s in moe), None),
+        "outside": "",
+    }
     for impl in IMPLS:
         for kind, scope in example.items():
             if scope is None:
@@ -244,8 +300,9 @@ def summarize(records: dict[str, dict]) -> str:
                 if e["scope"] == scope:
                     where = e["where"]
                     groups[(e["phase"], e["op"], where, e["shapes"])].append(e)
-            for (phase, op, where, shapes), evs in sorted(groups.items(),
-                                                          key=lambda kv: (kv[0][0] != "forward", kv[0][2])):
+            for (phase, op, where, shapes), evs in sorted(
+                groups.items(), key=lambda kv: (kv[0][0] != "forward", kv[0][2])
+            ):
                 brows.append([impl, kind, phase, op, len(evs), shapes, _fmt_bytes(evs[0]["payload"]), where])
     out.append(_table(["impl", "layer", "phase", "op", "count", "tensor shapes", "payload each", "issued at"], brows))
     return "\n".join(out)
@@ -269,18 +326,25 @@ def main() -> None:
     for impl in IMPLS:
         ranks = launch(impl, args, model)
         assert len(ranks) == args.tp, f"{impl}: {len(ranks)} rank records"
-        same = all([(e["op"], e["phase"], e["scope"], e["payload"]) for e in r["events"]]
-                   == [(e["op"], e["phase"], e["scope"], e["payload"]) for e in ranks[0]["events"]] for r in ranks)
+        same = all(
+            [(e["op"], e["phase"], e["scope"], e["payload"]) for e in r["events"]]
+            == [(e["op"], e["phase"], e["scope"], e["payload"]) for e in ranks[0]["events"]]
+            for r in ranks
+        )
         records[impl] = ranks[0]
         records[impl]["ranks_identical"] = same
     r = records["ours"]
-    print(f"tiny DeepSeek-V2-Lite ({len(r['layers'])} decoder layers, hidden {r['hidden']}, layer 0 dense, "
-          f"64 experts top-6 + 2 shared), tp={args.tp}, batch {args.batch} x seq {args.seq} = {r['tokens']} tokens, "
-          f"fp32 (one [tokens, hidden] activation = {_fmt_bytes(r['tokens'] * r['hidden'] * 4)})")
+    print(
+        f"tiny DeepSeek-V2-Lite ({len(r['layers'])} decoder layers, hidden {r['hidden']}, layer 0 dense, "
+        f"64 experts top-6 + 2 shared), tp={args.tp}, batch {args.batch} x seq {args.seq} = {r['tokens']} tokens, "
+        f"fp32 (one [tokens, hidden] activation = {_fmt_bytes(r['tokens'] * r['hidden'] * 4)})"
+    )
     for impl in IMPLS:
         rec = records[impl]
-        print(f"  {impl}: mlp modules {rec['mlp_types']}, loss {rec['loss']:.4f}, "
-              f"all ranks issued the same collectives: {rec['ranks_identical']}")
+        print(
+            f"  {impl}: mlp modules {rec['mlp_types']}, loss {rec['loss']:.4f}, "
+            f"all ranks issued the same collectives: {rec['ranks_identical']}"
+        )
     print()
     print(summarize(records))
     print()
@@ -289,8 +353,10 @@ def main() -> None:
         if e["phase"] == "forward" and e["op"].startswith("allreduce"):
             fwd[e["scope"]] += 1
     ok = all(fwd[s] == 2 for s in records["ours"]["layers"])
-    print(f"ours: forward all-reduces per decoder layer {[fwd[s] for s in records['ours']['layers']]} "
-          f"(expected 2 each): {'PASS' if ok else 'MISS'}")
+    print(
+        f"ours: forward all-reduces per decoder layer {[fwd[s] for s in records['ours']['layers']]} "
+        f"(expected 2 each): {'PASS' if ok else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":

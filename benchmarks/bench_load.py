@@ -31,7 +31,6 @@ import argparse
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -43,25 +42,63 @@ CHUNK = 64 * MiB
 
 # DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite config.json), only num_hidden_layers changed.
 V2_LITE = dict(
-    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-    num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
-    routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128,
-    qk_nope_head_dim=128, topk_method="greedy", n_group=1, topk_group=1, num_experts_per_tok=6,
-    first_k_dense_replace=1, norm_topk_prob=False, hidden_act="silu", max_position_embeddings=163840,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001,
+    vocab_size=102400,
+    hidden_size=2048,
+    intermediate_size=10944,
+    moe_intermediate_size=1408,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    n_shared_experts=2,
+    n_routed_experts=64,
+    routed_scaling_factor=1.0,
+    kv_lora_rank=512,
+    q_lora_rank=None,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    qk_nope_head_dim=128,
+    topk_method="greedy",
+    n_group=1,
+    topk_group=1,
+    num_experts_per_tok=6,
+    first_k_dense_replace=1,
+    norm_topk_prob=False,
+    hidden_act="silu",
+    max_position_embeddings=163840,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=100000,
+    eos_token_id=100001,
     attention_bias=False,
-    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-                     "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
-                     "mscale": 0.707, "mscale_all_dim": 0.707},
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    },
 )
 
 # (key, title) of the printed table
 COLUMNS = [
-    ("method", "method"), ("tp", "tp"), ("rank", "rank"), ("peak", "peak RSS above base (MiB)"),
-    ("anon_file", "at sampled peak: anon/file (MiB)"), ("end", "RSS after load (MiB)"), ("held", "params held (MiB)"),
-    ("share", "ckpt/tp (MiB)"), ("mem_ratio", "peak/target"), ("wall", "wall (s)"), ("walls", "wall, all rounds (s)"),
+    ("method", "method"),
+    ("tp", "tp"),
+    ("rank", "rank"),
+    ("peak", "peak RSS above base (MiB)"),
+    ("anon_file", "at sampled peak: anon/file (MiB)"),
+    ("end", "RSS after load (MiB)"),
+    ("held", "params held (MiB)"),
+    ("share", "ckpt/tp (MiB)"),
+    ("mem_ratio", "peak/target"),
+    ("wall", "wall (s)"),
+    ("walls", "wall, all rounds (s)"),
     ("bytes", "bytes read (MiB)"),
-    ("thr", "MiB/s"), ("thr_ratio", "vs read x1"), ("thr_ratio_n", "vs read xN"), ("mem_ok", "mem"),
+    ("thr", "MiB/s"),
+    ("thr_ratio", "vs read x1"),
+    ("thr_ratio_n", "vs read xN"),
+    ("mem_ok", "mem"),
     ("thr_ok", "speed"),
 ]
 
@@ -117,9 +154,21 @@ class Meter:
         if self.base["VmHWM"] > self.base["VmRSS"] + 4 * MiB:
             raise RuntimeError(f"clear_refs did not reset VmHWM: {self.base}")
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE), "--worker", "sampler", "--pid", str(os.getpid()),
-             "--interval", str(self.interval)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ""})
+            [
+                sys.executable,
+                str(HERE),
+                "--worker",
+                "sampler",
+                "--pid",
+                str(os.getpid()),
+                "--interval",
+                str(self.interval),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": ""},
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def stop(self) -> dict:
@@ -131,12 +180,20 @@ class Meter:
         peak = end["VmHWM"] - b["VmRSS"]
         at = sampled["at_peak"]
         return {
-            "base_rss": b["VmRSS"], "base_anon": b["RssAnon"], "base_file": b["RssFile"],
-            "peak": peak, "hwm": end["VmHWM"], "end_rss": end["VmRSS"] - b["VmRSS"],
-            "end_anon": end["RssAnon"] - b["RssAnon"], "end_file": end["RssFile"] - b["RssFile"],
-            "sampled_peak": at["VmRSS"] - b["VmRSS"], "sampled_anon": at["RssAnon"] - b["RssAnon"],
-            "sampled_file": at["RssFile"] - b["RssFile"], "max_file": sampled["max_file"] - b["RssFile"],
-            "max_anon": sampled["max_anon"] - b["RssAnon"], "samples": sampled["samples"],
+            "base_rss": b["VmRSS"],
+            "base_anon": b["RssAnon"],
+            "base_file": b["RssFile"],
+            "peak": peak,
+            "hwm": end["VmHWM"],
+            "end_rss": end["VmRSS"] - b["VmRSS"],
+            "end_anon": end["RssAnon"] - b["RssAnon"],
+            "end_file": end["RssFile"] - b["RssFile"],
+            "sampled_peak": at["VmRSS"] - b["VmRSS"],
+            "sampled_anon": at["RssAnon"] - b["RssAnon"],
+            "sampled_file": at["RssFile"] - b["RssFile"],
+            "max_file": sampled["max_file"] - b["RssFile"],
+            "max_anon": sampled["max_anon"] - b["RssAnon"],
+            "samples": sampled["samples"],
         }
 
 
@@ -163,8 +220,11 @@ def build_main(path: Path, layers: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     model.to(torch.bfloat16).save_pretrained(tmp)
     tmp.rename(path)
-    print(f"built {path} ({ckpt_bytes(path) / 1e9:.2f} GB, {len(ckpt_files(path))} file(s)) "
-          f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"built {path} ({ckpt_bytes(path) / 1e9:.2f} GB, {len(ckpt_files(path))} file(s)) "
+        f"in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
 
 
 def ensure_checkpoint(workdir: Path, layers: int) -> Path:
@@ -173,8 +233,9 @@ def ensure_checkpoint(workdir: Path, layers: int) -> Path:
         print(f"reusing {path} ({ckpt_bytes(path) / 1e9:.2f} GB)", flush=True)
         return path
     workdir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(HERE), "--worker", "build", "--ckpt", str(path), "--layers", str(layers)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, str(HERE), "--worker", "build", "--ckpt", str(path), "--layers", str(layers)], check=True
+    )
     return path
 
 
@@ -205,7 +266,7 @@ def read_range_into_memory(path: Path, rank: int, world: int) -> int:
                 fh.seek(a - offset)
                 pos = 0
                 while pos < b - a:
-                    n = fh.readinto(view[pos:pos + CHUNK])
+                    n = fh.readinto(view[pos : pos + CHUNK])
                     if not n:
                         raise RuntimeError(f"{f}: short read")
                     pos += n
@@ -270,14 +331,15 @@ def rank_main(method: str, tp: int, ckpt: str) -> dict:
     torch.set_num_threads(1)
     path = Path(ckpt)
     t_import = time.perf_counter()
-    import npu_parallel
-    import torch.distributed.tensor  # noqa: F401  (DTensor, used by tp_plan="auto")
-    import transformers.conversion_mapping  # noqa: F401
-    import transformers.core_model_loading  # noqa: F401
+    import torch.distributed.tensor
+    import transformers.conversion_mapping
+    import transformers.core_model_loading
     import transformers.distributed.tensor_parallel  # noqa: F401
-    from npu_parallel.checkpoint.load import load_pretrained
     from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2ForCausalLM  # noqa: F401
     from transformers.utils import logging as hf_logging
+
+    import npu_parallel
+    from npu_parallel.checkpoint.load import load_pretrained
 
     # transformers imports lazily: pull in the model's modules (~3 s here) now, so that no method pays them
     # inside its timed window and every RSS baseline includes them
@@ -288,8 +350,16 @@ def rank_main(method: str, tp: int, ckpt: str) -> dict:
     state = npu_parallel.init_distributed(tp if method != "read" else None, timeout_s=1200)
     rank, world = state.rank, state.world_size
     total = ckpt_bytes(path)
-    rec = {"method": method, "tp": tp, "world": world, "rank": rank, "ckpt_bytes": total,
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "import_s": t_import}
+    rec = {
+        "method": method,
+        "tp": tp,
+        "world": world,
+        "rank": rank,
+        "ckpt_bytes": total,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "import_s": t_import,
+    }
     meter = Meter()
     dist.barrier()
 
@@ -351,8 +421,12 @@ def rank_main(method: str, tp: int, ckpt: str) -> dict:
             touch(model)
             rec["touch_s"] = time.perf_counter() - t1
             after = proc_status()
-            rec.update(touch_peak=after["VmHWM"] - rec["base_rss"], touch_rss=after["VmRSS"] - rec["base_rss"],
-                       touch_anon=after["RssAnon"] - rec["base_anon"], touch_file=after["RssFile"] - rec["base_file"])
+            rec.update(
+                touch_peak=after["VmHWM"] - rec["base_rss"],
+                touch_rss=after["VmRSS"] - rec["base_rss"],
+                touch_anon=after["RssAnon"] - rec["base_anon"],
+                touch_file=after["RssFile"] - rec["base_file"],
+            )
         if model is not None:
             rec["mmap_views"] = mmap_view_bytes(model, path)
             rec["held"] = param_bytes(model)
@@ -377,8 +451,9 @@ def launch(method: str, nproc: int, tp: int, ckpt: Path, out: Path, timeout: int
     print(f"$ bench_load:rank_main on {nproc} rank(s): {method} tp={tp}", flush=True)
     t0, log = time.perf_counter(), out / f"{method}_tp{tp}.log"
     try:
-        recs = launch_ranks("bench_load:rank_main", nproc, method, tp, str(ckpt), timeout=timeout,
-                            env={"OMP_NUM_THREADS": "1"})
+        recs = launch_ranks(
+            "bench_load:rank_main", nproc, method, tp, str(ckpt), timeout=timeout, env={"OMP_NUM_THREADS": "1"}
+        )
         error = None
     except LaunchError as exc:
         log.write_text(str(exc))
@@ -387,13 +462,22 @@ def launch(method: str, nproc: int, tp: int, ckpt: Path, out: Path, timeout: int
     status = "ok" if error is None else f"FAILED (log {log})"
     print(f"  -> {status} in {time.perf_counter() - t0:.0f} s", flush=True)
     for r in range(nproc):
-        rec = recs[r] if recs else {"method": method, "tp": tp, "rank": r, "ckpt_bytes": ckpt_bytes(ckpt),
-                                    "error": f"ranks failed: {error}"}
+        rec = (
+            recs[r]
+            if recs
+            else {
+                "method": method,
+                "tp": tp,
+                "rank": r,
+                "ckpt_bytes": ckpt_bytes(ckpt),
+                "error": f"ranks failed: {error}",
+            }
+        )
         (out / f"{method}_tp{tp}_r{r}.json").write_text(json.dumps(rec))
 
 
 def fmt_row(rec: dict, ref_thr: float | None, ref_thr_n: dict, ratio_target: float, slack: int) -> dict:
-    mib = lambda b: f"{b / MiB:.0f}"  # noqa: E731
+    mib = lambda b: f"{b / MiB:.0f}"
     tp = rec["tp"]
     row = {"method": rec["method"], "tp": str(tp), "rank": str(rec["rank"])}
     share = rec["ckpt_bytes"] / tp if rec["method"] not in ("read", "read_st") else rec.get("bytes_read", 0)
@@ -435,7 +519,7 @@ def table(recs: list[dict], ratio_target: float, slack: int) -> str:
     ref = ref_thr_n.get(1)
     rows = [fmt_row(r, ref, ref_thr_n, ratio_target, slack) for r in recs]
     widths = {k: max(len(t), *(len(row.get(k, "")) for row in rows)) for k, t in COLUMNS}
-    line = lambda cells: "| " + " | ".join(c.ljust(widths[k]) for (k, _), c in zip(COLUMNS, cells)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(c.ljust(widths[k]) for (k, _), c in zip(COLUMNS, cells, strict=True)) + " |"
     out = [line([t for _, t in COLUMNS]), "|" + "|".join("-" * (widths[k] + 2) for k, _ in COLUMNS) + "|"]
     out += [line([row.get(k, "") for k, _ in COLUMNS]) for row in rows]
     errors = sorted({(row["method"], row["tp"], row["error"]) for row in rows if "error" in row})
@@ -445,30 +529,44 @@ def table(recs: list[dict], ratio_target: float, slack: int) -> str:
 
 
 TOUCH_COLUMNS = [
-    ("method", "method"), ("tp", "tp"), ("rank", "rank"), ("views", "params left as mmap views: contig/strided (MiB)"),
-    ("touch_s", "touch all params (s)"), ("touch_peak", "peak incl. touch (MiB)"),
-    ("touch_af", "RSS after touch: anon/file (MiB)"), ("touch_ratio", "peak incl. touch/target"),
+    ("method", "method"),
+    ("tp", "tp"),
+    ("rank", "rank"),
+    ("views", "params left as mmap views: contig/strided (MiB)"),
+    ("touch_s", "touch all params (s)"),
+    ("touch_peak", "peak incl. touch (MiB)"),
+    ("touch_af", "RSS after touch: anon/file (MiB)"),
+    ("touch_ratio", "peak incl. touch/target"),
 ]
 
 
 def touch_table(recs: list[dict], ratio_target: float, slack: int) -> str:
     """What first use costs: every parameter byte read once after the load returned."""
-    mib = lambda b: f"{b / MiB:.0f}"  # noqa: E731
+    mib = lambda b: f"{b / MiB:.0f}"
     rows = []
     for r in recs:
         if "touch_s" not in r:
             continue
         target = ratio_target * r["ckpt_bytes"] / r["tp"] + slack * MiB
         v = r.get("mmap_views", {})
-        rows.append({"method": r["method"], "tp": str(r["tp"]), "rank": str(r["rank"]),
-                     "views": f"{mib(v.get('contiguous', 0))}/{mib(v.get('strided', 0))}",
-                     "touch_s": f"{r['touch_s']:.2f}", "touch_peak": mib(r["touch_peak"]),
-                     "touch_af": f"{mib(r['touch_anon'])}/{mib(r['touch_file'])}",
-                     "touch_ratio": f"{r['touch_peak'] / target:.2f}"})
+        rows.append(
+            {
+                "method": r["method"],
+                "tp": str(r["tp"]),
+                "rank": str(r["rank"]),
+                "views": f"{mib(v.get('contiguous', 0))}/{mib(v.get('strided', 0))}",
+                "touch_s": f"{r['touch_s']:.2f}",
+                "touch_peak": mib(r["touch_peak"]),
+                "touch_af": f"{mib(r['touch_anon'])}/{mib(r['touch_file'])}",
+                "touch_ratio": f"{r['touch_peak'] / target:.2f}",
+            }
+        )
     if not rows:
         return ""
     widths = {k: max(len(t), *(len(row[k]) for row in rows)) for k, t in TOUCH_COLUMNS}
-    line = lambda cells: "| " + " | ".join(c.ljust(widths[k]) for (k, _), c in zip(TOUCH_COLUMNS, cells)) + " |"  # noqa: E731
+    line = lambda cells: (
+        "| " + " | ".join(c.ljust(widths[k]) for (k, _), c in zip(TOUCH_COLUMNS, cells, strict=True)) + " |"
+    )
     out = [line([t for _, t in TOUCH_COLUMNS]), "|" + "|".join("-" * (widths[k] + 2) for k, _ in TOUCH_COLUMNS) + "|"]
     return "\n".join(out + [line([row[k] for k, _ in TOUCH_COLUMNS]) for row in rows])
 
@@ -480,8 +578,12 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4], help="tensor-parallel sizes for ours")
     ap.add_argument("--naive-tp", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--hf-tp", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--only", nargs="+", choices=["read", "read_st", "ours", "naive", "hf_tp"],
-                    default=["read", "read_st", "ours", "naive", "hf_tp"])
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=["read", "read_st", "ours", "naive", "hf_tp"],
+        default=["read", "read_st", "ours", "naive", "hf_tp"],
+    )
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the median round (by slowest rank) is shown")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per torchrun launch")
     ap.add_argument("--target-ratio", type=float, default=1.15)
@@ -503,8 +605,11 @@ def main() -> None:
     ckpt = ensure_checkpoint(args.workdir, args.layers)
     out = args.workdir / f"results_{time.strftime('%Y%m%d_%H%M%S')}"
     out.mkdir(parents=True)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs; "
-          f"checkpoint {ckpt} = {ckpt_bytes(ckpt)} bytes in {len(ckpt_files(ckpt))} file(s)", flush=True)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs; "
+        f"checkpoint {ckpt} = {ckpt_bytes(ckpt)} bytes in {len(ckpt_files(ckpt))} file(s)",
+        flush=True,
+    )
     print(f"page cache warm-up read: {warm_cache(ckpt):.1f} s", flush=True)
     plan = []
     if "read" in args.only:
@@ -524,10 +629,12 @@ def main() -> None:
             launch(method, nproc, tp, ckpt, out / f"rep{rep}", args.timeout)
     recs = []
     for method, nproc, tp in plan:
-        runs = [[json.loads((out / f"rep{rep}" / f"{method}_tp{tp}_r{r}.json").read_text()) for r in range(nproc)]
-                for rep in range(args.repeat)]
+        runs = [
+            [json.loads((out / f"rep{rep}" / f"{method}_tp{tp}_r{r}.json").read_text()) for r in range(nproc)]
+            for rep in range(args.repeat)
+        ]
         # report the round whose slowest rank is the median; keep every round's wall time per rank
-        slowest = lambda run: max((x.get("wall", float("inf")) for x in run), default=0)  # noqa: E731
+        slowest = lambda run: max((x.get("wall", float("inf")) for x in run), default=0)
         chosen = sorted(runs, key=slowest)[(len(runs) - 1) // 2]
         for r, rec in enumerate(chosen):
             rec["walls"] = [run[r].get("wall") for run in runs]

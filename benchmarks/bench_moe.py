@@ -57,9 +57,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -78,13 +78,22 @@ HF_IMPLS = ("grouped_mm", "eager")
 
 # ----------------------------------------------------------------------------------------------- the layer
 
+
 def hf_config(args, num_experts: int):
     from transformers import DeepseekV2Config
 
-    return DeepseekV2Config(hidden_size=args.hidden, moe_intermediate_size=args.intermediate,
-                            n_routed_experts=num_experts, num_experts_per_tok=args.top_k, n_shared_experts=2,
-                            topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, hidden_act="silu",
-                            num_hidden_layers=1)
+    return DeepseekV2Config(
+        hidden_size=args.hidden,
+        moe_intermediate_size=args.intermediate,
+        n_routed_experts=num_experts,
+        num_experts_per_tok=args.top_k,
+        n_shared_experts=2,
+        topk_method="greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        hidden_act="silu",
+        num_hidden_layers=1,
+    )
 
 
 def make_router(args, num_experts: int, seed: int) -> nn.Module:
@@ -121,6 +130,7 @@ def make_hf_experts(args, num_experts: int, seed: int) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------- implementations
 
+
 @dataclass
 class Impl:
     name: str
@@ -149,12 +159,14 @@ def hf_impls(hf_experts: nn.Module) -> list[Impl]:
         def run(x, i, w):
             hf_experts.config._experts_implementation = impl
             return hf_experts(x, i, w)
+
         return run
 
     return [Impl(f"hf_{impl}", call(impl), hf_experts) for impl in HF_IMPLS]
 
 
 # ----------------------------------------------------------------------------------------------- one step
+
 
 def now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
@@ -194,16 +206,21 @@ def step(router: nn.Module, impl: Impl, shared: nn.Module, x0: torch.Tensor, pro
     grads = {"x": xe.grad, "weights": we.grad}
     for n in ("gate_up_proj", "down_proj"):
         grads[n] = getattr(impl.module, n).grad
-    return times, {"y": ye.detach(), "indices": indices.detach(), "weights": weights.detach(),
-                   "grads": {k: v.detach().clone() for k, v in grads.items()}}
+    return times, {
+        "y": ye.detach(),
+        "indices": indices.detach(),
+        "weights": weights.detach(),
+        "grads": {k: v.detach().clone() for k, v in grads.items()},
+    }
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
 
-def dropped_weights(indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts,
-                    cf: float) -> tuple[torch.Tensor, int]:
+def dropped_weights(
+    indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts, cf: float
+) -> tuple[torch.Tensor, int]:
     """Routing weights with the slots an expert cannot take (past capacity, counted in token order) zeroed."""
     t, k = indices.shape
     cap = capacity(t, k, experts.num_experts, cf)
@@ -267,8 +284,9 @@ def _compare(cell: Cell, impl: Impl, res: dict, ref: dict | None, x0: torch.Tens
             checks[f"d{k}"] = max_diff(v, r)
 
 
-def run_cell(args, cell: Cell, router, impls: list[Impl], shared, experts: LocalExperts,
-             predicted: dict[str, float], log) -> Cell:
+def run_cell(
+    args, cell: Cell, router, impls: list[Impl], shared, experts: LocalExperts, predicted: dict[str, float], log
+) -> Cell:
     g = torch.Generator().manual_seed(1000 + cell.tokens)
     x0 = torch.randn(cell.tokens, args.hidden, generator=g)
     proj = torch.randn(cell.tokens, args.hidden, generator=g)
@@ -339,18 +357,21 @@ def run_cell(args, cell: Cell, router, impls: list[Impl], shared, experts: Local
             samples.append(t)
             spent[impl.name] += t["total_cpu"]
     for impl in active:
-        log(f"    {impl.name:<16} median total {cell.median(impl.name, 'total', 'wall') * 1e3:9.1f} ms wall "
+        log(
+            f"    {impl.name:<16} median total {cell.median(impl.name, 'total', 'wall') * 1e3:9.1f} ms wall "
             f"{cell.median(impl.name, 'total', 'cpu') * 1e3:9.1f} ms cpu, expert "
-            f"{cell.median(impl.name, 'expert', 'cpu') * 1e3:9.1f} ms cpu  (n={len(cell.samples[impl.name])})")
+            f"{cell.median(impl.name, 'expert', 'cpu') * 1e3:9.1f} ms cpu  (n={len(cell.samples[impl.name])})"
+        )
     return cell
 
 
 # ----------------------------------------------------------------------------------------------- tables
 
+
 def md_table(header: list[str], rows: list[list]) -> str:
     rows = [[str(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
@@ -364,7 +385,7 @@ def impl_order(cells: list[Cell]) -> list[str]:
         for n in list(c.samples) + list(c.skipped):
             if n not in names:
                 names.append(n)
-    rank = lambda n: (n.startswith("hf_"), n != "grouped", n.startswith("static"), n)  # noqa: E731
+    rank = lambda n: (n.startswith("hf_"), n != "grouped", n.startswith("static"), n)
     return sorted(names, key=rank)
 
 
@@ -388,22 +409,33 @@ def table_times(cells: list[Cell], tokens: list[int], repeats: int) -> str:
                     row.append(skip_text(c.skipped[name]))
                 else:
                     n = len(c.samples[name])
-                    row.append(f"{ms(c.median(name, 'expert', 'cpu'))} / {ms(c.median(name, 'total', 'cpu'))} "
-                               f"({ms(c.median(name, 'total', 'wall'))})" + (f" n={n}" if n < repeats else ""))
+                    row.append(
+                        f"{ms(c.median(name, 'expert', 'cpu'))} / {ms(c.median(name, 'total', 'cpu'))} "
+                        f"({ms(c.median(name, 'total', 'wall'))})" + (f" n={n}" if n < repeats else "")
+                    )
             rows.append(row)
         other = ["shared MLP + router"]
         for t in tokens:
             c = row_cells.get(t)
-            vals = [(x["shared_cpu"] + x["router_cpu"], x["shared"] + x["router"])
-                    for s in (c.samples.values() if c else []) for x in s]
-            other.append(f"{ms(statistics.median(v[0] for v in vals))} ({ms(statistics.median(v[1] for v in vals))})"
-                         if vals else "")
+            vals = [
+                (x["shared_cpu"] + x["router_cpu"], x["shared"] + x["router"])
+                for s in (c.samples.values() if c else [])
+                for x in s
+            ]
+            other.append(
+                f"{ms(statistics.median(v[0] for v in vals))} ({ms(statistics.median(v[1] for v in vals))})"
+                if vals
+                else ""
+            )
         rows.append(other)
         slots = ["local slots (of T x k)"] + [
-            f"{row_cells[t].local_slots} / {t * TOP_K[0]}" if t in row_cells else "" for t in tokens]
+            f"{row_cells[t].local_slots} / {t * TOP_K[0]}" if t in row_cells else "" for t in tokens
+        ]
         rows.append(slots)
-        out.append(f"tp={tp}: local experts {any_cell.num_local} of {any_cell.num_experts}. Median CPU ms, "
-                   f"routed-expert part / whole layer, forward+backward (whole layer, wall-clock ms)")
+        out.append(
+            f"tp={tp}: local experts {any_cell.num_local} of {any_cell.num_experts}. Median CPU ms, "
+            f"routed-expert part / whole layer, forward+backward (whole layer, wall-clock ms)"
+        )
         out.append("")
         out.append(md_table(["impl"] + [f"T={t}" for t in tokens], rows))
         out.append("")
@@ -424,16 +456,38 @@ def table_ratios(cells: list[Cell], tokens: list[int]) -> tuple[str, list[dict]]
     rows, records = [], []
 
     def add(label, c, a, b, target, higher_is_better):
-        r = {clock: {part: (c.median(a, part, clock) / c.median(b, part, clock)) for part in ("expert", "total")}
-             for clock in ("cpu", "wall")}
+        r = {
+            clock: {part: (c.median(a, part, clock) / c.median(b, part, clock)) for part in ("expert", "total")}
+            for clock in ("cpu", "wall")
+        }
         v_cpu = verdict(r["cpu"]["expert"], target, higher_is_better)
         v_wall = verdict(r["wall"]["expert"], target, higher_is_better)
-        f = (lambda v: f"{v:.1f}x") if higher_is_better else (lambda v: f"{v:.2f}")  # noqa: E731
+        f = (lambda v: f"{v:.1f}x") if higher_is_better else (lambda v: f"{v:.2f}")
         goal = "(none)" if target is None else (f">= {target:g}x" if higher_is_better else f"<= {target:g}")
-        rows.append([label, c.tp, c.tokens, f(r["cpu"]["expert"]), f(r["cpu"]["total"]), f(r["wall"]["expert"]),
-                     goal, v_cpu, v_wall])
-        records.append({"what": label, "tp": c.tp, "tokens": c.tokens, "ratios": r, "target": target,
-                        "verdict_cpu": v_cpu, "verdict_wall": v_wall})
+        rows.append(
+            [
+                label,
+                c.tp,
+                c.tokens,
+                f(r["cpu"]["expert"]),
+                f(r["cpu"]["total"]),
+                f(r["wall"]["expert"]),
+                goal,
+                v_cpu,
+                v_wall,
+            ]
+        )
+        records.append(
+            {
+                "what": label,
+                "tp": c.tp,
+                "tokens": c.tokens,
+                "ratios": r,
+                "target": target,
+                "verdict_cpu": v_cpu,
+                "verdict_wall": v_wall,
+            }
+        )
 
     for c in sorted(cells, key=lambda c: (c.tp, c.tokens)):
         if "grouped" not in c.samples:
@@ -448,8 +502,20 @@ def table_ratios(cells: list[Cell], tokens: list[int]) -> tuple[str, list[dict]]
             add(f"{name} / grouped", c, name, "grouped", 1.5, False)
     order = {"masked": 0, "grouped": 1}
     rows.sort(key=lambda r: (order.get(r[0].split(" ")[0], 2), r[0], r[1], r[2]))
-    return md_table(["comparison (ratio of medians)", "tp", "tokens", "expert part, CPU", "whole layer, CPU",
-                     "expert part, wall", "target (expert part)", "verdict (CPU)", "verdict (wall)"], rows), records
+    return md_table(
+        [
+            "comparison (ratio of medians)",
+            "tp",
+            "tokens",
+            "expert part, CPU",
+            "whole layer, CPU",
+            "expert part, wall",
+            "target (expert part)",
+            "verdict (CPU)",
+            "verdict (wall)",
+        ],
+        rows,
+    ), records
 
 
 def table_scaling_tokens(cells: list[Cell], tokens: list[int]) -> str:
@@ -501,8 +567,10 @@ def table_sweep(cells: list[Cell]) -> str:
                 v = c.median(n)
                 row.append("-" if v is None else f"{ms(v)} ({v / c.local_slots * 1e6:.1f} us/slot)")
         rows.append(row)
-    return md_table(["total experts E", "tp = E/16", "local", "local slots (share of T x k)"] +
-                    [f"{n}: expert ms" for n in names], rows)
+    return md_table(
+        ["total experts E", "tp = E/16", "local", "local slots (share of T x k)"] + [f"{n}: expert ms" for n in names],
+        rows,
+    )
 
 
 def checks_table(cells: list[Cell]) -> str:
@@ -524,17 +592,41 @@ def checks_table(cells: list[Cell]) -> str:
             if n in c.notes:
                 drops.append(c.notes[n])
         ref = "grouped with dropped weights = 0" if "@cf" in n else "masked"
-        fmt = lambda k: "-" if k not in worst else f"{worst[k]:.1e}"  # noqa: E731
+        fmt = lambda k, worst=worst: "-" if k not in worst else f"{worst[k]:.1e}"
         drop_txt = ""
         if drops:
             total = sum(d[0] for d in drops)
             agree = all(d[1] == "n/a" or d[1] == d[0] for d in drops)
             drop_txt = f"{total} slots dropped in all; reported count {'matches' if agree else 'DIFFERS'}"
-        rows.append([n, "(the reference)" if n == "masked" else ref, checked, grad_cells,
-                     fmt("y_abs") if n == "masked" else fmt("y"), fmt("dx"), fmt("dweights"), fmt("dgate_up_proj"),
-                     fmt("ddown_proj"), drop_txt])
-    return md_table(["impl", "reference", "cells", "cells w/ grads", "output (masked: max abs)", "input grad",
-                     "routing-weight grad", "gate_up grad", "down grad", "drops"], rows)
+        rows.append(
+            [
+                n,
+                "(the reference)" if n == "masked" else ref,
+                checked,
+                grad_cells,
+                fmt("y_abs") if n == "masked" else fmt("y"),
+                fmt("dx"),
+                fmt("dweights"),
+                fmt("dgate_up_proj"),
+                fmt("ddown_proj"),
+                drop_txt,
+            ]
+        )
+    return md_table(
+        [
+            "impl",
+            "reference",
+            "cells",
+            "cells w/ grads",
+            "output (masked: max abs)",
+            "input grad",
+            "routing-weight grad",
+            "gate_up grad",
+            "down grad",
+            "drops",
+        ],
+        rows,
+    )
 
 
 def save_chart(cells: list[Cell], tokens: list[int], path: str, title: str) -> None:
@@ -560,9 +652,16 @@ def save_chart(cells: list[Cell], tokens: list[int], path: str, title: str) -> N
             ax.plot(tokens, [v_last * 1e3 * t / t_last for t in tokens], ":", color="gray", label="proportional to T")
         skipped = sorted({n for c in tp1.values() for n in c.skipped})
         if skipped:
-            ax.text(0.2, 0.97, f"{', '.join(skipped)}: only T={min(tp1)}, larger T skipped\n"
-                    f"(predicted over --max-iteration CPU s per iteration)",
-                    transform=ax.transAxes, fontsize=7, color="dimgray", va="top")
+            ax.text(
+                0.2,
+                0.97,
+                f"{', '.join(skipped)}: only T={min(tp1)}, larger T skipped\n"
+                f"(predicted over --max-iteration CPU s per iteration)",
+                transform=ax.transAxes,
+                fontsize=7,
+                color="dimgray",
+                va="top",
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(tokens)
@@ -580,6 +679,7 @@ def save_chart(cells: list[Cell], tokens: list[int], path: str, title: str) -> N
 
 # ----------------------------------------------------------------------------------------------- main
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: hidden 128, intermediate 64, tokens 64 128")
@@ -589,27 +689,58 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=6)
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--capacity-factor", type=float, nargs="*", default=[1.25],
-                   help="extra runs of implementations that take a capacity_factor (none: only as registered)")
-    p.add_argument("--sweep-experts", type=int, nargs="*", default=[16, 32, 64, 128],
-                   help="total experts for the fixed-local-experts sweep (empty: no sweep)")
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        nargs="*",
+        default=[1.25],
+        help="extra runs of implementations that take a capacity_factor (none: only as registered)",
+    )
+    p.add_argument(
+        "--sweep-experts",
+        type=int,
+        nargs="*",
+        default=[16, 32, 64, 128],
+        help="total experts for the fixed-local-experts sweep (empty: no sweep)",
+    )
     p.add_argument("--sweep-local", type=int, default=16, help="local experts in the sweep (tp = E / this)")
     p.add_argument("--sweep-tokens", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--long-iteration", type=float, default=2.0,
-                   help="an implementation whose first iteration took longer gets no second warmup (s)")
-    p.add_argument("--cell-seconds", type=float, default=10.0,
-                   help="stop sampling an implementation in a cell once its timed iterations add up to this (s)")
-    p.add_argument("--max-iteration", type=float, default=8.0,
-                   help="skip a cell for an implementation when its predicted iteration exceeds this (CPU s)")
-    p.add_argument("--sweep-max-iteration", type=float, default=30.0,
-                   help="--max-iteration for the sweep (masked costs the same at every E there)")
-    p.add_argument("--check-tokens", type=int, default=512,
-                   help="where masked is not timed, its no-grad forward on this many tokens is the reference")
-    p.add_argument("--chart", default=None,
-                   help="PNG path (default benchmarks/moe_time_vs_tokens.png; --quick: a temp file)")
+    p.add_argument(
+        "--long-iteration",
+        type=float,
+        default=2.0,
+        help="an implementation whose first iteration took longer gets no second warmup (s)",
+    )
+    p.add_argument(
+        "--cell-seconds",
+        type=float,
+        default=10.0,
+        help="stop sampling an implementation in a cell once its timed iterations add up to this (s)",
+    )
+    p.add_argument(
+        "--max-iteration",
+        type=float,
+        default=8.0,
+        help="skip a cell for an implementation when its predicted iteration exceeds this (CPU s)",
+    )
+    p.add_argument(
+        "--sweep-max-iteration",
+        type=float,
+        default=30.0,
+        help="--max-iteration for the sweep (masked costs the same at every E there)",
+    )
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        default=512,
+        help="where masked is not timed, its no-grad forward on this many tokens is the reference",
+    )
+    p.add_argument(
+        "--chart", default=None, help="PNG path (default benchmarks/moe_time_vs_tokens.png; --quick: a temp file)"
+    )
     p.add_argument("--json", default=None, help="write every sample here")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args()
@@ -619,8 +750,11 @@ def main() -> None:
         args.sweep_experts, args.sweep_tokens = [16, 32], 128
         args.repeats, args.warmup = 2, 1
     TOP_K[0] = args.top_k
-    chart = args.chart or (str(HERE / "moe_time_vs_tokens.png") if not args.quick else
-                           os.path.join(os.environ.get("TMPDIR", "/tmp"), "moe_time_vs_tokens_quick.png"))
+    chart = args.chart or (
+        str(HERE / "moe_time_vs_tokens.png")
+        if not args.quick
+        else os.path.join(os.environ.get("TMPDIR", "/tmp"), "moe_time_vs_tokens_quick.png")
+    )
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -641,8 +775,10 @@ def main() -> None:
         predicted: dict[str, float] = {}
         prev = None
         for t in sorted(args.tokens):
-            log(f"tp={tp} tokens={t} (local experts {experts.num_local} of {experts.num_experts}), "
-                f"{time.perf_counter() - started:.0f} s so far")
+            log(
+                f"tp={tp} tokens={t} (local experts {experts.num_local} of {experts.num_experts}), "
+                f"{time.perf_counter() - started:.0f} s so far"
+            )
             if prev is not None:
                 for impl in impls:
                     base = prev.median(impl.name, "total", "cpu")
@@ -650,8 +786,16 @@ def main() -> None:
                         predicted[impl.name] = base * t / prev.tokens
                     elif isinstance(prev.skipped.get(impl.name), float):
                         predicted[impl.name] = prev.skipped[impl.name] * t / prev.tokens
-            cell = run_cell(args, Cell(tp, t, experts.num_experts, experts.num_local), router, impls, shared, experts,
-                            predicted, log)
+            cell = run_cell(
+                args,
+                Cell(tp, t, experts.num_experts, experts.num_local),
+                router,
+                impls,
+                shared,
+                experts,
+                predicted,
+                log,
+            )
             cells.append(cell)
             prev = cell
         del experts, impls, shared
@@ -671,8 +815,16 @@ def main() -> None:
             router_e = make_router(args, e, seed=4)
             shared = make_shared(args, tp, seed=3)
             sweep_args = argparse.Namespace(**{**vars(args), "max_iteration": args.sweep_max_iteration})
-            cell = run_cell(sweep_args, Cell(tp, args.sweep_tokens, e, args.sweep_local), router_e,
-                            our_impls(experts, args.capacity_factor), shared, experts, predicted, log)
+            cell = run_cell(
+                sweep_args,
+                Cell(tp, args.sweep_tokens, e, args.sweep_local),
+                router_e,
+                our_impls(experts, args.capacity_factor),
+                shared,
+                experts,
+                predicted,
+                log,
+            )
             for name in cell.samples:
                 predicted[name] = cell.median(name, "total", "cpu")  # masked: flat in E here; the others shrink
             sweep.append(cell)
@@ -682,19 +834,27 @@ def main() -> None:
     # --- report
     print(f"# bench_moe.py{' --quick' if args.quick else ''}: MoE layer forward+backward on one simulated TP rank")
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({_cpu_name()}), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}, "
-          f"load average at the end {os.getloadavg()[0]:.2f}")
-    print(f"layer: hidden {args.hidden}, expert intermediate {args.intermediate}, {args.experts} routed experts, "
-          f"top-{args.top_k} greedy softmax router (DeepseekV2TopkRouter), 2 shared experts (this rank's shard: "
-          f"intermediate 2*{args.intermediate}/tp), fp32")
-    print(f"implementations: {names} from npu_parallel.moe.dispatchers (+ @cf{args.capacity_factor} variants), "
-          f"baselines hf_grouped_mm / hf_eager (DeepseekV2Experts, tp=1)")
-    print(f"timing: warmup {args.warmup} (1 when the first iteration > {args.long_iteration:g} s), median of up to "
-          f"{args.repeats} alternating repeats (fewer once an implementation spent {args.cell_seconds:g} s in a cell: "
-          f"n shown), cells predicted over {args.max_iteration:g} CPU s per iteration skipped; times are this "
-          f"process's CPU time (1 thread: unaffected by waiting for a core) unless marked wall; "
-          f"run took {elapsed:.0f} s wall")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({_cpu_name()}), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}, "
+        f"load average at the end {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"layer: hidden {args.hidden}, expert intermediate {args.intermediate}, {args.experts} routed experts, "
+        f"top-{args.top_k} greedy softmax router (DeepseekV2TopkRouter), 2 shared experts (this rank's shard: "
+        f"intermediate 2*{args.intermediate}/tp), fp32"
+    )
+    print(
+        f"implementations: {names} from npu_parallel.moe.dispatchers (+ @cf{args.capacity_factor} variants), "
+        f"baselines hf_grouped_mm / hf_eager (DeepseekV2Experts, tp=1)"
+    )
+    print(
+        f"timing: warmup {args.warmup} (1 when the first iteration > {args.long_iteration:g} s), median of up to "
+        f"{args.repeats} alternating repeats (fewer once an implementation spent {args.cell_seconds:g} s in a cell: "
+        f"n shown), cells predicted over {args.max_iteration:g} CPU s per iteration skipped; times are this "
+        f"process's CPU time (1 thread: unaffected by waiting for a core) unless marked wall; "
+        f"run took {elapsed:.0f} s wall"
+    )
     print()
     print("## Numerical check (first warmup iteration of every cell; largest max abs difference over the cells)")
     print()
@@ -702,11 +862,16 @@ def main() -> None:
     refs = sorted({c.reference for c in cells + sweep})
     if any(r != "masked" for r in refs):
         print()
-        print("Cells where masked was not timed: " + ", ".join(
-            f"tp={c.tp} T={c.tokens}" + (f" E={c.num_experts}" if c in sweep else "")
-            for c in cells + sweep if c.reference != "masked") +
-              f" (reference output: masked's no-grad forward on the first {args.check_tokens} tokens; gradients not "
-              f"compared there)")
+        print(
+            "Cells where masked was not timed: "
+            + ", ".join(
+                f"tp={c.tp} T={c.tokens}" + (f" E={c.num_experts}" if c in sweep else "")
+                for c in cells + sweep
+                if c.reference != "masked"
+            )
+            + f" (reference output: masked's no-grad forward on the first {args.check_tokens} tokens; gradients not "
+            f"compared there)"
+        )
     print()
     print("## (a) Time per implementation")
     print()
@@ -720,26 +885,45 @@ def main() -> None:
     print()
     print(table_scaling_tokens(cells, sorted(args.tokens)))
     print()
-    print(f"## (c2) Fixed tokens and total experts ({args.experts}), local experts {args.experts}/tp: expert part, "
-          f"median CPU ms (from (a))")
+    print(
+        f"## (c2) Fixed tokens and total experts ({args.experts}), local experts {args.experts}/tp: expert part, "
+        f"median CPU ms (from (a))"
+    )
     print()
     print(table_local(cells))
     print()
     if sweep:
-        print(f"## (c3) Fixed tokens ({args.sweep_tokens}) and fixed local experts ({args.sweep_local}), growing total "
-              f"experts (tp = E/{args.sweep_local}): expert part, median CPU ms")
+        print(
+            f"## (c3) Fixed tokens ({args.sweep_tokens}) and fixed local experts ({args.sweep_local}), growing total "
+            f"experts (tp = E/{args.sweep_local}): expert part, median CPU ms"
+        )
         print()
         print(table_sweep(sweep))
         print()
-    save_chart(cells, sorted(args.tokens), chart,
-               f"MoE layer fwd+bwd, hidden {args.hidden}, intermediate {args.intermediate}, {args.experts} experts "
-               f"top-{args.top_k}, fp32, {torch.get_num_threads()} thread(s); median")
+    save_chart(
+        cells,
+        sorted(args.tokens),
+        chart,
+        f"MoE layer fwd+bwd, hidden {args.hidden}, intermediate {args.intermediate}, {args.experts} experts "
+        f"top-{args.top_k}, fp32, {torch.get_num_threads()} thread(s); median",
+    )
     print(f"chart: {chart}")
     if args.json:
-        dump = [{"tp": c.tp, "tokens": c.tokens, "experts": c.num_experts, "local": c.num_local,
-                 "local_slots": c.local_slots, "samples": c.samples, "skipped": c.skipped,
-                 "checks": {k: {a: b for a, b in v.items() if not a.startswith("_")} for k, v in c.checks.items()},
-                 "warmups": c.warmups, "sweep": c in sweep} for c in cells + sweep]
+        dump = [
+            {
+                "tp": c.tp,
+                "tokens": c.tokens,
+                "experts": c.num_experts,
+                "local": c.num_local,
+                "local_slots": c.local_slots,
+                "samples": c.samples,
+                "skipped": c.skipped,
+                "checks": {k: {a: b for a, b in v.items() if not a.startswith("_")} for k, v in c.checks.items()},
+                "warmups": c.warmups,
+                "sweep": c in sweep,
+            }
+            for c in cells + sweep
+        ]
         Path(args.json).write_text(json.dumps({"args": vars(args), "cells": dump, "ratios": records}, indent=1))
 
 

@@ -25,12 +25,12 @@ def worker(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(HERE))
     import torch
     import torch.distributed as dist
-
     from memory import peak_bytes, reset_peak
 
     torch.set_num_threads(1)
-    import npu_parallel
     from transformers import AutoModelForCausalLM
+
+    import npu_parallel
 
     state = npu_parallel.init_distributed(args.tp)
     base = reset_peak()
@@ -41,13 +41,16 @@ def worker(args: argparse.Namespace) -> dict:
         from transformers import DistributedConfig
 
         model = AutoModelForCausalLM.from_pretrained(
-            args.model, distributed_config=DistributedConfig(tp_size=args.tp, tp_plan="auto"), dtype=torch.float32)
+            args.model, distributed_config=DistributedConfig(tp_size=args.tp, tp_plan="auto"), dtype=torch.float32
+        )
     t_load = time.perf_counter() - t_load
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
-               for _ in range(args.warmup + args.steps)]
+    batches = [
+        torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+        for _ in range(args.warmup + args.steps)
+    ]
     times, losses = [], []
     for i, ids in enumerate(batches):
         dist.barrier()
@@ -60,9 +63,18 @@ def worker(args: argparse.Namespace) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(loss_value)
-    record = {"impl": args.impl, "repeat": args.repeat, "rank": state.rank, "tp": args.tp, "load_s": t_load,
-              "step_s": sum(times) / len(times), "tokens_per_s": args.batch * args.seq / (sum(times) / len(times)),
-              "peak_mb": (peak_bytes() - base) / 2**20, "first_loss": losses[0], "last_loss": losses[-1]}
+    record = {
+        "impl": args.impl,
+        "repeat": args.repeat,
+        "rank": state.rank,
+        "tp": args.tp,
+        "load_s": t_load,
+        "step_s": sum(times) / len(times),
+        "tokens_per_s": args.batch * args.seq / (sum(times) / len(times)),
+        "peak_mb": (peak_bytes() - base) / 2**20,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
     return record
 
 
@@ -70,8 +82,16 @@ def launch(impl: str, args, model: Path, out: Path) -> None:
     """``worker`` on ``args.tp`` ranks; their records appended to ``out``."""
     from npu_parallel.tools.launch import launch as launch_ranks
 
-    worker_args = argparse.Namespace(impl=impl, model=str(model), tp=args.tp, steps=args.steps, warmup=args.warmup,
-                                     batch=args.batch, seq=args.seq, repeat=args.repeat)
+    worker_args = argparse.Namespace(
+        impl=impl,
+        model=str(model),
+        tp=args.tp,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch=args.batch,
+        seq=args.seq,
+        repeat=args.repeat,
+    )
     records = launch_ranks("bench_train:worker", args.tp, worker_args, env={"OMP_NUM_THREADS": "1"})
     with open(out, "a") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
@@ -107,16 +127,26 @@ def main() -> None:
                 runs.setdefault(r["repeat"], []).append(r)
         best[impl] = max(runs.values(), key=lambda rs: min(r["tokens_per_s"] for r in rs))
     rows = best["ours"] + best["transformers"]
-    spread = {impl: sorted(round(min(r["tokens_per_s"] for r in rs)) for rs in
-                           [[r for r in everything if r["impl"] == impl and r["repeat"] == k] for k in range(args.repeats)])
-              for impl in ("ours", "transformers")}
-    print(f"tiny DeepSeek-V2-Lite-shaped model, tp={args.tp}, batch {args.batch} x {args.seq} tokens, "
-          f"{args.steps} timed steps after {args.warmup} warmup, AdamW, fp32, CPU gloo; best of {args.repeats} "
-          f"alternating launches (slowest-rank tokens/s per launch: {spread})")
-    print(f"{'impl':<14}{'rank':>5}{'tokens/s':>10}{'step s':>9}{'peak RSS MB':>13}{'load s':>8}{'loss first->last':>20}")
+    spread = {
+        impl: sorted(
+            round(min(r["tokens_per_s"] for r in rs))
+            for rs in [[r for r in everything if r["impl"] == impl and r["repeat"] == k] for k in range(args.repeats)]
+        )
+        for impl in ("ours", "transformers")
+    }
+    print(
+        f"tiny DeepSeek-V2-Lite-shaped model, tp={args.tp}, batch {args.batch} x {args.seq} tokens, "
+        f"{args.steps} timed steps after {args.warmup} warmup, AdamW, fp32, CPU gloo; best of {args.repeats} "
+        f"alternating launches (slowest-rank tokens/s per launch: {spread})"
+    )
+    print(
+        f"{'impl':<14}{'rank':>5}{'tokens/s':>10}{'step s':>9}{'peak RSS MB':>13}{'load s':>8}{'loss first->last':>20}"
+    )
     for r in sorted(rows, key=lambda r: (r["impl"] != "ours", r["rank"])):
-        print(f"{r['impl']:<14}{r['rank']:>5}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{r['peak_mb']:>13.0f}"
-              f"{r['load_s']:>8.2f}{r['first_loss']:>10.4f}->{r['last_loss']:.4f}")
+        print(
+            f"{r['impl']:<14}{r['rank']:>5}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{r['peak_mb']:>13.0f}"
+            f"{r['load_s']:>8.2f}{r['first_loss']:>10.4f}->{r['last_loss']:.4f}"
+        )
     ours = [r for r in rows if r["impl"] == "ours"]
     theirs = [r for r in rows if r["impl"] == "transformers"]
     speed = min(r["tokens_per_s"] for r in ours) / min(r["tokens_per_s"] for r in theirs)

@@ -28,10 +28,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", help="dtype to load in (float32, bfloat16)")
     args = parser.parse_args(argv)
 
+    from transformers import AutoModelForCausalLM
+
     import npu_parallel
     from npu_parallel.parallel.device import device_type
     from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
-    from transformers import AutoModelForCausalLM
 
     state = npu_parallel.init_distributed(args.tp_size)
     main_rank = state.rank == 0
@@ -82,9 +83,16 @@ def main(argv=None) -> int:
 
     say("\n[4/4] Testing TP conversion...")
     if main_rank:
-        print(f"[Rank 0] Converting {config.model_type} MoE: {n_experts} experts -> {n_experts // state.tp_size} local experts")
-    model = npu_parallel.convert_model(copy.deepcopy(ref).to("cpu"), npu_parallel.distributed.single_rank_state("cpu")
-                                       if state.device.type != "cpu" and state.world_size == 1 else state)
+        print(
+            f"[Rank 0] Converting {config.model_type} MoE: {n_experts} experts -> "
+            f"{n_experts // state.tp_size} local experts"
+        )
+    model = npu_parallel.convert_model(
+        copy.deepcopy(ref).to("cpu"),
+        npu_parallel.distributed.single_rank_state("cpu")
+        if state.device.type != "cpu" and state.world_size == 1
+        else state,
+    )
     say("      TP conversion successful!")
 
     say("\n[CPU] Testing forward pass on CPU...")
@@ -93,7 +101,10 @@ def main(argv=None) -> int:
         ref_logits = ref(input_ids=ids).logits
     if cpu_logits is not None:
         diff = (cpu_logits.float() - ref_logits.float()).abs().max().item()
-        say(f"      CPU forward pass successful! Output shape: {tuple(cpu_logits.shape)}; max |diff| vs unconverted: {diff:.2e}")
+        say(
+            f"      CPU forward pass successful! Output shape: {tuple(cpu_logits.shape)}; "
+            f"max |diff| vs unconverted: {diff:.2e}"
+        )
         if diff > (1e-4 if dtype == torch.float32 else 5e-2):
             say("      FAILED: converted logits differ from the unconverted model")
             return 1
@@ -103,11 +114,14 @@ def main(argv=None) -> int:
     kind = device_type()
     name = kind.upper()
     if kind == "cpu":
-        say(f"\n[NPU] No NPU or GPU on this machine: device forward/backward skipped")
+        say("\n[NPU] No NPU or GPU on this machine: device forward/backward skipped")
     else:
         say(f"\n[{name}] Moving model to {name}...")
-        model = model.to(state.device) if state.device.type == kind else npu_parallel.convert_model(
-            copy.deepcopy(ref), state)
+        model = (
+            model.to(state.device)
+            if state.device.type == kind
+            else npu_parallel.convert_model(copy.deepcopy(ref), state)
+        )
         dev_ids = ids.to(state.device)
         say(f"[{name}] Testing forward pass on {name}...")
         out = model(input_ids=dev_ids, labels=dev_ids)

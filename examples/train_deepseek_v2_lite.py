@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from npu_parallel.parallel import device
-
 from npu_parallel import init_distributed
+from npu_parallel.parallel import device
 from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
 from npu_parallel.training.loop import add_train_args, config_from_args, train
 
@@ -40,17 +39,21 @@ def main(argv=None) -> int:
     if state.rank == 0:
         print(f"== DeepSeek-V2-Lite fine-tuning: {state.describe()}")
         print(f"   model {args.model_path}")
-        print(f"   data {args.data or 'Python standard library (.py files)'}; batch {args.batch_size} x "
-              f"{args.max_length} tokens x accum {args.grad_accum} x dp {state.dp_size}; {args.steps} steps; lr {args.lr}")
+        print(
+            f"   data {args.data or 'Python standard library (.py files)'}; batch {args.batch_size} x "
+            f"{args.max_length} tokens x accum {args.grad_accum} x dp {state.dp_size}; {args.steps} steps; lr {args.lr}"
+        )
         if state.device.type == "npu":
             print("   HCCL: " + ", ".join(f"{k}={v}" for k, v in device.hccl_settings().items() if v))
     result = train(config_from_args(args))
     if state.rank == 0:
         losses = result["losses"]
-        print(f"== done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps"
-              + (f"; checkpoint {result['checkpoint']}" if result["checkpoint"] else "")
-              + (f"; metrics {result['metrics']}" if result["metrics"] else "")
-              + (f"; loss curve {result['plot']}" if result["plot"] else ""))
+        print(
+            f"== done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps"
+            + (f"; checkpoint {result['checkpoint']}" if result["checkpoint"] else "")
+            + (f"; metrics {result['metrics']}" if result["metrics"] else "")
+            + (f"; loss curve {result['plot']}" if result["plot"] else "")
+        )
     dist.destroy_process_group()
     return 0
 

@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train(config_from_args(args))
     if dist.get_rank() == 0:
-        print(f"== done: loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; checkpoint {result['checkpoint']}")
+        print(
+            f"== done: loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; checkpoint {result['checkpoint']}"
+        )
     dist.destroy_process_group()
     return 0
 

@@ -7,6 +7,12 @@ from npu_parallel.convert.conversion import convert_model
 from npu_parallel.parallel.state import ParallelState, init_distributed
 
 __all__ = [
-    "__version__", "ParallelState", "convert_model", "init_distributed", "load_pretrained", "load_sharded",
-    "load_training_state", "save_sharded",
+    "ParallelState",
+    "__version__",
+    "convert_model",
+    "init_distributed",
+    "load_pretrained",
+    "load_sharded",
+    "load_training_state",
+    "save_sharded",
 ]

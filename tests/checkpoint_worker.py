@@ -26,7 +26,8 @@ def _ids(vocab):
 
 
 def load_matches_convert(paths: list[str], tp: int, dtype: str | None = None) -> dict:
-    """Per checkpoint: tensors that differ between load_pretrained and convert_model(from_pretrained), and expert keys read."""
+    """Per checkpoint: tensors that differ between load_pretrained and convert_model(from_pretrained), and the
+    expert keys each rank read."""
     state = npu_parallel.init_distributed(tp)
     out = {}
     torch_dtype = getattr(torch, dtype) if dtype else None
@@ -36,15 +37,25 @@ def load_matches_convert(paths: list[str], tp: int, dtype: str | None = None) ->
         ids = _ids(model.config.vocab_size)
         with torch.no_grad():
             same_logits = torch.equal(ref(input_ids=ids).logits, model(input_ids=ids).logits)
-        experts = sorted({int(m.group(1)) for k in conversion_info(model).load_stats["keys_read"]
-                          if (m := re.search(r"\.experts\.(\d+)\.", k))})
+        experts = sorted(
+            {
+                int(m.group(1))
+                for k in conversion_info(model).load_stats["keys_read"]
+                if (m := re.search(r"\.experts\.(\d+)\.", k))
+            }
+        )
         mine = getattr(model.model.layers[-1].mlp, "experts", None)
         own = [mine.expert_start, mine.expert_start + mine.num_local] if mine is not None else None
         everyone = [None] * state.world_size
-        torch.distributed.all_gather_object(everyone, {"experts_read": experts, "own": own,
-                                                       "bytes": conversion_info(model).load_stats["bytes_read"]})
-        out[Path(path).name] = {"diff": _diff_states(ref, model), "same_logits": same_logits, "ranks": everyone,
-                                "dtype": str(next(model.parameters()).dtype)}
+        torch.distributed.all_gather_object(
+            everyone, {"experts_read": experts, "own": own, "bytes": conversion_info(model).load_stats["bytes_read"]}
+        )
+        out[Path(path).name] = {
+            "diff": _diff_states(ref, model),
+            "same_logits": same_logits,
+            "ranks": everyone,
+            "dtype": str(next(model.parameters()).dtype),
+        }
     return out
 
 

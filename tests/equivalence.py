@@ -53,8 +53,12 @@ def compare(ckpt_root: str, names: list[str], tp: int, moe_impl: str = "auto") -
         model = npu_parallel.convert_model(load_reference(name, path), state, moe_impl=moe_impl)
         loss, logits, after = _step(model, ids)
 
-        moe_layers = [f"model.layers.{i}" for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
-        dense_layers = [f"model.layers.{i}" for i, layer in enumerate(model.model.layers) if not hasattr(layer.mlp, "experts")]
+        moe_layers = [
+            f"model.layers.{i}" for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")
+        ]
+        dense_layers = [
+            f"model.layers.{i}" for i, layer in enumerate(model.model.layers) if not hasattr(layer.mlp, "experts")
+        ]
         with OpAudit(model=model) as audit:
             out = model(input_ids=ids, labels=ids)
             out.loss.backward()
@@ -68,8 +72,10 @@ def compare(ckpt_root: str, names: list[str], tp: int, moe_impl: str = "auto") -
             "logits_max_diff": (logits - ref_logits).abs().max().item(),
             "logits_shape": tuple(logits.shape),
             "ref_logits_shape": tuple(ref_logits.shape),
-            "loss": loss.item(), "ref_loss": ref_loss.item(),
-            "loss_after_step": after.item(), "ref_loss_after_step": ref_after.item(),
+            "loss": loss.item(),
+            "ref_loss": ref_loss.item(),
+            "loss_after_step": after.item(),
+            "ref_loss_after_step": ref_after.item(),
             "param_share_per_rank": shares,
             "banned_ops": [(e.op, e.where) for e in audit.banned()],
             "host_syncs_per_moe_layer": [syncs.get(s, 0) for s in moe_layers],

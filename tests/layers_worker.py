@@ -70,7 +70,10 @@ def check_layers(tp: int, vocab: int) -> dict:
     labels = ids.clone()
     labels[1, 2] = -100
     local = phead(h)
-    vp = vocab_parallel_cross_entropy(local, labels, phead.vocab_start, phead.vocab_stop, tp).sum() / (labels != -100).sum()
+    vp = (
+        vocab_parallel_cross_entropy(local, labels, phead.vocab_start, phead.vocab_stop, tp).sum()
+        / (labels != -100).sum()
+    )
     phead.gather_output = True
     ce = F.cross_entropy(phead(h_ref).flatten(0, 1), labels.flatten())
     vp.backward()

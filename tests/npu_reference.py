@@ -8,7 +8,8 @@ so a wrong argument in the dispatcher fails on CPU.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import itertools
+from collections.abc import Iterator
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -53,17 +54,25 @@ class ReferenceNpuOps:
 
     # -- npu_moe_token_permute
     def npu_moe_token_permute(self, tokens, indices, num_out_tokens=None, padded_mode=False):
-        _require(isinstance(tokens, torch.Tensor) and isinstance(indices, torch.Tensor),
-                 "tokens and indices must be tensors", TypeError)
+        _require(
+            isinstance(tokens, torch.Tensor) and isinstance(indices, torch.Tensor),
+            "tokens and indices must be tensors",
+            TypeError,
+        )
         _require(tokens.dim() == 2, f"tokens must be 2-D (num_tokens, hidden_size), got {tuple(tokens.shape)}")
         _require(tokens.dtype in _FLOATS, f"tokens dtype {tokens.dtype} not float16/bfloat16/float32", TypeError)
-        _require(indices.dtype in (torch.int32, torch.int64), f"indices dtype {indices.dtype} not int32/int64",
-                 TypeError)
+        _require(
+            indices.dtype in (torch.int32, torch.int64), f"indices dtype {indices.dtype} not int32/int64", TypeError
+        )
         _require(indices.dim() in (1, 2), f"indices must be 1-D or 2-D, got {tuple(indices.shape)}")
-        _require(indices.shape[0] == tokens.shape[0],
-                 f"indices rows {indices.shape[0]} != tokens rows {tokens.shape[0]}")
-        _require(num_out_tokens is None or (isinstance(num_out_tokens, int) and not isinstance(num_out_tokens, bool)),
-                 "num_out_tokens must be None or an int", TypeError)
+        _require(
+            indices.shape[0] == tokens.shape[0], f"indices rows {indices.shape[0]} != tokens rows {tokens.shape[0]}"
+        )
+        _require(
+            num_out_tokens is None or (isinstance(num_out_tokens, int) and not isinstance(num_out_tokens, bool)),
+            "num_out_tokens must be None or an int",
+            TypeError,
+        )
         _require(isinstance(padded_mode, bool), "padded_mode must be a bool", TypeError)
         if padded_mode:
             raise NotImplementedError("npu_moe_token_permute: padded_mode=True is not supported yet (doc)")
@@ -82,28 +91,41 @@ class ReferenceNpuOps:
         return permuted.contiguous(), sorted_indices.to(torch.int32)
 
     # -- npu_moe_token_unpermute
-    def npu_moe_token_unpermute(self, permuted_tokens, sorted_indices, probs=None, padded_mode=False,
-                                restore_shape=None):
-        _require(isinstance(permuted_tokens, torch.Tensor) and isinstance(sorted_indices, torch.Tensor),
-                 "permuted_tokens and sorted_indices must be tensors", TypeError)
+    def npu_moe_token_unpermute(
+        self, permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None
+    ):
+        _require(
+            isinstance(permuted_tokens, torch.Tensor) and isinstance(sorted_indices, torch.Tensor),
+            "permuted_tokens and sorted_indices must be tensors",
+            TypeError,
+        )
         if padded_mode or restore_shape is not None:
             raise NotImplementedError("npu_moe_token_unpermute: only padded_mode=False, restore_shape=None (doc)")
         _require(permuted_tokens.dim() == 2, f"permuted_tokens must be 2-D, got {tuple(permuted_tokens.shape)}")
-        _require(permuted_tokens.dtype in _FLOATS, f"permuted_tokens dtype {permuted_tokens.dtype} not a float",
-                 TypeError)
-        _require(sorted_indices.dtype == torch.int32, f"sorted_indices must be int32, got {sorted_indices.dtype}",
-                 TypeError)
+        _require(
+            permuted_tokens.dtype in _FLOATS, f"permuted_tokens dtype {permuted_tokens.dtype} not a float", TypeError
+        )
+        _require(
+            sorted_indices.dtype == torch.int32, f"sorted_indices must be int32, got {sorted_indices.dtype}", TypeError
+        )
         n = permuted_tokens.shape[0]
-        _require(sorted_indices.dim() == 1 and sorted_indices.numel() == n,
-                 f"sorted_indices must be 1-D of {n} (= rows of permuted_tokens), got {tuple(sorted_indices.shape)}")
+        _require(
+            sorted_indices.dim() == 1 and sorted_indices.numel() == n,
+            f"sorted_indices must be 1-D of {n} (= rows of permuted_tokens), got {tuple(sorted_indices.shape)}",
+        )
         topk = 1
         if probs is not None:
-            _require(isinstance(probs, torch.Tensor) and probs.dim() == 2,
-                     "probs must be a 2-D tensor (tokens_num, topK_num)")
+            _require(
+                isinstance(probs, torch.Tensor) and probs.dim() == 2,
+                "probs must be a 2-D tensor (tokens_num, topK_num)",
+            )
             _require(probs.dtype in _FLOATS, f"probs dtype {probs.dtype} not a float", TypeError)
             # not spelled out by the doc; MindSpeed casts permuted_tokens to probs' dtype before the call
-            _require(probs.dtype == permuted_tokens.dtype,
-                     f"probs dtype {probs.dtype} != permuted_tokens dtype {permuted_tokens.dtype}", TypeError)
+            _require(
+                probs.dtype == permuted_tokens.dtype,
+                f"probs dtype {probs.dtype} != permuted_tokens dtype {permuted_tokens.dtype}",
+                TypeError,
+            )
             topk = probs.shape[1]
             _require(probs.numel() == n, f"probs {tuple(probs.shape)} does not cover the {n} permuted rows")
             _require(topk <= _MAX_TOPK, f"topK {topk} > {_MAX_TOPK}")
@@ -118,13 +140,19 @@ class ReferenceNpuOps:
 
     # -- npu_grouped_matmul
     def npu_grouped_matmul(self, x, weight, *, group_list=None, split_item=0, group_type=-1, group_list_type=0):
-        _require(isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)),
-                 "x and weight must be lists of tensors (List[Tensor]), not tensors", TypeError)
+        _require(
+            isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)),
+            "x and weight must be lists of tensors (List[Tensor]), not tensors",
+            TypeError,
+        )
         _require(len(x) >= 1 and len(weight) >= 1, "x and weight must be non-empty lists")
         _require(all(isinstance(t, torch.Tensor) for t in (*x, *weight)), "x and weight hold tensors", TypeError)
         dtypes = {t.dtype for t in (*x, *weight)}
-        _require(len(dtypes) == 1 and dtypes <= set(_FLOATS),
-                 f"non-quantized x/weight must share one float dtype, got {sorted(map(str, dtypes))}", TypeError)
+        _require(
+            len(dtypes) == 1 and dtypes <= set(_FLOATS),
+            f"non-quantized x/weight must share one float dtype, got {sorted(map(str, dtypes))}",
+            TypeError,
+        )
         _require(split_item in (0, 1, 2, 3), f"split_item must be 0..3, got {split_item!r}")
         if group_type == -1:
             return self._gmm_ungrouped(x, weight, group_list, split_item)
@@ -140,13 +168,16 @@ class ReferenceNpuOps:
     def _group_sizes(group_list, group_list_type) -> list[int]:
         """Per-group sizes from a documented tensor group_list (checked as the doc requires)."""
         if isinstance(group_list, (list, tuple)):
-            raise TypeError("ReferenceNpuOps takes group_list as a device tensor only (a host List[int] forces "
-                            "a sync and caps groups at 128); got a Python list")
+            raise TypeError(
+                "ReferenceNpuOps takes group_list as a device tensor only (a host List[int] forces "
+                "a sync and caps groups at 128); got a Python list"
+            )
         _require(isinstance(group_list, torch.Tensor), "grouped matmul needs a group_list tensor", TypeError)
-        _require(group_list.dtype == torch.int64, f"group_list dtype must be int64, got {group_list.dtype}",
-                 TypeError)
-        _require(group_list.dim() == 1 and group_list.numel() >= 1,
-                 f"group_list must be 1-D and non-empty, got {tuple(group_list.shape)}")
+        _require(group_list.dtype == torch.int64, f"group_list dtype must be int64, got {group_list.dtype}", TypeError)
+        _require(
+            group_list.dim() == 1 and group_list.numel() >= 1,
+            f"group_list must be 1-D and non-empty, got {tuple(group_list.shape)}",
+        )
         _require(group_list.numel() <= _MAX_GROUPS, f"{group_list.numel()} groups > {_MAX_GROUPS}")
         _require(group_list_type in (0, 1, 2), f"group_list_type must be 0, 1 or 2, got {group_list_type!r}")
         if group_list_type == 2:
@@ -155,9 +186,11 @@ class ReferenceNpuOps:
         _require(min(values) >= 0, f"group_list must be non-negative, got {values}")
         if group_list_type == 1:
             return values
-        _require(all(a <= b for a, b in zip(values, values[1:])),
-                 f"group_list_type=0 wants cumulative ends (non-decreasing), got {values}")
-        return [b - a for a, b in zip([0] + values[:-1], values)]
+        _require(
+            all(a <= b for a, b in itertools.pairwise(values)),
+            f"group_list_type=0 wants cumulative ends (non-decreasing), got {values}",
+        )
+        return [b - a for a, b in zip([0] + values[:-1], values, strict=True)]
 
     @staticmethod
     def _check_weight_layout(w: torch.Tensor) -> None:
@@ -172,8 +205,10 @@ class ReferenceNpuOps:
     def _gmm_m(self, x: torch.Tensor, weight, sizes: list[int]) -> torch.Tensor:
         """m-axis grouping: x ``[M, K]`` rows split by ``sizes``; single ``[G, K, N]`` or G ``[K, N]`` weights."""
         _require(x.dim() == 2, f"x must be 2-D [M, K] for m-axis grouping, got {tuple(x.shape)}")
-        _require(x.stride(-1) == 1 and (x.shape[0] <= 1 or x.stride(0) == x.shape[1]),
-                 "x must be a plain row-major [M, K] tensor (the doc: x does not support transposition)")
+        _require(
+            x.stride(-1) == 1 and (x.shape[0] <= 1 or x.stride(0) == x.shape[1]),
+            "x must be a plain row-major [M, K] tensor (the doc: x does not support transposition)",
+        )
         if len(weight) == 1:
             w = weight[0]
             _require(w.dim() == 3, f"single-tensor weight must be 3-D [G, K, N], got {tuple(w.shape)}")
@@ -185,37 +220,48 @@ class ReferenceNpuOps:
         for w in weight:
             self._check_weight_layout(w)
         _require(len(mats) == len(sizes), f"group_list has {len(sizes)} groups, weight has {len(mats)}")
-        _require(all(m.shape[0] == x.shape[1] for m in mats),
-                 f"weight K {[m.shape[0] for m in mats][:4]}... != x K {x.shape[1]} (weight must be [G, K, N])")
+        _require(
+            all(m.shape[0] == x.shape[1] for m in mats),
+            f"weight K {[m.shape[0] for m in mats][:4]}... != x K {x.shape[1]} (weight must be [G, K, N])",
+        )
         _require(len({m.shape[1] for m in mats}) == 1, "every group's N must be equal")
-        _require(sum(sizes) == x.shape[0],
-                 f"group sizes add up to {sum(sizes)}, x has {x.shape[0]} rows (must be equal)")
+        _require(
+            sum(sizes) == x.shape[0], f"group sizes add up to {sum(sizes)}, x has {x.shape[0]} rows (must be equal)"
+        )
         out = x.new_empty(x.shape[0], mats[0].shape[1])
         start = 0
-        for m, n in zip(mats, sizes):
+        for m, n in zip(mats, sizes, strict=True):
             if n:
-                torch.mm(x[start:start + n], m, out=out[start:start + n])
+                torch.mm(x[start : start + n], m, out=out[start : start + n])
             start += n
         return out
 
     def _gmm_k(self, x: torch.Tensor, weight, sizes: list[int]) -> torch.Tensor:
         """k-axis grouping: x ``[K, M]`` (transposed view), weight ``[M, N]``, y ``[G, K, N]``."""
-        _require(x.dim() == 2 and _is_transposed_2d(x),
-                 f"k-axis grouping needs x as a transposed view [K, M] (stride (1, K)), got shape "
-                 f"{tuple(x.shape)} stride {x.stride()}")
+        _require(
+            x.dim() == 2 and _is_transposed_2d(x),
+            f"k-axis grouping needs x as a transposed view [K, M] (stride (1, K)), got shape "
+            f"{tuple(x.shape)} stride {x.stride()}",
+        )
         _require(len(weight) == 1, "k-axis grouping takes a single weight tensor")
         w = weight[0]
-        _require(w.dim() == 2 and w.shape[0] == x.shape[1],
-                 f"weight must be 2-D [M, N] with M = x.shape[1] = {x.shape[1]}, got {tuple(w.shape)}")
-        _require(w.stride(-1) == 1 and (w.shape[0] <= 1 or w.stride(0) == w.shape[1]),
-                 "k-axis grouping: weight must not be transposed")
-        _require(sum(sizes) == x.shape[1],
-                 f"group sizes add up to {sum(sizes)}, grouped axis (x.shape[1]) is {x.shape[1]} (must be equal)")
+        _require(
+            w.dim() == 2 and w.shape[0] == x.shape[1],
+            f"weight must be 2-D [M, N] with M = x.shape[1] = {x.shape[1]}, got {tuple(w.shape)}",
+        )
+        _require(
+            w.stride(-1) == 1 and (w.shape[0] <= 1 or w.stride(0) == w.shape[1]),
+            "k-axis grouping: weight must not be transposed",
+        )
+        _require(
+            sum(sizes) == x.shape[1],
+            f"group sizes add up to {sum(sizes)}, grouped axis (x.shape[1]) is {x.shape[1]} (must be equal)",
+        )
         out = x.new_full((len(sizes), x.shape[0], w.shape[1]), float("nan"))  # empty groups: undefined
         start = 0
         for g, n in enumerate(sizes):
             if n:
-                torch.mm(x[:, start:start + n], w[start:start + n], out=out[g])
+                torch.mm(x[:, start : start + n], w[start : start + n], out=out[g])
             start += n
         return out
 
@@ -226,10 +272,11 @@ class ReferenceNpuOps:
         _require(len(x) == len(weight), f"{len(x)} x tensors for {len(weight)} weights")
         _require(len(x) <= 128, "at most 128 tensors")
         out = []
-        for xi, wi in zip(x, weight):
-            _require(wi.dim() == 2 and 2 <= xi.dim() <= 6 and xi.shape[-1] == wi.shape[0],
-                     f"x {tuple(xi.shape)} @ weight {tuple(wi.shape)}: weight must be 2-D [K, N]")
+        for xi, wi in zip(x, weight, strict=True):
+            _require(
+                wi.dim() == 2 and 2 <= xi.dim() <= 6 and xi.shape[-1] == wi.shape[0],
+                f"x {tuple(xi.shape)} @ weight {tuple(wi.shape)}: weight must be 2-D [K, N]",
+            )
             self._check_weight_layout(wi)
             out.append(xi @ wi)
         return out
-

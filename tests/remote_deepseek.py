@@ -123,11 +123,16 @@ class DeepseekV2MoE(nn.Module):
         self.num_experts_per_tok = config.num_experts_per_tok
         self.ep_size, self.experts_per_rank, self.ep_rank = 1, config.n_routed_experts, 0
         self.experts = nn.ModuleList(
-            [DeepseekV2MLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)]
+            [
+                DeepseekV2MLP(config, intermediate_size=config.moe_intermediate_size)
+                for _ in range(config.n_routed_experts)
+            ]
         )
         self.gate = MoEGate(config)
         if config.n_shared_experts is not None:
-            self.shared_experts = DeepseekV2MLP(config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts)
+            self.shared_experts = DeepseekV2MLP(
+                config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts
+            )
 
     def forward(self, hidden_states):
         identity = hidden_states
@@ -169,8 +174,11 @@ class DeepseekV2MoE(nn.Module):
         new_x = torch.empty_like(outs)
         new_x[idxs] = outs
         return (
-            new_x.view(*topk_ids.shape, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(dim=-1))
-            .sum(dim=1).type(new_x.dtype)
+            new_x.view(*topk_ids.shape, -1)
+            .type(topk_weight.dtype)
+            .mul_(topk_weight.unsqueeze(dim=-1))
+            .sum(dim=1)
+            .type(new_x.dtype)
         )
 
 
@@ -212,10 +220,21 @@ class DeepseekMLP(DeepseekV2MLP):
     pass
 
 
-V1_DEFAULTS = {"n_routed_experts": None, "n_shared_experts": 1, "moe_intermediate_size": None, "first_k_dense_replace": 1,
-               "moe_layer_freq": 1, "scoring_func": "softmax", "aux_loss_alpha": 0.1, "seq_aux": True,
-               "norm_topk_prob": False, "topk_method": "greedy", "routed_scaling_factor": 1.0, "n_group": None,
-               "topk_group": None}
+V1_DEFAULTS = {
+    "n_routed_experts": None,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": None,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "scoring_func": "softmax",
+    "aux_loss_alpha": 0.1,
+    "seq_aux": True,
+    "norm_topk_prob": False,
+    "topk_method": "greedy",
+    "routed_scaling_factor": 1.0,
+    "n_group": None,
+    "topk_group": None,
+}
 
 
 def to_remote_v1_layout(model: nn.Module, seed: int = 1234) -> nn.Module:
@@ -223,8 +242,9 @@ def to_remote_v1_layout(model: nn.Module, seed: int = 1234) -> nn.Module:
     tree: model_type "deepseek", a dense first layer, DeepseekMoE (MoEGate, ModuleList experts, shared_experts)."""
     config = model.config
     experts0 = model.model.layers[0].mlp.experts
-    values = dict(V1_DEFAULTS, n_routed_experts=experts0.gate_up_proj.shape[0],
-                  moe_intermediate_size=experts0.down_proj.shape[2])
+    values = dict(
+        V1_DEFAULTS, n_routed_experts=experts0.gate_up_proj.shape[0], moe_intermediate_size=experts0.down_proj.shape[2]
+    )
     for key, value in values.items():
         setattr(config, key, value)
     config.model_type = "deepseek"

@@ -31,13 +31,16 @@ def _banned_forward(fn) -> list[OpEvent]:
     return audit.banned()
 
 
-@pytest.mark.parametrize("case, op", [
-    ("nonzero", "aten.nonzero.default"),
-    ("bool_index", "aten.index.Tensor"),
-    ("bool_index_put", "aten.index_put_.default"),
-    ("unique", "aten._unique2.default"),
-    ("masked_select", "aten.masked_select.default"),
-])
+@pytest.mark.parametrize(
+    "case, op",
+    [
+        ("nonzero", "aten.nonzero.default"),
+        ("bool_index", "aten.index.Tensor"),
+        ("bool_index_put", "aten.index_put_.default"),
+        ("unique", "aten._unique2.default"),
+        ("masked_select", "aten.masked_select.default"),
+    ],
+)
 def test_banned_ops_recorded_with_source_line(case: str, op: str) -> None:
     def nonzero(x):
         torch.nonzero(x)  # nonzero
@@ -55,8 +58,7 @@ def test_banned_ops_recorded_with_source_line(case: str, op: str) -> None:
         torch.masked_select(x, x > 0)  # masked_select
 
     banned = _banned_forward(locals()[case])
-    assert [(e.op, e.kind, e.phase, e.scope, e.where) for e in banned] == [
-        (op, "banned", "forward", "", _at(case))]
+    assert [(e.op, e.kind, e.phase, e.scope, e.where) for e in banned] == [(op, "banned", "forward", "", _at(case))]
 
 
 def test_integer_index_is_not_banned() -> None:
@@ -69,14 +71,17 @@ def test_integer_index_is_not_banned() -> None:
     assert audit.events == []
 
 
-@pytest.mark.parametrize("case, op", [
-    ("item", "aten._local_scalar_dense.default"),
-    ("bool", "aten._local_scalar_dense.default"),
-    ("tolist", "Tensor.tolist"),
-    ("numpy", "Tensor.numpy"),
-    ("cpu", "Tensor.cpu"),
-    ("print", "Tensor.__repr__"),
-])
+@pytest.mark.parametrize(
+    "case, op",
+    [
+        ("item", "aten._local_scalar_dense.default"),
+        ("bool", "aten._local_scalar_dense.default"),
+        ("tolist", "Tensor.tolist"),
+        ("numpy", "Tensor.numpy"),
+        ("cpu", "Tensor.cpu"),
+        ("print", "Tensor.__repr__"),
+    ],
+)
 def test_host_sync_counted_once(case: str, op: str) -> None:
     x = torch.randn(3, 4)
 
@@ -142,7 +147,9 @@ def test_backward_phase() -> None:
     assert sync.where == _at("backward item")
     # the mask index and its backward (an index_put with the same mask) are both banned, one per phase
     assert [(e.op, e.phase) for e in audit.banned()] == [
-        ("aten.index.Tensor", "forward"), ("aten.index_put.default", "backward")]
+        ("aten.index.Tensor", "forward"),
+        ("aten.index_put.default", "backward"),
+    ]
     assert audit.banned()[0].where == _at("forward mask")
 
 

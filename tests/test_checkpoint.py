@@ -28,8 +28,10 @@ def load_results(checkpoints, layouts):
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v2_lite", "deepseek_v3", "v2_sharded_index",
-                                  "v2_fused_keys", "v2_tied", *FAMILIES])
+@pytest.mark.parametrize(
+    "name",
+    ["deepseek_v2", "deepseek_v2_lite", "deepseek_v3", "v2_sharded_index", "v2_fused_keys", "v2_tied", *FAMILIES],
+)
 def test_load_pretrained_is_bit_identical_to_convert(load_results, name, tp):
     r = load_results[tp][name]
     assert r["diff"] == [] and r["same_logits"]
@@ -67,7 +69,10 @@ def test_manifest_describes_every_tensor(saved):
     assert m["format"] == "npu_parallel.sharded" and m["format_version"] == 1 and m["tp_size"] == 4
     assert m["architecture"] == "DeepseekV3ForCausalLM" and m["config"]["n_routed_experts"] == 8
     experts = m["tensors"]["model.layers.1.mlp.experts.gate_up_proj"]
-    assert experts["shape"] == [8, 64, 64] and experts["split"] == {"dim": 0, "ranges": [[0, 2], [2, 4], [4, 6], [6, 8]]}
+    assert experts["shape"] == [8, 64, 64] and experts["split"] == {
+        "dim": 0,
+        "ranges": [[0, 2], [2, 4], [4, 6], [6, 8]],
+    }
     emb = m["tensors"]["model.embed_tokens.weight"]
     assert emb["split"]["ranges"][-1] == [189, 250]  # vocab 250 over 4 ranks: padded internally, saved unpadded
     assert m["tensors"]["model.layers.0.self_attn.q_a_proj.weight"]["split"] is None
@@ -78,8 +83,11 @@ def test_manifest_describes_every_tensor(saved):
     assert sorted(dp["files"]) == ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
 
 
-@pytest.mark.parametrize("saved_as,tp", [("tp4", 4), ("tp4", 2), ("tp2dp2", 4), ("tp2dp2", 2)],
-                         ids=["same-tp4", "reshard-4to2", "reshard-2to4", "same-tp2"])
+@pytest.mark.parametrize(
+    "saved_as,tp",
+    [("tp4", 4), ("tp4", 2), ("tp2dp2", 4), ("tp2dp2", 2)],
+    ids=["same-tp4", "reshard-4to2", "reshard-2to4", "same-tp2"],
+)
 def test_load_sharded_restores_and_reshards(saved, saved_as, tp):
     src, root, _ = saved
     r = run_ranks(tp, "tests.checkpoint_worker:load_and_compare", src, str(root / saved_as), tp)
@@ -131,7 +139,10 @@ def test_load_sharded_refuses_other_architecture(checkpoints, tmp_path):
     v3 = load_pretrained(checkpoints / "deepseek_v3", state, progress=False)
     save_sharded(v3, tmp_path / "v3", state)
     v2 = load_pretrained(checkpoints / "deepseek_v2", state, progress=False)
-    with pytest.raises(CheckpointError, match=r"checkpoint is DeepseekV3ForCausalLM \(deepseek_v3\), the model is DeepseekV2ForCausalLM"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint is DeepseekV3ForCausalLM \(deepseek_v3\), the model is DeepseekV2ForCausalLM",
+    ):
         load_sharded(tmp_path / "v3", state, model=v2)
 
 
@@ -159,4 +170,6 @@ def test_loaded_parameters_own_their_memory(checkpoints, tmp_path):
     f.write_bytes(b"\0" * size)  # rewrite in place (a view of an mmap would now read zeros, or crash on truncation)
     f.write_bytes(b"")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert conversion_info(model).load_stats["bytes_read"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert conversion_info(model).load_stats["bytes_read"] == sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )

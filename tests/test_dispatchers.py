@@ -21,8 +21,10 @@ from npu_parallel.parallel.state import Group
 
 from .models import load_reference
 
-CAPACITY_ERROR = (r"capacity_factor={} needs moe_impl='static' and a value > 0 \(e.g. 1.25\); "
-                  r"the other implementations never drop tokens")
+CAPACITY_ERROR = (
+    r"capacity_factor={} needs moe_impl='static' and a value > 0 \(e.g. 1.25\); "
+    r"the other implementations never drop tokens"
+)
 
 
 def test_every_module_registers_in_listing_order():
@@ -38,8 +40,9 @@ def test_auto_picks_per_device(monkeypatch):
     assert type(resolve_dispatcher("auto", "npu")) is NpuDispatcher
 
 
-@pytest.mark.parametrize("impl, cf", [("grouped", 1.25), ("masked", 1.25), ("auto", 1.25), ("static", 0),
-                                     ("static", -1.0)])
+@pytest.mark.parametrize(
+    "impl, cf", [("grouped", 1.25), ("masked", 1.25), ("auto", 1.25), ("static", 0), ("static", -1.0)]
+)
 def test_capacity_factor_needs_static_and_a_positive_value(impl, cf):
     with pytest.raises(ValueError, match=CAPACITY_ERROR.format(cf)):
         resolve_dispatcher(impl, "cpu", capacity_factor=cf)
@@ -51,7 +54,7 @@ def test_options_belong_to_the_dispatcher():
     assert resolve_dispatcher("static", "cpu", capacity_factor=None).capacity_factor is None  # None: the default
     assert "capacity_factor=1.25" in repr(static)
     assert resolve_dispatcher(static, "cpu") is static  # an instance is used as given
-    with pytest.raises(ValueError, match="give.*capacity_factor.*to its constructor"):
+    with pytest.raises(ValueError, match=r"give.*capacity_factor.*to its constructor"):
         resolve_dispatcher(static, "cpu", capacity_factor=2.0)
     with pytest.raises(ValueError, match="not an option of any MoE implementation"):
         resolve_dispatcher("grouped", "cpu", block_size=64)
@@ -83,8 +86,9 @@ def test_an_implementation_is_one_subclass(monkeypatch):
 
 def test_convert_model_takes_a_dispatcher_and_gives_each_block_its_own(checkpoints):
     mine = StaticDispatcher(capacity_factor=1.0)
-    model = npu_parallel.convert_model(load_reference("deepseek_v3", checkpoints / "deepseek_v3"),
-                                       npu_parallel.init_distributed(), moe_impl=mine)
+    model = npu_parallel.convert_model(
+        load_reference("deepseek_v3", checkpoints / "deepseek_v3"), npu_parallel.init_distributed(), moe_impl=mine
+    )
     assert conversion_info(model).moe_impl == "static"
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
     assert len(blocks) >= 2
@@ -99,8 +103,13 @@ def test_convert_model_takes_a_dispatcher_and_gives_each_block_its_own(checkpoin
 
 def _experts(num_experts=4, hidden=8, inter=6):
     g = torch.Generator().manual_seed(0)
-    return LocalExperts(nn.Parameter(torch.randn(num_experts, 2 * inter, hidden, generator=g)),
-                        nn.Parameter(torch.randn(num_experts, hidden, inter, generator=g)), nn.SiLU(), num_experts, 0)
+    return LocalExperts(
+        nn.Parameter(torch.randn(num_experts, 2 * inter, hidden, generator=g)),
+        nn.Parameter(torch.randn(num_experts, hidden, inter, generator=g)),
+        nn.SiLU(),
+        num_experts,
+        0,
+    )
 
 
 class _TopK(nn.Module):
@@ -125,8 +134,7 @@ def test_block_is_route_dispatch_compute_combine(impl):
     _, weights, indices = router(x)
     expected = MaskedDispatcher()(x.reshape(6, 8), indices, weights, ex).view(2, 3, 8)
     torch.testing.assert_close(block(x), expected)
-    assert [n for n, _ in block.named_parameters()] == ["gate.proj.weight", "experts.gate_up_proj",
-                                                        "experts.down_proj"]
+    assert [n for n, _ in block.named_parameters()] == ["gate.proj.weight", "experts.gate_up_proj", "experts.down_proj"]
 
 
 def test_block_rejects_a_router_that_gives_logits_only():

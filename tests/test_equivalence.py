@@ -20,7 +20,9 @@ def test_loss_logits_and_step_match_reference(equivalence, name, tp):
     assert r["loss_after_step"] == pytest.approx(r["ref_loss_after_step"], abs=1e-5)
 
 
-@pytest.mark.parametrize("name,tp", [(n, tp) for n, tp in CASES if tp > 1], ids=[i for i in IDS if not i.endswith("tp1")])
+@pytest.mark.parametrize(
+    "name,tp", [(n, tp) for n, tp in CASES if tp > 1], ids=[i for i in IDS if not i.endswith("tp1")]
+)
 def test_each_rank_holds_its_share(equivalence, name, tp):
     limit = {2: 0.7, 4: 0.5}[tp]
     shares = equivalence(tp)[name]["param_share_per_rank"]
@@ -35,7 +37,9 @@ def test_op_audit_clean(equivalence, name, tp):
     assert r["host_syncs_forward_total"] == sum(r["host_syncs_per_moe_layer"])
 
 
-@pytest.mark.parametrize("name,tp", [(n, tp) for n, tp in CASES if tp > 1], ids=[i for i in IDS if not i.endswith("tp1")])
+@pytest.mark.parametrize(
+    "name,tp", [(n, tp) for n, tp in CASES if tp > 1], ids=[i for i in IDS if not i.endswith("tp1")]
+)
 def test_two_allreduces_per_decoder_layer(equivalence, name, tp):
     r = equivalence(tp)[name]
     layers = r["allreduce_per_moe_layer"] + r["allreduce_per_dense_layer"]

@@ -87,8 +87,13 @@ def test_lite_has_no_q_lora(checkpoints):
 
 def test_routing_fields(checkpoints):
     g = inspect_checkpoint(checkpoints / "deepseek_v2_group")["routing"]
-    assert g == {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "norm_topk_prob": False,
-                 "routed_scaling_factor": 1.5}
+    assert g == {
+        "topk_method": "group_limited_greedy",
+        "n_group": 4,
+        "topk_group": 2,
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.5,
+    }
     v3 = inspect_checkpoint(checkpoints / "deepseek_v3")["routing"]
     assert (v3["n_group"], v3["topk_group"], v3["norm_topk_prob"], v3["routed_scaling_factor"]) == (4, 2, True, 2.5)
     remote = inspect_checkpoint(checkpoints / "deepseek_v2_remote")["routing"]
@@ -98,10 +103,23 @@ def test_routing_fields(checkpoints):
 def test_format_report_key_facts(checkpoints):
     r = inspect_checkpoint(checkpoints / "deepseek_v3")
     text = format_report(r)
-    for fact in ("DeepseekV3ForCausalLM", "deepseek_v3", "dense: 0; MoE: 1-2", "8 routed, top-3, 2 shared",
-                 "MLA, q_lora_rank=48", "kv_lora_rank=32", "8 heads", "e_score_correction_bias",
-                 f"{r['params_total']:,}", f"{r['bytes_on_disk']:,} bytes", "F32", "estimate",
-                 "tp=1", "tp=8", "8 attention heads"):
+    for fact in (
+        "DeepseekV3ForCausalLM",
+        "deepseek_v3",
+        "dense: 0; MoE: 1-2",
+        "8 routed, top-3, 2 shared",
+        "MLA, q_lora_rank=48",
+        "kv_lora_rank=32",
+        "8 heads",
+        "e_score_correction_bias",
+        f"{r['params_total']:,}",
+        f"{r['bytes_on_disk']:,} bytes",
+        "F32",
+        "estimate",
+        "tp=1",
+        "tp=8",
+        "8 attention heads",
+    ):
         assert fact in text, fact
     assert text.splitlines()[-1].lstrip().startswith("tp=")  # the tp table comes last
     # the JSON form (string keys) renders the same
@@ -124,7 +142,7 @@ def test_missing_config_is_a_checkpoint_error(checkpoints, tmp_path):
     path = tmp_path / "noconfig"
     shutil.copytree(checkpoints / "deepseek_v2", path)
     (path / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         inspect_checkpoint(path)
 
 
@@ -134,16 +152,17 @@ def test_truncated_safetensors_is_a_checkpoint_error(checkpoints, tmp_path):
     f = path / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         inspect_checkpoint(path)
 
 
 def test_index_with_missing_shard_is_a_checkpoint_error(checkpoints, tmp_path):
     path = tmp_path / "index"
     shutil.copytree(checkpoints / "deepseek_v2", path)
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}))
-    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors"):
         inspect_checkpoint(path)
 
 
@@ -158,7 +177,7 @@ def test_sharded_index_checkpoint(checkpoints, tmp_path):
     tensors = load_file(src / "model.safetensors")
     names = sorted(tensors)
     weight_map = {}
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
         fname = f"model-{i + 1:05d}-of-00002.safetensors"
         save_file({k: tensors[k] for k in part}, path / fname)
         weight_map.update({k: fname for k in part})
@@ -171,7 +190,7 @@ def test_sharded_index_checkpoint(checkpoints, tmp_path):
 
     shard = path / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-8])
-    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors.*truncated"):
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors.*truncated"):
         inspect_checkpoint(path)
 
 
@@ -190,9 +209,9 @@ def test_unsupported_architecture_reports_without_plan(tmp_path):
 
 def test_sharded_checkpoint(checkpoints, tmp_path):
     """Our own format: the same facts from manifest.json, plus its tp."""
-    from npu_parallel.parallel.state import single_rank_state
     from npu_parallel.checkpoint.load import load_pretrained
     from npu_parallel.checkpoint.save import save_sharded
+    from npu_parallel.parallel.state import single_rank_state
 
     state = single_rank_state()
     out = save_sharded(load_pretrained(checkpoints / "deepseek_v3", state, progress=False), tmp_path / "sh", state)
@@ -200,9 +219,26 @@ def test_sharded_checkpoint(checkpoints, tmp_path):
     r = inspect_checkpoint(out)
     assert r["format"] == "npu_parallel.sharded" and r["sharded_tp"] == 1
     assert r["bytes_on_disk"] == (out / "rank-00000-of-00001.safetensors").stat().st_size
-    same = ("architecture", "model_type", "num_layers", "dense_layers", "moe_layers", "experts", "top_k",
-            "shared_experts", "routing", "attention", "hidden_size", "vocab_size", "tie_word_embeddings",
-            "params_total", "params_experts", "dtypes", "plan", "tp")
+    same = (
+        "architecture",
+        "model_type",
+        "num_layers",
+        "dense_layers",
+        "moe_layers",
+        "experts",
+        "top_k",
+        "shared_experts",
+        "routing",
+        "attention",
+        "hidden_size",
+        "vocab_size",
+        "tie_word_embeddings",
+        "params_total",
+        "params_experts",
+        "dtypes",
+        "plan",
+        "tp",
+    )
     assert {k: r[k] for k in same} == {k: hf[k] for k in same}
     # the manifest's real split agrees with the name rule the HF estimate uses
     assert r["per_rank_bytes_estimate"] == hf["per_rank_bytes_estimate"]

@@ -17,7 +17,7 @@ from npu_parallel.tools.audit import OpAudit
 
 from .npu_reference import ReferenceNpuOps
 
-H, I = 8, 6  # hidden, expert intermediate
+H, I = 8, 6  # noqa: E741 (hidden, expert intermediate: the shape legend)
 
 
 def _experts(num_experts: int, num_local: int, start: int, dtype=torch.float32, seed: int = 0) -> LocalExperts:
@@ -25,7 +25,9 @@ def _experts(num_experts: int, num_local: int, start: int, dtype=torch.float32, 
     return LocalExperts(
         nn.Parameter(torch.randn(num_local, 2 * I, H, generator=g).to(dtype)),
         nn.Parameter(torch.randn(num_local, H, I, generator=g).to(dtype)),
-        nn.SiLU(), num_experts=num_experts, expert_start=start,
+        nn.SiLU(),
+        num_experts=num_experts,
+        expert_start=start,
     )
 
 
@@ -72,7 +74,7 @@ def test_matches_grouped_forward_and_gradients(case):
     ref, ref_grads = _run(GroupedDispatcher(), x, idx, w, experts, grad)
 
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    for name, got, want in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads):
+    for name, got, want in zip(("x", "weights", "gate_up_proj", "down_proj"), grads, ref_grads, strict=True):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
     if case == "rank_gets_no_tokens":
@@ -124,8 +126,9 @@ def test_permute_unpermute_against_naive_loop(k):
         assert int(sorted_indices[s]) == row
         torch.testing.assert_close(permuted[row], tokens[s // k])
     out = ops.npu_moe_token_unpermute(permuted, sorted_indices, probs=probs)
-    naive = torch.stack([sum(probs[i, j] * permuted[int(sorted_indices[i * k + j])] for j in range(k))
-                         for i in range(t)])
+    naive = torch.stack(
+        [sum(probs[i, j] * permuted[int(sorted_indices[i * k + j])] for j in range(k)) for i in range(t)]
+    )
     torch.testing.assert_close(out, naive)
 
 
@@ -145,14 +148,16 @@ def test_grouped_matmul_m_axis_against_naive_loop(group_list_type, transposed_we
     w = torch.randn(len(sizes), 7, 4).transpose(1, 2) if transposed_weight else torch.randn(len(sizes), 4, 7)
     counts = torch.tensor(sizes)
     group_list = counts.cumsum(0) if group_list_type == 0 else counts
-    y = ops.npu_grouped_matmul([x], [w], group_list=group_list, split_item=2, group_type=0,
-                               group_list_type=group_list_type)
+    y = ops.npu_grouped_matmul(
+        [x], [w], group_list=group_list, split_item=2, group_type=0, group_list_type=group_list_type
+    )
     assert isinstance(y, list) and len(y) == 1
     naive = torch.cat([x[s] @ w[g] for g, s in enumerate(_naive_groups(sizes))])
     torch.testing.assert_close(y[0], naive)
     # the same with one weight tensor per group
-    y_multi = ops.npu_grouped_matmul([x], list(w.unbind(0)), group_list=group_list, split_item=3, group_type=0,
-                                     group_list_type=group_list_type)
+    y_multi = ops.npu_grouped_matmul(
+        [x], list(w.unbind(0)), group_list=group_list, split_item=3, group_type=0, group_list_type=group_list_type
+    )
     torch.testing.assert_close(y_multi[0], naive)
 
 
@@ -160,8 +165,9 @@ def test_grouped_matmul_k_axis_against_naive_loop():
     ops = ReferenceNpuOps()
     sizes = [2, 0, 4]
     x, dy = torch.randn(sum(sizes), 5), torch.randn(sum(sizes), 3)
-    gw = ops.npu_grouped_matmul([x.t()], [dy], group_list=torch.tensor(sizes), split_item=3, group_type=2,
-                                group_list_type=1)[0]
+    gw = ops.npu_grouped_matmul(
+        [x.t()], [dy], group_list=torch.tensor(sizes), split_item=3, group_type=2, group_list_type=1
+    )[0]
     assert gw.shape == (3, 5, 3)
     for g, s in enumerate(_naive_groups(sizes)):
         if sizes[g]:
@@ -175,7 +181,7 @@ def test_grouped_matmul_ungrouped_lists():
     xs, ws = [torch.randn(2, 3), torch.randn(4, 5)], [torch.randn(3, 6), torch.randn(5, 2)]
     ys = ops.npu_grouped_matmul(xs, ws, split_item=0)
     assert len(ys) == 2
-    for y, x, w in zip(ys, xs, ws):
+    for y, x, w in zip(ys, xs, ws, strict=True):
         torch.testing.assert_close(y, x @ w)
 
 
@@ -201,20 +207,23 @@ def test_wrong_group_list_type_is_caught():
         _gmm(ops, x, w, torch.tensor([3, 1, 2]), group_list_type=0)
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (dict(group_list=torch.tensor([1, 2, 3], dtype=torch.int32)), TypeError, "int64"),
-    (dict(group_list=torch.tensor([1.0, 2.0, 3.0])), TypeError, "int64"),
-    (dict(group_list=[1, 3, 6]), TypeError, "device tensor"),
-    (dict(group_list=torch.tensor([4, -1, 3])), ValueError, "non-negative"),
-    (dict(group_list=torch.tensor([2, 4])), ValueError, "groups"),  # 2 groups for 3 weights
-    (dict(split_item=0), ValueError, "split_item"),
-    (dict(group_type=1), ValueError, "group_type"),
-    (dict(group_list_type=2), NotImplementedError, "int8"),
-    (dict(weight=torch.randn(3, 2, 4)), ValueError, r"\[G, K, N\]"),  # [G, N, K]
-    (dict(weight=torch.randn(3, 4, 2).double()), TypeError, "dtype"),
-    (dict(weight=torch.randn(3, 4, 4)[:, :, :2]), ValueError, "strides"),
-    (dict(x=torch.randn(4, 6).t()), ValueError, "row-major"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (dict(group_list=torch.tensor([1, 2, 3], dtype=torch.int32)), TypeError, "int64"),
+        (dict(group_list=torch.tensor([1.0, 2.0, 3.0])), TypeError, "int64"),
+        (dict(group_list=[1, 3, 6]), TypeError, "device tensor"),
+        (dict(group_list=torch.tensor([4, -1, 3])), ValueError, "non-negative"),
+        (dict(group_list=torch.tensor([2, 4])), ValueError, "groups"),  # 2 groups for 3 weights
+        (dict(split_item=0), ValueError, "split_item"),
+        (dict(group_type=1), ValueError, "group_type"),
+        (dict(group_list_type=2), NotImplementedError, "int8"),
+        (dict(weight=torch.randn(3, 2, 4)), ValueError, r"\[G, K, N\]"),  # [G, N, K]
+        (dict(weight=torch.randn(3, 4, 2).double()), TypeError, "dtype"),
+        (dict(weight=torch.randn(3, 4, 4)[:, :, :2]), ValueError, "strides"),
+        (dict(x=torch.randn(4, 6).t()), ValueError, "row-major"),
+    ],
+)
 def test_grouped_matmul_rejects_undocumented_arguments(bad, exc, match):
     ops = ReferenceNpuOps()
     x, w = bad.pop("x", torch.randn(6, 4)), bad.pop("weight", torch.randn(3, 4, 2))
@@ -227,14 +236,17 @@ def test_grouped_matmul_rejects_undocumented_arguments(bad, exc, match):
 def test_grouped_matmul_rejects_tensors_for_lists_and_untransposed_k_axis():
     ops, x, dy, counts = ReferenceNpuOps(), torch.randn(6, 4), torch.randn(6, 2), torch.tensor([2, 4])
     with pytest.raises(TypeError, match="lists"):
-        ops.npu_grouped_matmul(x, torch.randn(2, 4, 2), group_list=counts, split_item=2, group_type=0,
-                               group_list_type=1)
+        ops.npu_grouped_matmul(
+            x, torch.randn(2, 4, 2), group_list=counts, split_item=2, group_type=0, group_list_type=1
+        )
     with pytest.raises(ValueError, match="transposed view"):  # x.t() made contiguous loses the transpose
-        ops.npu_grouped_matmul([x.t().contiguous()], [dy], group_list=counts, split_item=3, group_type=2,
-                               group_list_type=1)
+        ops.npu_grouped_matmul(
+            [x.t().contiguous()], [dy], group_list=counts, split_item=3, group_type=2, group_list_type=1
+        )
     with pytest.raises(ValueError, match="must be equal"):
-        ops.npu_grouped_matmul([x.t()], [dy], group_list=torch.tensor([2, 3]), split_item=3, group_type=2,
-                               group_list_type=1)
+        ops.npu_grouped_matmul(
+            [x.t()], [dy], group_list=torch.tensor([2, 3]), split_item=3, group_type=2, group_list_type=1
+        )
 
 
 def test_permute_and_unpermute_reject_undocumented_arguments():
@@ -271,16 +283,23 @@ class _Tampered(ReferenceNpuOps):
         return super().npu_grouped_matmul(x, weight, **kw)
 
 
-@pytest.mark.parametrize("change, exc, match", [
-    # counts passed as cumulative ends: not non-decreasing, or the last end is not the row count
-    (lambda x, w, kw: (x, w, {**kw, "group_list_type": 0}), ValueError, "non-decreasing|must be equal"),
-    (lambda x, w, kw: (x, w, {**kw, "group_list": kw["group_list"].cumsum(0)}), ValueError, "must be equal"),
-    (lambda x, w, kw: (x, w, {**kw, "group_list": kw["group_list"].int()}), TypeError, "int64"),
-    (lambda x, w, kw: (x, [w[0].transpose(-1, -2)] if kw["group_type"] == 0 else w, kw), ValueError,
-     r"\[G, K, N\]"),
-    (lambda x, w, kw: ([x[0].contiguous()] if kw["group_type"] == 2 else x, w, kw), ValueError, "transposed view"),
-    (lambda x, w, kw: (x[0], w, kw), TypeError, "lists"),
-], ids=["cumulative_type", "cumsum_as_counts", "int32", "weight_layout", "wgrad_x_contiguous", "tensor_not_list"])
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        # counts passed as cumulative ends: not non-decreasing, or the last end is not the row count
+        (lambda x, w, kw: (x, w, {**kw, "group_list_type": 0}), ValueError, "non-decreasing|must be equal"),
+        (lambda x, w, kw: (x, w, {**kw, "group_list": kw["group_list"].cumsum(0)}), ValueError, "must be equal"),
+        (lambda x, w, kw: (x, w, {**kw, "group_list": kw["group_list"].int()}), TypeError, "int64"),
+        (
+            lambda x, w, kw: (x, [w[0].transpose(-1, -2)] if kw["group_type"] == 0 else w, kw),
+            ValueError,
+            r"\[G, K, N\]",
+        ),
+        (lambda x, w, kw: ([x[0].contiguous()] if kw["group_type"] == 2 else x, w, kw), ValueError, "transposed view"),
+        (lambda x, w, kw: (x[0], w, kw), TypeError, "lists"),
+    ],
+    ids=["cumulative_type", "cumsum_as_counts", "int32", "weight_layout", "wgrad_x_contiguous", "tensor_not_list"],
+)
 def test_npu_dispatcher_with_a_wrong_kernel_argument_fails(change, exc, match):
     experts = _experts(8, 3, 2)
     idx, w = _routing(10, 2, list(range(8)))
@@ -305,9 +324,9 @@ def test_npu_ops_without_torch_npu_raises_a_clear_error(monkeypatch):
 def test_npu_ops_names_missing_kernels(monkeypatch):
     old = types.SimpleNamespace(__version__="2.1.0", npu_grouped_matmul=lambda *a, **k: None)
     monkeypatch.setattr(device, "torch_npu_module", lambda: old)
-    with pytest.raises(RuntimeError, match="npu_moe_token_permute.*npu_moe_token_unpermute"):
+    with pytest.raises(RuntimeError, match=r"npu_moe_token_permute.*npu_moe_token_unpermute"):
         npu_ops()
-    with pytest.raises(RuntimeError, match="npu_moe_token_permute.*npu_moe_token_unpermute"):
+    with pytest.raises(RuntimeError, match=r"npu_moe_token_permute.*npu_moe_token_unpermute"):
         NpuDispatcher()
 
 
@@ -323,16 +342,43 @@ def _fake_torch_npu():
         calls.append("unpermute")
         return ref.npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs, padded_mode, restore_shape)
 
-    def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
-                           antiquant_offset=None, per_token_scale=None, group_list=None, activation_input=None,
-                           activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=-1,
-                           group_list_type=0, act_type=0, output_dtype=None, tuning_config=None):
+    def npu_grouped_matmul(
+        x,
+        weight,
+        *,
+        bias=None,
+        scale=None,
+        offset=None,
+        antiquant_scale=None,
+        antiquant_offset=None,
+        per_token_scale=None,
+        group_list=None,
+        activation_input=None,
+        activation_quant_scale=None,
+        activation_quant_offset=None,
+        split_item=0,
+        group_type=-1,
+        group_list_type=0,
+        act_type=0,
+        output_dtype=None,
+        tuning_config=None,
+    ):
         calls.append(f"gmm{group_type}")
-        return ref.npu_grouped_matmul(x, weight, group_list=group_list, split_item=split_item,
-                                      group_type=group_type, group_list_type=group_list_type)
+        return ref.npu_grouped_matmul(
+            x,
+            weight,
+            group_list=group_list,
+            split_item=split_item,
+            group_type=group_type,
+            group_list_type=group_list_type,
+        )
 
-    return types.SimpleNamespace(npu_moe_token_permute=npu_moe_token_permute, npu_grouped_matmul=npu_grouped_matmul,
-                                 npu_moe_token_unpermute=npu_moe_token_unpermute, calls=calls)
+    return types.SimpleNamespace(
+        npu_moe_token_permute=npu_moe_token_permute,
+        npu_grouped_matmul=npu_grouped_matmul,
+        npu_moe_token_unpermute=npu_moe_token_unpermute,
+        calls=calls,
+    )
 
 
 def test_adapter_forwards_documented_argument_names(monkeypatch):
@@ -353,8 +399,9 @@ def test_adapter_forwards_documented_argument_names(monkeypatch):
 # --- op audit -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case, syncs", [("all_local", 0), ("ep_middle", 1), ("rank_gets_no_tokens", 1),
-                                         ("empty_local_experts", 1)])
+@pytest.mark.parametrize(
+    "case, syncs", [("all_local", 0), ("ep_middle", 1), ("rank_gets_no_tokens", 1), ("empty_local_experts", 1)]
+)
 def test_no_banned_ops_and_host_syncs(case, syncs):
     e, e_local, start, k, t, allowed = CASES[case]
     experts = _experts(e, e_local, start)

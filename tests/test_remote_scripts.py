@@ -23,7 +23,8 @@ BASH = shutil.which("bash")
 RSYNC = shutil.which("rsync")
 pytestmark = pytest.mark.skipif(BASH is None, reason="bash is not installed")
 needs_rsync = pytest.mark.skipif(
-    RSYNC is None, reason="rsync is not installed (apt-get install rsync / brew install rsync)")
+    RSYNC is None, reason="rsync is not installed (apt-get install rsync / brew install rsync)"
+)
 
 # Things a developer's checkout holds that must never reach the server.
 PLANTED = [
@@ -48,8 +49,20 @@ PLANTED = [
 
 # Environment variables the scripts read: the tests set the ones they need, never inherit them.
 SCRIPT_VARS = (
-    "REMOTE_HOST", "REMOTE_DIR", "REMOTE_USER", "SSH_PORT", "PYTHON", "LOG_DIR", "UNIT_TESTS", "SKIP_UNIT_TESTS",
-    "MODEL_PATH", "NPROC", "TP_SIZE", "STEPS", "MAX_LENGTH", "VIRTUAL_ENV",
+    "REMOTE_HOST",
+    "REMOTE_DIR",
+    "REMOTE_USER",
+    "SSH_PORT",
+    "PYTHON",
+    "LOG_DIR",
+    "UNIT_TESTS",
+    "SKIP_UNIT_TESTS",
+    "MODEL_PATH",
+    "NPROC",
+    "TP_SIZE",
+    "STEPS",
+    "MAX_LENGTH",
+    "VIRTUAL_ENV",
 )
 
 
@@ -66,8 +79,12 @@ def _run(cmd, cwd, env, timeout=120):
 def _project_files():
     """Relative paths of the project's files: what git tracks plus untracked files it does not ignore."""
     if shutil.which("git") and (ROOT / ".git").exists():
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                             capture_output=True, check=True).stdout.decode()
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
         files = {f for f in out.split("\0") if f}
     else:  # an exported tree without .git: everything but the usual local clutter
         skip_dirs = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "dist", "runs", "logs", "checkpoints"}
@@ -101,6 +118,7 @@ def _plant(src: Path):
 
 # ---------------------------------------------------------------------------------------------- both
 
+
 def _shellcheck():
     found = shutil.which("shellcheck")
     if found:
@@ -128,6 +146,7 @@ def test_scripts_are_executable_bash(script):
 
 # -------------------------------------------------------------------------------------- sync_to_remote
 
+
 @needs_rsync
 def test_sync_copies_the_project_and_nothing_excluded(project, tmp_path):
     expected = _files_under(project)
@@ -138,7 +157,8 @@ def test_sync_copies_the_project_and_nothing_excluded(project, tmp_path):
 
     arrived = _files_under(target)
     assert arrived == expected, (
-        f"missing: {sorted(set(expected) - set(arrived))}; unexpected: {sorted(set(arrived) - set(expected))}")
+        f"missing: {sorted(set(expected) - set(arrived))}; unexpected: {sorted(set(arrived) - set(expected))}"
+    )
     for rel in ("setup.py", "npu_parallel/__init__.py", "tests/checkpoint_worker.py"):
         assert (target / rel).read_bytes() == (ROOT / rel).read_bytes()
     for script in SCRIPTS:
@@ -156,8 +176,11 @@ def test_sync_copies_the_project_and_nothing_excluded(project, tmp_path):
 @needs_rsync
 def test_sync_flags_win_over_environment(project, tmp_path):
     from_env, from_flag = tmp_path / "from_env", tmp_path / "from_flag"
-    result = _run([project / SYNC, "--host", "local", "--dir", from_flag], tmp_path,
-                  _env(REMOTE_DIR=str(from_env), REMOTE_HOST="ascend-node-that-does-not-exist"))
+    result = _run(
+        [project / SYNC, "--host", "local", "--dir", from_flag],
+        tmp_path,
+        _env(REMOTE_DIR=str(from_env), REMOTE_HOST="ascend-node-that-does-not-exist"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (from_flag / "setup.py").is_file()
     assert not from_env.exists()
@@ -185,8 +208,15 @@ def test_sync_to_a_host_goes_through_ssh_with_user_and_port(project, tmp_path):
     home.mkdir()
     (bin_dir / "ssh").write_text(FAKE_SSH)
     (bin_dir / "ssh").chmod(0o755)
-    env = _env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_HOME=str(home), FAKE_SSH_LOG=str(log),
-               REMOTE_HOST="ascend01", REMOTE_USER="ma", SSH_PORT="2222", REMOTE_DIR="~/work/npu_parallel")
+    env = _env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FAKE_HOME=str(home),
+        FAKE_SSH_LOG=str(log),
+        REMOTE_HOST="ascend01",
+        REMOTE_USER="ma",
+        SSH_PORT="2222",
+        REMOTE_DIR="~/work/npu_parallel",
+    )
     result = _run([project / SYNC], tmp_path, env)
     assert result.returncode == 0, result.stdout + result.stderr
     calls = log.read_text()
@@ -244,26 +274,50 @@ def test_sync_without_rsync_says_how_to_install_it(project, tmp_path):
     result = _run([BASH, project / SYNC, "--dir", tmp_path / "t"], tmp_path, _env(PATH=str(bin_dir)))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        f"{SYNC}: rsync not found: install it (apt-get install rsync / brew install rsync)"]
+        f"{SYNC}: rsync not found: install it (apt-get install rsync / brew install rsync)"
+    ]
     assert not (tmp_path / "t").exists()
 
 
 def test_sync_help(project, tmp_path):
     result = _run([project / SYNC, "--help"], tmp_path, _env())
     assert result.returncode == 0, result.stderr
-    for word in ("Usage:", "REMOTE_HOST", "REMOTE_DIR", "REMOTE_USER", "SSH_PORT", "--host", "--dir", "--user",
-                 "--port", "--dry-run", ".safetensors"):
+    for word in (
+        "Usage:",
+        "REMOTE_HOST",
+        "REMOTE_DIR",
+        "REMOTE_USER",
+        "SSH_PORT",
+        "--host",
+        "--dir",
+        "--user",
+        "--port",
+        "--dry-run",
+        ".safetensors",
+    ):
         assert word in result.stdout
     assert _run([project / SYNC, "-h"], tmp_path, _env()).stdout == result.stdout
 
 
 # --------------------------------------------------------------------------------- test_moe_on_remote
 
+
 def test_remote_test_help(project, tmp_path):
     result = _run([project / REMOTE_TEST, "--help"], tmp_path, _env())
     assert result.returncode == 0, result.stderr
-    for word in ("PYTHON", "LOG_DIR", "UNIT_TESTS", "SKIP_UNIT_TESTS", "MODEL_PATH", "NPROC", "TP_SIZE", "STEPS",
-                 "MAX_LENGTH", "[1/5] environment", "[5/5] short fine-tune"):
+    for word in (
+        "PYTHON",
+        "LOG_DIR",
+        "UNIT_TESTS",
+        "SKIP_UNIT_TESTS",
+        "MODEL_PATH",
+        "NPROC",
+        "TP_SIZE",
+        "STEPS",
+        "MAX_LENGTH",
+        "[1/5] environment",
+        "[5/5] short fine-tune",
+    ):
         assert word in result.stdout
     assert not (project / "logs").exists()
 
@@ -278,8 +332,7 @@ def test_remote_test_rejects_bad_settings(project, tmp_path):
 def test_remote_test_stops_at_the_first_failing_stage(project, tmp_path):
     examples = project / "examples"
     examples.mkdir(exist_ok=True)
-    (examples / "test_deepseek_moe.py").write_text(
-        'import sys\nprint("[1/4] pretending to convert")\nsys.exit(3)\n')
+    (examples / "test_deepseek_moe.py").write_text('import sys\nprint("[1/4] pretending to convert")\nsys.exit(3)\n')
     marker = tmp_path / "stage5-ran"
     (examples / "train_deepseek_v2_lite.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     logs = tmp_path / "logs"
@@ -300,7 +353,11 @@ def test_remote_test_stops_at_the_first_failing_stage(project, tmp_path):
     assert not marker.exists()
 
     assert sorted(p.name for p in logs.glob("*.log")) == [
-        "1-environment.log", "2-install-check.log", "3-unit-tests.log", "4-conversion.log"]
+        "1-environment.log",
+        "2-install-check.log",
+        "3-unit-tests.log",
+        "4-conversion.log",
+    ]
     assert "pretending to convert" in (logs / "4-conversion.log").read_text()
     assert (logs / "1-environment.log").read_text().startswith("[1/5] environment\n")
     assert "FAILED (exit code 3" in (logs / "summary.txt").read_text()
@@ -309,15 +366,28 @@ def test_remote_test_stops_at_the_first_failing_stage(project, tmp_path):
 
 @pytest.mark.skipif(
     not all((ROOT / "examples" / name).exists() for name in ("test_deepseek_moe.py", "train_deepseek_v2_lite.py")),
-    reason="examples/test_deepseek_moe.py and examples/train_deepseek_v2_lite.py do not both exist yet")
+    reason="examples/test_deepseek_moe.py and examples/train_deepseek_v2_lite.py do not both exist yet",
+)
 def test_remote_test_full_run_on_cpu(project, tmp_path):
     logs = tmp_path / "logs"
-    env = _env(PYTHON=sys.executable, PYTHONPATH=str(project), SKIP_UNIT_TESTS="1", NPROC="2", STEPS="2",
-               MAX_LENGTH="32", LOG_DIR=str(logs))
+    env = _env(
+        PYTHON=sys.executable,
+        PYTHONPATH=str(project),
+        SKIP_UNIT_TESTS="1",
+        NPROC="2",
+        STEPS="2",
+        MAX_LENGTH="32",
+        LOG_DIR=str(logs),
+    )
     result = _run([project / REMOTE_TEST], tmp_path, env, timeout=540)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
     assert f"All stages passed; logs in {logs}" in out
     assert "All tests passed!" in (logs / "4-conversion.log").read_text()
     assert sorted(p.name for p in logs.glob("*.log")) == [
-        "1-environment.log", "2-install-check.log", "3-unit-tests.log", "4-conversion.log", "5-finetune.log"]
+        "1-environment.log",
+        "2-install-check.log",
+        "3-unit-tests.log",
+        "4-conversion.log",
+        "5-finetune.log",
+    ]

@@ -10,9 +10,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import npu_parallel
+from npu_parallel.convert.plans.deepseek import PLAN as DEEPSEEK
 from npu_parallel.parallel import device
 from npu_parallel.parallel.state import Group, ParallelState, group_layout, init_distributed
-from npu_parallel.convert.plans.deepseek import PLAN as DEEPSEEK
 
 from .dist import run_ranks
 from .models import load_reference
@@ -21,7 +21,9 @@ from .models import load_reference
 def fake_state(tp_size: int, world_size: int | None = None) -> ParallelState:
     """A state with no process group: conversion must reject bad sizes before touching one."""
     world_size = world_size or tp_size
-    return ParallelState(torch.device("cpu"), "gloo", 0, world_size, tp=Group(0, tp_size), dp=Group(0, world_size // tp_size))
+    return ParallelState(
+        torch.device("cpu"), "gloo", 0, world_size, tp=Group(0, tp_size), dp=Group(0, world_size // tp_size)
+    )
 
 
 def test_group_layout_tp_contiguous():
@@ -60,38 +62,56 @@ def test_hccl_defaults_never_override_user(monkeypatch):
 
 def test_tp_must_divide_heads_and_experts(checkpoints):
     model = load_reference("deepseek_v2", checkpoints / "deepseek_v2")
-    with pytest.raises(ValueError, match=r"tp_size=3 must divide the attention heads \(num_attention_heads\) = 8 .*work with world size 3: \[1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"tp_size=3 must divide the attention heads \(num_attention_heads\) = 8 .*work with world size 3: \[1\]",
+    ):
         npu_parallel.convert_model(model, fake_state(3))
     config = copy.deepcopy(model.config)
     config.n_routed_experts = 6
-    with pytest.raises(ValueError, match=r"tp_size=4 must divide the routed experts \(n_routed_experts\) = 6 .*: \[1, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"tp_size=4 must divide the routed experts \(n_routed_experts\) = 6 .*: \[1, 2\]"
+    ):
         DEEPSEEK.check_tp(config, 4, 4)
 
 
 def test_unsupported_architecture_lists_supported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(ValueError, match=r"no parallel plan for model_type='gpt2'.*supported: deepseek, deepseek_v2, deepseek_v3, llama, mixtral, qwen2, qwen2_moe, qwen3_moe.*Adding an architecture"):
+    with pytest.raises(
+        ValueError,
+        match=r"no parallel plan for model_type='gpt2'.*supported: deepseek, deepseek_v2, deepseek_v3, llama, "
+        r"mixtral, qwen2, qwen2_moe, qwen3_moe.*Adding an architecture",
+    ):
         npu_parallel.convert_model(model, fake_state(1))
 
 
 def test_unknown_moe_impl(checkpoints):
     model = load_reference("deepseek_v2", checkpoints / "deepseek_v2")
-    with pytest.raises(ValueError, match=r"moe_impl='fast' is not an implementation; use one of \['auto', 'grouped', 'static', 'masked', 'npu'"):
+    with pytest.raises(
+        ValueError,
+        match=r"moe_impl='fast' is not an implementation; use one of \['auto', 'grouped', 'static', 'masked', 'npu'",
+    ):
         npu_parallel.convert_model(model, fake_state(1), moe_impl="fast")
 
 
 def test_cli_env_reports_sizes_and_hccl():
-    out = subprocess.run([sys.executable, "-m", "npu_parallel.tools.cli", "env", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "npu_parallel.tools.cli", "env", "--json"], capture_output=True, text=True, check=True
+    )
     report = json.loads(out.stdout)
     assert report["device"] == "cpu" and report["backend"] == "gloo"
     assert (report["world_size"], report["tp_size"], report["dp_size"]) == (1, 1, 1)
     assert "HCCL_CONNECT_TIMEOUT" in report["hccl_env"]
-    text = subprocess.run([sys.executable, "-m", "npu_parallel.tools.cli", "env"], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "npu_parallel.tools.cli", "env"], capture_output=True, text=True, check=True
+    ).stdout
     assert "world/tp/dp  1 / 1 / 1" in text and "HCCL_EXEC_TIMEOUT" in text
 
 
 def test_cli_env_bad_tp_is_one_line_exit_2():
-    out = subprocess.run([sys.executable, "-m", "npu_parallel.tools.cli", "env", "--tp", "3"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "npu_parallel.tools.cli", "env", "--tp", "3"], capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "tp_size=3" in out.stderr and "Traceback" not in out.stderr
 

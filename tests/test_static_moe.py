@@ -16,14 +16,20 @@ from .models import load_reference
 
 def _experts(n_experts=16, n_local=8, start=8, hidden=32, inter=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return LocalExperts(nn.Parameter(torch.randn(n_local, 2 * inter, hidden, generator=g) / 4),
-                        nn.Parameter(torch.randn(n_local, hidden, inter, generator=g) / 4), nn.SiLU(), n_experts, start)
+    return LocalExperts(
+        nn.Parameter(torch.randn(n_local, 2 * inter, hidden, generator=g) / 4),
+        nn.Parameter(torch.randn(n_local, hidden, inter, generator=g) / 4),
+        nn.SiLU(),
+        n_experts,
+        start,
+    )
 
 
 def test_compiled_fullgraph_moe_layer_forward_backward(checkpoints):
     """A converted DeepSeek-V3 MoE block (router included) compiles as one graph and matches eager."""
-    model = npu_parallel.convert_model(load_reference("deepseek_v3", checkpoints / "deepseek_v3"),
-                                       npu_parallel.init_distributed(), moe_impl="static")
+    model = npu_parallel.convert_model(
+        load_reference("deepseek_v3", checkpoints / "deepseek_v3"), npu_parallel.init_distributed(), moe_impl="static"
+    )
     moe = model.model.layers[1].mlp
     x = torch.randn(2, 16, 64, requires_grad=True)
     eager = copy.deepcopy(moe)
@@ -35,7 +41,7 @@ def test_compiled_fullgraph_moe_layer_forward_backward(checkpoints):
     y2.square().sum().backward()
     assert torch.allclose(y, y2, atol=1e-5)
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
-    for (n, p), (_, p2) in zip(moe.named_parameters(), eager.named_parameters()):
+    for (n, p), (_, p2) in zip(moe.named_parameters(), eager.named_parameters(), strict=True):
         assert torch.allclose(p.grad, p2.grad, atol=1e-5), n
 
 

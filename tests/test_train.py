@@ -31,11 +31,13 @@ def test_dp_x_tp_equals_tp_with_the_same_global_batch(checkpoints, tmp_path):
 def test_training_options_agree(checkpoints, tmp_path):
     """Vocab-parallel loss, gradient checkpointing and grad accumulation train the same model."""
     path = str(checkpoints / "deepseek_v3")
-    jobs = [dict(BASE, model_path=path),
-            dict(BASE, model_path=path, vocab_parallel_loss=True),
-            dict(BASE, model_path=path, gradient_checkpointing=True),
-            dict(BASE, model_path=path, batch_size=2, grad_accum=1),
-            dict(BASE, model_path=path, batch_size=1, grad_accum=2)]
+    jobs = [
+        dict(BASE, model_path=path),
+        dict(BASE, model_path=path, vocab_parallel_loss=True),
+        dict(BASE, model_path=path, gradient_checkpointing=True),
+        dict(BASE, model_path=path, batch_size=2, grad_accum=1),
+        dict(BASE, model_path=path, batch_size=1, grad_accum=2),
+    ]
     plain, vp, gc, b2, acc = run_ranks(2, "tests.train_worker:run_many", jobs)
     assert vp["losses"] == pytest.approx(plain["losses"], abs=1e-5)
     assert gc["losses"] == pytest.approx(plain["losses"], abs=1e-5)
@@ -45,21 +47,35 @@ def test_training_options_agree(checkpoints, tmp_path):
 def test_interrupted_run_resumes_exactly(checkpoints, tmp_path):
     path = str(checkpoints / "deepseek_v2")
     cfg = dict(BASE, model_path=path, steps=6)
-    full, interrupted = run_ranks(2, "tests.train_worker:run_many", [
-        dict(cfg, log_dir=str(tmp_path / "full")),
-        dict(cfg, stop_after=3, save_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "a")),
-    ])
+    full, interrupted = run_ranks(
+        2,
+        "tests.train_worker:run_many",
+        [
+            dict(cfg, log_dir=str(tmp_path / "full")),
+            dict(cfg, stop_after=3, save_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "a")),
+        ],
+    )
     assert interrupted["steps"] == [1, 2, 3] and interrupted["checkpoint"].endswith("step-3")
-    resumed = run_ranks(2, "tests.train_worker:run_train", dict(cfg, resume=interrupted["checkpoint"],
-                                                                log_dir=str(tmp_path / "b")))
+    resumed = run_ranks(
+        2, "tests.train_worker:run_train", dict(cfg, resume=interrupted["checkpoint"], log_dir=str(tmp_path / "b"))
+    )
     assert resumed["steps"] == [4, 5, 6]
     assert resumed["losses"] == full["losses"][3:]  # bit for bit
     assert interrupted["losses"] == full["losses"][:3]
 
 
 def test_metrics_file_and_loss_curve(checkpoints, tmp_path):
-    r = run_ranks(2, "tests.train_worker:run_train", dict(BASE, model_path=str(checkpoints / "deepseek_v2"),
-                                                          log_dir=str(tmp_path), save_dir=str(tmp_path / "ckpt"), save_every=2))
+    run_ranks(
+        2,
+        "tests.train_worker:run_train",
+        dict(
+            BASE,
+            model_path=str(checkpoints / "deepseek_v2"),
+            log_dir=str(tmp_path),
+            save_dir=str(tmp_path / "ckpt"),
+            save_every=2,
+        ),
+    )
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     for x in lines:
@@ -70,7 +86,8 @@ def test_metrics_file_and_loss_curve(checkpoints, tmp_path):
 
 
 def test_remote_code_aux_loss_is_reported(checkpoints):
-    """The MoEGate auxiliary loss of the source model reaches the training loss report (its gradient is in the graph)."""
+    """The MoEGate auxiliary loss of the source model reaches the training loss report (its gradient is in the
+    graph)."""
     import torch
 
     import npu_parallel
@@ -80,13 +97,16 @@ def test_remote_code_aux_loss_is_reported(checkpoints):
 
     ref = load_reference("deepseek_v2_remote", checkpoints / "deepseek_v2_remote").train()
     ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
-    model = npu_parallel.convert_model(load_reference("deepseek_v2_remote", checkpoints / "deepseek_v2_remote"),
-                                       npu_parallel.init_distributed()).train()
+    model = npu_parallel.convert_model(
+        load_reference("deepseek_v2_remote", checkpoints / "deepseek_v2_remote"), npu_parallel.init_distributed()
+    ).train()
     captured = []
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append(o[2].detach()))
-             for layer in ref.model.layers[1:]]
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append(o[2].detach()))
+        for layer in ref.model.layers[1:]
+    ]
     ref(input_ids=ids, labels=ids)
     for h in hooks:
         h.remove()
-    loss, aux = causal_lm_loss(model, ids, ids, vocab_parallel=False)
+    _, aux = causal_lm_loss(model, ids, ids, vocab_parallel=False)
     assert aux is not None and aux.item() == pytest.approx(sum(c.item() for c in captured), rel=1e-5)

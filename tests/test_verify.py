@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-import transformers
-from npu_parallel.tools import cli
-from npu_parallel.parallel.state import single_rank_state
 from npu_parallel.checkpoint.load import load_pretrained
 from npu_parallel.convert.moe_blocks import NoMoEBlockError, find_moe_blocks
 from npu_parallel.moe.router import router_outputs
+from npu_parallel.parallel.state import single_rank_state
+from npu_parallel.tools import cli
 from npu_parallel.tools.audit_run import audit_summary
 from npu_parallel.tools.jobs import run_jobs
 from npu_parallel.tools.verify_report import Tolerances, evaluate, failures, format_table, tolerances_for
@@ -34,8 +34,10 @@ def _ref(path: Path) -> nn.Module:
 @pytest.fixture(scope="module")
 def tp2(checkpoints):
     """The tp=2 jobs of this file in ONE torchrun launch: verify v2 and v3 with backward, audit v2."""
-    jobs = [{"task": "verify", "path": str(checkpoints / name), "kwargs": {"backward": True}}
-            for name in ("deepseek_v2", "deepseek_v3")]
+    jobs = [
+        {"task": "verify", "path": str(checkpoints / name), "kwargs": {"backward": True}}
+        for name in ("deepseek_v2", "deepseek_v3")
+    ]
     jobs.append({"task": "audit", "path": str(checkpoints / "deepseek_v2"), "kwargs": {}})
     v2, v3, audit = run_jobs(2, jobs)
     return {"deepseek_v2": v2, "deepseek_v3": v3, "audit": audit}
@@ -52,6 +54,7 @@ def _check_verify_result(res: dict) -> None:
 
 # -- router discovery -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3"])
 def test_find_moe_blocks_fused(checkpoints, name):
     model = _ref(checkpoints / name)
@@ -59,7 +62,10 @@ def test_find_moe_blocks_fused(checkpoints, name):
     assert [b.path for b in blocks] == ["model.layers.1.mlp", "model.layers.2.mlp"]
     b = blocks[0]
     assert (b.router_path, b.experts_path, b.shared_path) == (
-        "model.layers.1.mlp.gate", "model.layers.1.mlp.experts", "model.layers.1.mlp.shared_experts")
+        "model.layers.1.mlp.gate",
+        "model.layers.1.mlp.experts",
+        "model.layers.1.mlp.shared_experts",
+    )
     assert (b.layout, b.num_experts, b.num_local_experts, b.top_k, b.layer) == ("fused", 8, 8, 3, 1)
     assert b.router is model.model.layers[1].mlp.gate and b.shared is model.model.layers[1].mlp.shared_experts
 
@@ -68,12 +74,16 @@ def test_find_moe_blocks_converted_and_remote(checkpoints):
     conv = load_pretrained(checkpoints / "deepseek_v2", single_rank_state(), progress=False)
     blocks = find_moe_blocks(conv)
     assert [(b.layer, b.layout, b.num_experts, type(b.router).__name__) for b in blocks] == [
-        (1, "fused", 8, "DeepseekV2TopkRouter"), (2, "fused", 8, "DeepseekV2TopkRouter")]
+        (1, "fused", 8, "DeepseekV2TopkRouter"),
+        (2, "fused", 8, "DeepseekV2TopkRouter"),
+    ]
 
     remote = to_remote_layout(_ref(checkpoints / "deepseek_v2_remote"))
     blocks = find_moe_blocks(remote)
     assert [(b.layer, b.layout, b.num_experts, b.top_k, type(b.router).__name__) for b in blocks] == [
-        (1, "modulelist", 8, 3, "MoEGate"), (2, "modulelist", 8, 3, "MoEGate")]
+        (1, "modulelist", 8, 3, "MoEGate"),
+        (2, "modulelist", 8, 3, "MoEGate"),
+    ]
     remote.train()
     indices, weights, aux = router_outputs(blocks[0].router(torch.randn(2, 5, 64)))
     assert indices.shape == weights.shape == (10, 3) and not indices.is_floating_point() and aux.numel() == 1
@@ -111,15 +121,19 @@ def test_find_moe_blocks_mixtral_4x_tree():
     blocks = find_moe_blocks(model)
     assert [(b.path, b.router_path, b.layout, b.num_experts, b.top_k, b.shared) for b in blocks] == [
         (f"model.layers.{i}.block_sparse_moe", f"model.layers.{i}.block_sparse_moe.gate", "modulelist", 4, 2, None)
-        for i in range(2)]
+        for i in range(2)
+    ]
     assert router_outputs(torch.zeros(3, 4)) == (None, None, None)  # a plain linear gate: logits only
 
 
 def test_find_moe_blocks_explains_when_none(checkpoints):
     llama = _ref(checkpoints / "llama")
     assert find_moe_blocks(llama, required=False) == []
-    with pytest.raises(NoMoEBlockError, match=r"^no MoE block found in LlamaForCausalLM: its plan \(Llama/Qwen2 \(dense\)\) "
-                       r"is dense"):
+    with pytest.raises(
+        NoMoEBlockError,
+        match=r"^no MoE block found in LlamaForCausalLM: its plan \(Llama/Qwen2 \(dense\)\) "
+        r"is dense",
+    ):
         find_moe_blocks(llama)
     mixtral = _ref(checkpoints / "mixtral")
     for layer in mixtral.model.layers:
@@ -127,12 +141,15 @@ def test_find_moe_blocks_explains_when_none(checkpoints):
     with pytest.raises(NoMoEBlockError) as err:
         find_moe_blocks(mixtral)
     msg = str(err.value)
-    assert msg.startswith("no MoE block found in MixtralForCausalLM: its plan (Mixtral) looks for "
-                          "model.layers.*.block_sparse_moe with `gate` and `experts` children"), msg
+    assert msg.startswith(
+        "no MoE block found in MixtralForCausalLM: its plan (Mixtral) looks for "
+        "model.layers.*.block_sparse_moe with `gate` and `experts` children"
+    ), msg
     assert msg.endswith("saw: model.layers.*.mlp = Identity"), msg
 
 
 # -- audit ----------------------------------------------------------------------------------------------
+
 
 def test_audit_converted_tp1_and_tp2_clean(checkpoints, capsys, tp2):
     path = str(checkpoints / "deepseek_v2")
@@ -146,8 +163,17 @@ def test_audit_converted_tp1_and_tp2_clean(checkpoints, capsys, tp2):
 
 def test_audit_unconverted_eager_reports_nonzero_line(checkpoints, capsys, tmp_path):
     out_json = tmp_path / "audit.json"
-    rc = cli.main(["audit", str(checkpoints / "deepseek_v2"), "--unconverted", "--experts-implementation", "eager",
-                   "--json", str(out_json)])
+    rc = cli.main(
+        [
+            "audit",
+            str(checkpoints / "deepseek_v2"),
+            "--unconverted",
+            "--experts-implementation",
+            "eager",
+            "--json",
+            str(out_json),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1 and "BANNED OPS FOUND" in out
     events = json.loads(out_json.read_text())["ranks"][0]["events"]
@@ -184,11 +210,13 @@ def test_audit_bad_input(checkpoints, tmp_path, capsys):
 
 # -- verify ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3"])
 def test_verify_passes(checkpoints, capsys, tmp_path, tp2, name):
     out_json, png = tmp_path / "v.json", tmp_path / "v.png"
-    rc = cli.main(["verify", str(checkpoints / name), "--tp", "1", "--backward", "--json", str(out_json),
-                   "--plot", str(png)])
+    rc = cli.main(
+        ["verify", str(checkpoints / name), "--tp", "1", "--backward", "--json", str(out_json), "--plot", str(png)]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.rstrip().splitlines()[-1].startswith("PASSED: tp 1:")
@@ -214,12 +242,32 @@ def test_verify_names_the_broken_layer(checkpoints, capsys):
 def test_verify_failure_order_and_table():
     """Forward figures first (layer order), gradients in backward order: the first names the root cause."""
     tol = Tolerances(1e-4, 1e-4, 100.0)
-    layers = [dict(layer=i, kind=k, attn_out=0.0, mlp_out=0.0, router_agree=a, router_w=0.0, aux=None,
-                   g_attn=g, g_mlp=g, g_router=None, g_norm=g)
-              for i, (k, a, g) in enumerate([("dense", None, 0.0), ("moe", 100.0, 0.0), ("moe", 87.5, 1.0)])]
-    result = dict(tp=4, layers=layers, model=dict(logits=0.5, loss=0.0, aux_loss=None, g_embed=1.0,
-                                                   g_final_norm=0.0, g_lm_head=1.0),
-                  model_type="deepseek_v3", dtype="float32", batch=[2, 16], moe_impl="grouped", backward=True)
+    layers = [
+        dict(
+            layer=i,
+            kind=k,
+            attn_out=0.0,
+            mlp_out=0.0,
+            router_agree=a,
+            router_w=0.0,
+            aux=None,
+            g_attn=g,
+            g_mlp=g,
+            g_router=None,
+            g_norm=g,
+        )
+        for i, (k, a, g) in enumerate([("dense", None, 0.0), ("moe", 100.0, 0.0), ("moe", 87.5, 1.0)])
+    ]
+    result = dict(
+        tp=4,
+        layers=layers,
+        model=dict(logits=0.5, loss=0.0, aux_loss=None, g_embed=1.0, g_final_norm=0.0, g_lm_head=1.0),
+        model_type="deepseek_v3",
+        dtype="float32",
+        batch=[2, 16],
+        moe_impl="grouped",
+        backward=True,
+    )
     f = failures(result, tol)
     assert f[0] == "tp=4 layer 2 router_agree 87.50% < 100%"
     assert f[1] == "tp=4 logits max diff 5.0e-01 > 1e-04"
@@ -240,12 +288,15 @@ def test_verify_bad_input(checkpoints, capsys):
 
 # -- inspect --routing ----------------------------------------------------------------------------------
 
+
 def test_inspect_routing(checkpoints, capsys, tmp_path):
     text = tmp_path / "sample.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     png = tmp_path / "routing.png"
-    assert cli.main(["inspect", str(checkpoints / "deepseek_v3"), "--routing", "--data", str(text),
-                     "--plot", str(png)]) == 0
+    assert (
+        cli.main(["inspect", str(checkpoints / "deepseek_v3"), "--routing", "--data", str(text), "--plot", str(png)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith(f"routing on 128 tokens of {text} (bytes)")  # 180 bytes, max_position_embeddings 128
     rows = [line.split() for line in out.splitlines() if re.match(r"^\d\s", line)]

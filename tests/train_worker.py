@@ -7,9 +7,9 @@ from transformers import AutoModelForCausalLM
 
 import npu_parallel
 from npu_parallel.checkpoint.load import load_pretrained
+from npu_parallel.training.loop import TrainConfig, train
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
 from npu_parallel.training.optim import global_grad_norm
-from npu_parallel.training.loop import TrainConfig, train
 
 
 def run_train(kwargs: dict) -> dict:
@@ -40,5 +40,12 @@ def norms_and_losses(path: str, tp: int) -> dict:
     vp, _ = causal_lm_loss(model, ids, ids, vocab_parallel=True)
     vp.backward()
     grad_diff = max((p.grad - grads[n]).abs().max().item() for n, p in model.named_parameters())
-    return {"ref_norm": ref_norm, "norm": norm, "naive_sum_norm": None, "loss_gathered": gathered.item(),
-            "loss_vp": vp.item(), "grad_diff": grad_diff, "local_logits_vocab": local_logits.shape[-1]}
+    return {
+        "ref_norm": ref_norm,
+        "norm": norm,
+        "naive_sum_norm": None,
+        "loss_gathered": gathered.item(),
+        "loss_vp": vp.item(),
+        "grad_diff": grad_diff,
+        "local_logits_vocab": local_logits.shape[-1],
+    }

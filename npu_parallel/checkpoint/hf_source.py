@@ -73,13 +73,15 @@ class HFSource(TensorSource):
                 raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
             for name in sorted(set(weight_map.values())):
                 if not (self.path / name).is_file():
-                    raise CheckpointError(f"{index} names shard {name!r}, which is not in {self.path}; "
-                                          f"copy the missing file")
+                    raise CheckpointError(
+                        f"{index} names shard {name!r}, which is not in {self.path}; copy the missing file"
+                    )
             return dict(weight_map)
         single = self.path / SINGLE_FILE
         if not single.is_file():
-            raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; "
-                                  f"only safetensors checkpoints are read")
+            raise CheckpointError(
+                f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are read"
+            )
         return {k: SINGLE_FILE for k in read_header(single)}
 
     @cached_property
@@ -174,6 +176,6 @@ class HFSource(TensorSource):
             row = 0
             for part in self.keys.expert_keys(key, e):
                 rows = self.key_info(part)[1][0]
-                self._read(part, out=out[i, row:row + rows])
+                self._read(part, out=out[i, row : row + rows])
                 row += rows
         return out

@@ -23,13 +23,39 @@ from npu_parallel.convert.plan import Plan, config_value
 
 # bits per element of each safetensors dtype code
 DTYPE_BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
-    "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8,
-    "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F4": 4,
 }
 # tensors the tp plans split (the estimate's rule; the sharded format records the real split)
-SPLIT_PATTERNS = (".experts.", "q_proj", "q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                  "embed_tokens", "lm_head")
+SPLIT_PATTERNS = (
+    ".experts.",
+    "q_proj",
+    "q_b_proj",
+    "kv_b_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "embed_tokens",
+    "lm_head",
+)
 ROUTED_EXPERTS = ".experts."  # not ".shared_experts.": those run for every token
 MAX_TP = 16
 ROUTING_FIELDS = ("topk_method", "scoring_func", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
@@ -37,6 +63,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 # -- small helpers ------------------------------------------------------------------------------------
+
 
 def compact_ranges(values) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'; [] -> 'none'."""
@@ -81,6 +108,7 @@ def _layer_of(name: str) -> int | None:
 
 # -- reading the tensors' headers ------------------------------------------------------------------------
 
+
 def _hf_tensors(path: Path):
     """(source, {name: (dtype code, shape)}) of a Hugging Face checkpoint; nothing but headers is read."""
     with HFSource(path) as source:  # config.json, the index and its shards, checked there
@@ -88,8 +116,10 @@ def _hf_tensors(path: Path):
         tensors = {}
         for key, filename in source.file_of.items():
             if key not in headers[filename]:
-                raise CheckpointError(f"{source.path / INDEX_FILE} puts {key} in {filename}, which does not hold it; "
-                                      f"the index does not match the shards")
+                raise CheckpointError(
+                    f"{source.path / INDEX_FILE} puts {key} in {filename}, which does not hold it; "
+                    f"the index does not match the shards"
+                )
             t = headers[filename][key]
             tensors[key] = (t.dtype, t.shape)
         return source, tensors
@@ -107,6 +137,7 @@ def _sharded_tensors(path: Path):
 
 
 # -- the facts ------------------------------------------------------------------------------------------
+
 
 def _plan(source: TensorSource) -> tuple[Plan | None, str | None]:
     """The model type's parallel plan, or None and why not."""
@@ -149,8 +180,10 @@ def _layer_split(config, num_layers: int, experts: int | None, tensors: dict) ->
         moe = {i for i in with_experts if i < num_layers} if with_experts else set(range(num_layers))
     stored = {i for i in with_experts if i < num_layers}
     if with_experts and stored != moe:
-        warnings.append(f"the config makes layers {compact_ranges(moe)} MoE but the tensors hold routed experts "
-                        f"in layers {compact_ranges(stored)}; does config.json belong to these weights?")
+        warnings.append(
+            f"the config makes layers {compact_ranges(moe)} MoE but the tensors hold routed experts "
+            f"in layers {compact_ranges(stored)}; does config.json belong to these weights?"
+        )
     dense = [i for i in range(num_layers) if i not in moe]
     return dense, sorted(moe), warnings
 
@@ -173,8 +206,14 @@ def _attention(config, model_type: str | None) -> dict:
         q_lora = config_value(config, "q_lora_rank")
         dims = {k: config_value(config, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
         summary = f"MLA, q_lora_rank={q_lora}" if q_lora else "MLA without q LoRA (q_proj)"
-        return {"kind": "MLA", "summary": summary, "q_lora_rank": q_lora, "kv_lora_rank": kv_lora,
-                "num_heads": heads, **dims}
+        return {
+            "kind": "MLA",
+            "summary": summary,
+            "q_lora_rank": q_lora,
+            "kv_lora_rank": kv_lora,
+            "num_heads": heads,
+            **dims,
+        }
     kv_heads = config_value(config, "num_key_value_heads") or heads
     hidden = config_value(config, "hidden_size")
     head_dim = config_value(config, "head_dim") or (hidden // heads if hidden and heads else None)
@@ -269,8 +308,9 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
         "params_total": params_total,
         "params_experts": params_experts,
         "params_other": params_total - params_experts,
-        "params_active_estimate": (params_total - params_experts + params_experts * top_k // experts
-                                   if experts and top_k else None),
+        "params_active_estimate": (
+            params_total - params_experts + params_experts * top_k // experts if experts and top_k else None
+        ),
         "bytes_on_disk": disk,
         "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])),
         "quantization": quant,
@@ -290,13 +330,16 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
     if split_names is not None:
         is_split = split_names.__contains__
     else:
+
         def is_split(name: str) -> bool:
             return any(p in name for p in SPLIT_PATTERNS)
+
     report["per_rank_bytes_estimate"] = _per_rank_bytes(tensors, is_split, valid)
     return report
 
 
 # -- text ------------------------------------------------------------------------------------------------
+
 
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
@@ -311,47 +354,69 @@ def format_report(report: dict) -> str:
 
     r = report
     if r["format"] == FORMAT:
-        fmt = (f"npu_parallel sharded checkpoint, tp={r['sharded_tp']} "
-               f"({len(r['files'])} rank file{'s' if len(r['files']) != 1 else ''})")
+        fmt = (
+            f"npu_parallel sharded checkpoint, tp={r['sharded_tp']} "
+            f"({len(r['files'])} rank file{'s' if len(r['files']) != 1 else ''})"
+        )
     else:
         fmt = f"Hugging Face safetensors ({len(r['files'])} file{'s' if len(r['files']) != 1 else ''})"
     line("checkpoint", r["path"])
     line("format", fmt)
     line("architecture", f"{r['architecture']} (model_type {r['model_type']})")
     if r["experts"]:
-        line("layers", f"{r['num_layers']} (dense: {compact_ranges(r['dense_layers'])}; "
-                       f"MoE: {compact_ranges(r['moe_layers'])})")
+        line(
+            "layers",
+            f"{r['num_layers']} (dense: {compact_ranges(r['dense_layers'])}; MoE: {compact_ranges(r['moe_layers'])})",
+        )
     else:
         line("layers", f"{r['num_layers']} (all dense, no routed experts)")
     if r["extra_layers"]:
-        note = (f"; num_nextn_predict_layers={r['num_nextn_predict_layers']} (multi-token prediction)"
-                if r.get("num_nextn_predict_layers") else "")
-        line("extra layers", f"{compact_ranges(r['extra_layers'])} stored beyond num_hidden_layers "
-                             f"({human_count(r['params_extra_layers'])} params, counted below){note}")
+        note = (
+            f"; num_nextn_predict_layers={r['num_nextn_predict_layers']} (multi-token prediction)"
+            if r.get("num_nextn_predict_layers")
+            else ""
+        )
+        line(
+            "extra layers",
+            f"{compact_ranges(r['extra_layers'])} stored beyond num_hidden_layers "
+            f"({human_count(r['params_extra_layers'])} params, counted below){note}",
+        )
     if r["experts"]:
         line("experts", f"{r['experts']} routed, top-{r['top_k']}, {r['shared_experts'] or 0} shared")
-        routing = ", ".join(k if v is True and k == "e_score_correction_bias" else f"{k}={v}"
-                            for k, v in r["routing"].items())
+        routing = ", ".join(
+            k if v is True and k == "e_score_correction_bias" else f"{k}={v}" for k, v in r["routing"].items()
+        )
         line("routing", routing or "-")
     a = r["attention"]
     if a["kind"] == "MLA":
-        line("attention", f"{a['summary']}, kv_lora_rank={a['kv_lora_rank']}, {a['num_heads']} heads, "
-                          f"qk_nope/qk_rope/v head dims "
-                          f"{a['qk_nope_head_dim']}/{a['qk_rope_head_dim']}/{a['v_head_dim']}")
+        line(
+            "attention",
+            f"{a['summary']}, kv_lora_rank={a['kv_lora_rank']}, {a['num_heads']} heads, "
+            f"qk_nope/qk_rope/v head dims "
+            f"{a['qk_nope_head_dim']}/{a['qk_rope_head_dim']}/{a['v_head_dim']}",
+        )
     else:
-        line("attention", f"{a['kind']}, {a['num_heads']} heads, {a['num_key_value_heads']} kv heads, "
-                          f"head dim {a['head_dim']}")
+        line(
+            "attention",
+            f"{a['kind']}, {a['num_heads']} heads, {a['num_key_value_heads']} kv heads, head dim {a['head_dim']}",
+        )
     line("hidden size", r["hidden_size"])
     line("vocab", f"{r['vocab_size']} ({'tied' if r['tie_word_embeddings'] else 'untied'} embeddings / lm_head)")
     total = r["params_total"]
     line("parameters", f"{human_count(total)} params ({total:,})")
     if r["experts"]:
         line("  experts", f"{human_count(r['params_experts'])} in routed experts ({_pct(r['params_experts'], total)})")
-        line("  the rest", f"{human_count(r['params_other'])} ({_pct(r['params_other'], total)}): attention, "
-                           f"dense/shared MLPs, router, norms, embeddings")
+        line(
+            "  the rest",
+            f"{human_count(r['params_other'])} ({_pct(r['params_other'], total)}): attention, "
+            f"dense/shared MLPs, router, norms, embeddings",
+        )
         if r["params_active_estimate"] is not None:
-            line("  active", f"~{human_count(r['params_active_estimate'])} per token (top-{r['top_k']} of "
-                             f"{r['experts']} routed experts plus the rest)")
+            line(
+                "  active",
+                f"~{human_count(r['params_active_estimate'])} per token (top-{r['top_k']} of "
+                f"{r['experts']} routed experts plus the rest)",
+            )
     line("on disk", f"{human_bytes(r['bytes_on_disk'])} ({r['bytes_on_disk']:,} bytes, {r['num_tensors']} tensors)")
     line("dtypes", ", ".join(f"{d} ({_pct(n, total)})" for d, n in r["dtypes"].items()) or "-")
     if r.get("quantization"):

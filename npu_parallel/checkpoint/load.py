@@ -6,8 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-from transformers import PreTrainedModel
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from npu_parallel.checkpoint.hf_source import HFSource
 from npu_parallel.checkpoint.materialize import (
@@ -28,14 +28,22 @@ from npu_parallel.parallel.state import ParallelState
 logger = logging.getLogger(__name__)
 
 
-def _build(source: TensorSource, state: ParallelState, dtype, moe_impl: str,
-           capacity_factor: float | None) -> tuple[PreTrainedModel, ConversionInfo, list[Item]]:
+def _build(
+    source: TensorSource, state: ParallelState, dtype, moe_impl: str, capacity_factor: float | None
+) -> tuple[PreTrainedModel, ConversionInfo, list[Item]]:
     """The converted model on the meta device and what it needs from ``source``; no byte read yet."""
     plan = source.plan
     target = resolve_dtype(dtype, source.config, source.first_float_dtype())
     model = empty_model(source.config, target)
-    info = apply_plan(model, state.tp, device_type=state.device.type, plan=plan, moe_impl=moe_impl,
-                      capacity_factor=capacity_factor, world_size=state.world_size)  # checks tp, same on every rank
+    info = apply_plan(
+        model,
+        state.tp,
+        device_type=state.device.type,
+        plan=plan,
+        moe_impl=moe_impl,
+        capacity_factor=capacity_factor,
+        world_size=state.world_size,
+    )  # checks tp, same on every rank
     return model, info, plan_tensors(model, source, target)
 
 
@@ -44,12 +52,25 @@ def _record(info: ConversionInfo, source: TensorSource, state: ParallelState, st
     info.expert_layout = source.expert_layout()
     info.load_stats = {"bytes_read": source.bytes_read, "seconds": seconds, "keys_read": sorted(source.keys_read)}
     if state.rank == 0 or logger.isEnabledFor(logging.DEBUG):
-        logger.info("rank %d: loaded %d tensors, %.1f MB read in %.2f s (%.0f MB/s)", state.rank, count,
-                    source.bytes_read / 1e6, seconds, source.bytes_read / 1e6 / max(seconds, 1e-9))
+        logger.info(
+            "rank %d: loaded %d tensors, %.1f MB read in %.2f s (%.0f MB/s)",
+            state.rank,
+            count,
+            source.bytes_read / 1e6,
+            seconds,
+            source.bytes_read / 1e6 / max(seconds, 1e-9),
+        )
 
 
-def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_impl: str = "auto",
-                    capacity_factor: float | None = None, progress: bool = True) -> PreTrainedModel:
+def load_pretrained(
+    path: str | Path,
+    state: ParallelState,
+    *,
+    dtype=None,
+    moe_impl: str = "auto",
+    capacity_factor: float | None = None,
+    progress: bool = True,
+) -> PreTrainedModel:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
     Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``.
@@ -57,16 +78,23 @@ def load_pretrained(path: str | Path, state: ParallelState, *, dtype=None, moe_i
     started = time.perf_counter()
     with HFSource(path) as source:
         model, info, items = _build(source, state, dtype, moe_impl, capacity_factor)
-        with tqdm(total=len(items), desc="loading", unit="tensor",
-                  disable=None if (progress and state.rank == 0) else True) as bar:
+        with tqdm(
+            total=len(items), desc="loading", unit="tensor", disable=None if (progress and state.rank == 0) else True
+        ) as bar:
             materialize(items, source, RebindInto(model, state.device, source), bar)
     _record(info, source, state, started, len(items))
     return model.eval()  # as from_pretrained returns it
 
 
-def load_sharded(path: str | Path, state: ParallelState, *, model: PreTrainedModel | None = None,
-                 moe_impl: str = "auto",
-                 dtype=None, verify: bool = True) -> PreTrainedModel:
+def load_sharded(
+    path: str | Path,
+    state: ParallelState,
+    *,
+    model: PreTrainedModel | None = None,
+    moe_impl: str = "auto",
+    dtype=None,
+    verify: bool = True,
+) -> PreTrainedModel:
     """Restore a model saved by save_sharded or `npu-parallel convert`, at this tp size (resharded if it differs).
 
     With ``model``, weights are copied into its parameters in place (an optimizer built on them stays valid).
@@ -81,8 +109,10 @@ def load_sharded(path: str | Path, state: ParallelState, *, model: PreTrainedMod
             m = source.manifest
             mine = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
             if m["model_type"] != model.config.model_type or m["architecture"] != mine:
-                raise CheckpointError(f"{source.path}: checkpoint is {m['architecture']} ({m['model_type']}), "
-                                      f"the model is {mine} ({model.config.model_type}); load it into a matching model")
+                raise CheckpointError(
+                    f"{source.path}: checkpoint is {m['architecture']} ({m['model_type']}), "
+                    f"the model is {mine} ({model.config.model_type}); load it into a matching model"
+                )
             info = conversion_info(model)
             items = plan_tensors(model, source, None)
             materialize(items, source, CopyInto())

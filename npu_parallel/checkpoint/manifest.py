@@ -43,17 +43,31 @@ def tensor_entry(shape, dtype: torch.dtype, specs: list[ShardSpec | None]) -> di
     return entry
 
 
-def build_manifest(config, plan_name: str, tp: int, tensors: dict, files: dict, expert_layout: dict | None,
-                   training: dict | None = None, key_aliases=()) -> dict:
+def build_manifest(
+    config,
+    plan_name: str,
+    tp: int,
+    tensors: dict,
+    files: dict,
+    expert_layout: dict | None,
+    training: dict | None = None,
+    key_aliases=(),
+) -> dict:
     """The manifest.json object; field order and names are the on-disk format."""
     cfg = config.to_dict()
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "architecture": (cfg.get("architectures") or [type(config).__name__])[0],
-        "model_type": cfg.get("model_type"), "plan": plan_name, "tp_size": tp,
+        "model_type": cfg.get("model_type"),
+        "plan": plan_name,
+        "tp_size": tp,
         "expert_layout": expert_layout,
         "key_aliases": [list(a) for a in key_aliases],
-        "config": cfg, "tensors": tensors, "files": files, "training": training,
+        "config": cfg,
+        "tensors": tensors,
+        "files": files,
+        "training": training,
     }
 
 
@@ -66,22 +80,25 @@ def write_json(path: Path, obj) -> None:
 
 # -- output directories --------------------------------------------------------------------------------
 
+
 def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
     """Refuse a non-empty directory unless overwrite, anything we did not write, and the source itself."""
     out = Path(out)
     if source is not None:
         src, dst = Path(source).resolve(), out.resolve()
         if dst == src or src in dst.parents:
-            raise CheckpointError(f"{out}: is inside the source checkpoint {source}; nothing is written there, "
-                                  f"choose another --out")
+            raise CheckpointError(
+                f"{out}: is inside the source checkpoint {source}; nothing is written there, choose another --out"
+            )
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"{out}: directory exists and is not empty; pass --overwrite or choose another --out")
         if not ((out / MANIFEST).is_file() or (out / MARKER).is_file()):
-            raise CheckpointError(f"{out}: was not written by npu-parallel; refusing to replace it, "
-                                  f"choose another --out")
+            raise CheckpointError(
+                f"{out}: was not written by npu-parallel; refusing to replace it, choose another --out"
+            )
 
 
 def partial_dir(out: Path) -> Path:

@@ -109,8 +109,10 @@ def plan_tensors(model: nn.Module, source: TensorSource, dtype: torch.dtype | No
             raise CheckpointError(f"{source.path}: tensor {name!r} is not in the checkpoint; is it from another model?")
         want = global_shape(t, spec)
         if tuple(stored) != want:
-            raise CheckpointError(f"{source.path}: tensor {name} has shape {list(stored)} but the config implies "
-                                  f"{list(want)}; {source.mismatch_hint}")
+            raise CheckpointError(
+                f"{source.path}: tensor {name} has shape {list(stored)} but the config implies "
+                f"{list(want)}; {source.mismatch_hint}"
+            )
         target = source.dtype(name)
         if dtype is not None and t.is_floating_point():
             target = torch.float32 if keep_fp32(model, name, dtype) else t.dtype

@@ -62,8 +62,15 @@ def rank_items(source: HFSource, tp: int, dtype: torch.dtype | None) -> list[lis
     return out
 
 
-def convert_checkpoint(src: str | Path, tp: int, out: str | Path, *, dtype: torch.dtype | None = None,
-                       overwrite: bool = False, progress: bool = True) -> Path:
+def convert_checkpoint(
+    src: str | Path,
+    tp: int,
+    out: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Stream a Hugging Face checkpoint into ``tp`` rank files in the save_sharded format."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -74,12 +81,16 @@ def convert_checkpoint(src: str | Path, tp: int, out: str | Path, *, dtype: torc
     check_output_dir(out, overwrite, source=src)
 
     spec_of_rank = [{i.name: i.spec for i in items} for items in per_rank]
-    tensors = {i.name: tensor_entry(global_shape(i.tensor, i.spec), i.dtype, [s.get(i.name) for s in spec_of_rank])
-               for i in per_rank[0]}
+    tensors = {
+        i.name: tensor_entry(global_shape(i.tensor, i.spec), i.dtype, [s.get(i.name) for s in spec_of_rank])
+        for i in per_rank[0]
+    }
     tmp = fresh_partial_dir(out)
     files = {}
-    with source, tqdm(total=sum(map(len, per_rank)), desc=f"convert tp={tp}", unit="tensor",
-                      disable=not progress) as bar:
+    with (
+        source,
+        tqdm(total=sum(map(len, per_rank)), desc=f"convert tp={tp}", unit="tensor", disable=not progress) as bar,
+    ):
         for r, items in enumerate(per_rank):
             entries = [(i.name, i.dtype, local_shape(i.tensor, i.spec)) for i in items]
             with SafetensorsWriter(tmp / rank_file(r, tp), entries, ST_METADATA) as w:
@@ -88,11 +99,28 @@ def convert_checkpoint(src: str | Path, tp: int, out: str | Path, *, dtype: torc
     config = source.config
     if dtype is not None:
         config.dtype = str(dtype).removeprefix("torch.")
-    write_json(tmp / MANIFEST, build_manifest(config, source.plan.name, tp, tensors, files, source.expert_layout(),
-                                              key_aliases=source.plan.checkpoint_aliases))
+    write_json(
+        tmp / MANIFEST,
+        build_manifest(
+            config,
+            source.plan.name,
+            tp,
+            tensors,
+            files,
+            source.expert_layout(),
+            key_aliases=source.plan.checkpoint_aliases,
+        ),
+    )
     publish(tmp, out)
-    logger.info("converted %s -> %s: tp=%d, %d tensors, %.1f MB read in %.1f s", src, out, tp, len(tensors),
-                source.bytes_read / 1e6, time.perf_counter() - t0)
+    logger.info(
+        "converted %s -> %s: tp=%d, %d tensors, %.1f MB read in %.1f s",
+        src,
+        out,
+        tp,
+        len(tensors),
+        source.bytes_read / 1e6,
+        time.perf_counter() - t0,
+    )
     return out
 
 
@@ -127,8 +155,12 @@ def hf_entries(source: ShardedSource) -> Iterator[Entry]:
             gate_key, up_key = keys.expert_keys(fused, e)
             yield gate_key, dtype, (half, shape[2]), partial(_expert_rows, source, name, e, slice(0, half))
             yield up_key, dtype, (half, shape[2]), partial(_expert_rows, source, name, e, slice(half, None))
-            yield (keys.expert_keys(fused_down, e)[0], down_dtype, down_shape[1:],
-                   partial(_expert_rows, source, down, e, slice(None)))
+            yield (
+                keys.expert_keys(fused_down, e)[0],
+                down_dtype,
+                down_shape[1:],
+                partial(_expert_rows, source, down, e, slice(None)),
+            )
 
 
 def _shards(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
@@ -144,8 +176,14 @@ def _shards(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
     return shards
 
 
-def merge_checkpoint(src: str | Path, out: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                     progress: bool = True) -> Path:
+def merge_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    progress: bool = True,
+) -> Path:
     """Stream rank files back into a Hugging Face checkpoint that ``from_pretrained`` loads."""
     src, out = Path(src), Path(out)
     source = ShardedSource(src, verify=True)
@@ -167,8 +205,15 @@ def merge_checkpoint(src: str | Path, out: str | Path, *, overwrite: bool = Fals
     write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     cfg = dict(source.manifest["config"])
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    write_json(tmp / MARKER, {"written_by": "npu-parallel merge", "source": str(src.resolve()),
-                              "source_tp": source.tp, "tensors": len(entries)})
+    write_json(
+        tmp / MARKER,
+        {
+            "written_by": "npu-parallel merge",
+            "source": str(src.resolve()),
+            "source_tp": source.tp,
+            "tensors": len(entries),
+        },
+    )
     publish(tmp, out)
     logger.info("merged %s (tp=%d) -> %s: %d tensors in %d files", src, source.tp, out, len(entries), len(shards))
     return out

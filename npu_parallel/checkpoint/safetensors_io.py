@@ -12,8 +12,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
@@ -36,8 +43,12 @@ def nbytes(shape, dtype: torch.dtype) -> int:
 class SafetensorsWriter:
     """Writes the header for all ``entries`` up front, then each tensor's bytes in that order."""
 
-    def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
         self.path = Path(path)
         self._order = [name for name, _, _ in entries]
         self._expect = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
@@ -62,12 +73,14 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
-            raise RuntimeError(f"{self.path.name}: expected tensor {self._order[self._next:self._next + 1]}, "
-                               f"got {name!r}")
+            raise RuntimeError(
+                f"{self.path.name}: expected tensor {self._order[self._next : self._next + 1]}, got {name!r}"
+            )
         dtype, shape = self._expect[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise RuntimeError(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
-                               f"header says {dtype} {shape}")
+            raise RuntimeError(
+                f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._put(data.data)
         self._next += 1
@@ -131,8 +144,10 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{bad} (corrupt header entry for {name}: {exc!r})") from None
         end = max(end, stop)
     if 8 + n + end != size:
-        raise CheckpointError(f"{bad}: {size:,} bytes but its header describes {8 + n + end:,}; the file is "
-                              f"truncated or corrupt, re-download or re-save it")
+        raise CheckpointError(
+            f"{bad}: {size:,} bytes but its header describes {8 + n + end:,}; the file is "
+            f"truncated or corrupt, re-download or re-save it"
+        )
     return out
 
 
@@ -159,8 +174,9 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: tensor {key} has dtype {t.dtype}, which torch cannot hold")
         return TORCH_DTYPES[t.dtype], t.shape
 
-    def read(self, key: str, dim: int | None = None, start: int = 0, stop: int | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(
+        self, key: str, dim: int | None = None, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``key`` whole, or rows ``[start, stop)`` of dimension ``dim``; into ``out`` when given."""
         dtype, shape = self.info(key)
         if dim is not None and any(s != 1 for s in shape[:dim]):
@@ -169,7 +185,7 @@ class SafetensorsFile:
             rows = list(shape)
             stop = rows[dim] if stop is None else stop
             rows[dim] = stop - start
-            row = nbytes(rows[dim + 1:], dtype)
+            row = nbytes(rows[dim + 1 :], dtype)
             shape = tuple(rows)
         else:
             start, row = 0, 0
@@ -182,8 +198,9 @@ class SafetensorsFile:
             self._file.seek(self.tensors[key].start + start * row)
             got = self._file.readinto(out.reshape(-1).view(torch.uint8).numpy().data)
             if got != size:
-                raise CheckpointError(f"{self.path}: tensor {key} is cut short ({got} of {size} bytes); "
-                                      f"the file is truncated")
+                raise CheckpointError(
+                    f"{self.path}: tensor {key} is cut short ({got} of {size} bytes); the file is truncated"
+                )
         return out
 
     def _read_strided(self, key, dim, start, stop, out):

@@ -80,8 +80,16 @@ def set_rng_state(saved: dict, device: torch.device) -> None:
         getattr(torch, device.type).set_rng_state(saved["device"], device)
 
 
-def save_sharded(model: nn.Module, out_dir: str | Path, state: ParallelState, *, optimizer=None, scheduler=None,
-                 extra: dict | None = None, overwrite: bool = True) -> Path:
+def save_sharded(
+    model: nn.Module,
+    out_dir: str | Path,
+    state: ParallelState,
+    *,
+    optimizer=None,
+    scheduler=None,
+    extra: dict | None = None,
+    overwrite: bool = True,
+) -> Path:
     """Write this model's shards (tp ranks of dp replica 0) and, with an optimizer, every rank's training state.
 
     Collective: every rank calls it. ``extra`` (JSON: step, data position...) goes into the manifest.
@@ -110,24 +118,43 @@ def save_sharded(model: nn.Module, out_dir: str | Path, state: ParallelState, *,
                 w.write(n, t)
             files[path.name] = {"sha256": w.close(), "bytes": path.stat().st_size}
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": rng_state(state.device)}, tmp / train_file(state.rank, state.world_size))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state(state.device),
+            },
+            tmp / train_file(state.rank, state.world_size),
+        )
     specs = {n: s for n, _, s in local}
     everyone = _gather((files, specs if state.dp_rank == 0 else None), state)
     if state.rank == 0:
         all_files = {k: v for f, _ in everyone for k, v in f.items()}
         rank_specs = [s for _, s in everyone if s is not None][: state.tp_size]
-        tensors = {name: tensor_entry(global_shape(t, spec), t.dtype, [rs[name] for rs in rank_specs])
-                   for name, t, spec in local}
+        tensors = {
+            name: tensor_entry(global_shape(t, spec), t.dtype, [rs[name] for rs in rank_specs])
+            for name, t, spec in local
+        }
         training = None
         if optimizer is not None or extra is not None:
-            training = {"world_size": state.world_size, "tp_size": state.tp_size,
-                        "has_optimizer": optimizer is not None, "extra": extra or {}}
+            training = {
+                "world_size": state.world_size,
+                "tp_size": state.tp_size,
+                "has_optimizer": optimizer is not None,
+                "extra": extra or {},
+            }
         plan = conv.plan
         layout = conv.expert_layout or {"kind": "per_expert", "names": list(plan.expert_key_names)}
-        manifest = build_manifest(model.config, plan.name, state.tp_size, tensors, all_files, layout, training,
-                                  key_aliases=plan.checkpoint_aliases)
+        manifest = build_manifest(
+            model.config,
+            plan.name,
+            state.tp_size,
+            tensors,
+            all_files,
+            layout,
+            training,
+            key_aliases=plan.checkpoint_aliases,
+        )
         write_json(tmp / MANIFEST, manifest)
         publish(tmp, out)
     _barrier(state)
@@ -149,8 +176,9 @@ def load_training_state(path: str | Path, state: ParallelState, *, optimizer=Non
                 f"tp={training['tp_size']}; resume with the same layout (now world={state.world_size}, "
                 f"tp={state.tp_size}) or load weights only"
             )
-        saved = torch.load(ckpt.path / train_file(state.rank, state.world_size), map_location=state.device,
-                           weights_only=False)
+        saved = torch.load(
+            ckpt.path / train_file(state.rank, state.world_size), map_location=state.device, weights_only=False
+        )
         if optimizer is not None:
             optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None and saved["scheduler"] is not None:

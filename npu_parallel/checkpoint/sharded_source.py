@@ -34,16 +34,19 @@ class ShardedSource(TensorSource):
         super().__init__(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
-            raise CheckpointError(f"{self.path}: no {MANIFEST}; not a checkpoint written by save_sharded or "
-                                  f"`npu-parallel convert`")
+            raise CheckpointError(
+                f"{self.path}: no {MANIFEST}; not a checkpoint written by save_sharded or `npu-parallel convert`"
+            )
         try:
             self.manifest = json.loads(mf.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{mf}: unreadable ({exc})") from None
         if self.manifest.get("format") != FORMAT or self.manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{mf}: format {self.manifest.get('format')!r} "
-                                  f"v{self.manifest.get('format_version')} is not {FORMAT} v<={FORMAT_VERSION}; "
-                                  f"upgrade npu_parallel")
+            raise CheckpointError(
+                f"{mf}: format {self.manifest.get('format')!r} "
+                f"v{self.manifest.get('format_version')} is not {FORMAT} v<={FORMAT_VERSION}; "
+                f"upgrade npu_parallel"
+            )
         self.tp: int = self.manifest["tp_size"]
         self.tensors: dict = self.manifest["tensors"]
         for f in self.files():
@@ -58,8 +61,10 @@ class ShardedSource(TensorSource):
         for name, info in self.manifest["files"].items():
             digest = sha256_file(self.path / name)
             if digest != info["sha256"]:
-                raise CheckpointError(f"{self.path / name}: checksum mismatch (manifest {info['sha256'][:12]}..., "
-                                      f"file {digest[:12]}...); the file is corrupted, restore it")
+                raise CheckpointError(
+                    f"{self.path / name}: checksum mismatch (manifest {info['sha256'][:12]}..., "
+                    f"file {digest[:12]}...); the file is corrupted, restore it"
+                )
 
     def read_config(self) -> Any:
         from transformers import AutoConfig
@@ -68,8 +73,10 @@ class ShardedSource(TensorSource):
         try:
             return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{self.path / MANIFEST}: its config cannot be read by transformers "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise CheckpointError(
+                f"{self.path / MANIFEST}: its config cannot be read by transformers "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from None
 
     @cached_property
     def keys(self) -> KeyMap:
@@ -100,8 +107,7 @@ class ShardedSource(TensorSource):
         return TORCH_DTYPES[self._info(name)["dtype"]]
 
     def first_float_dtype(self) -> torch.dtype | None:
-        return next((d for info in self.tensors.values() if (d := TORCH_DTYPES[info["dtype"]]).is_floating_point),
-                    None)
+        return next((d for info in self.tensors.values() if (d := TORCH_DTYPES[info["dtype"]]).is_floating_point), None)
 
     def expert_layout(self) -> dict | None:
         return self.manifest.get("expert_layout")

@@ -41,8 +41,10 @@ def conversion_info(model: nn.Module) -> ConversionInfo:
     """The model's ConversionInfo; a ValueError for a model that was never converted."""
     info = getattr(model, INFO_ATTR, None)
     if not isinstance(info, ConversionInfo):
-        raise ValueError(f"{type(model).__name__} was not converted: pass a model returned by "
-                         f"npu_parallel.convert_model, load_pretrained or load_sharded")
+        raise ValueError(
+            f"{type(model).__name__} was not converted: pass a model returned by "
+            f"npu_parallel.convert_model, load_pretrained or load_sharded"
+        )
     return info
 
 
@@ -63,9 +65,16 @@ def _convert_children(module: nn.Module, prefix: str, plan: Plan, ctx: Context, 
         _convert_children(new, f"{path}.", plan, ctx, used)
 
 
-def apply_plan(model: PreTrainedModel, tp: Group, *, device_type: str, plan: Plan | None = None,
-               moe_impl: str | Dispatcher = "auto", capacity_factor: float | None = None,
-               world_size: int | None = None) -> ConversionInfo:
+def apply_plan(
+    model: PreTrainedModel,
+    tp: Group,
+    *,
+    device_type: str,
+    plan: Plan | None = None,
+    moe_impl: str | Dispatcher = "auto",
+    capacity_factor: float | None = None,
+    world_size: int | None = None,
+) -> ConversionInfo:
     """Swap modules and slice weights per the plan, leaving tensors where they are (meta included).
 
     Checks every size against the plan first (before any collective), then converts; warns about rules
@@ -86,20 +95,37 @@ def apply_plan(model: PreTrainedModel, tp: Group, *, device_type: str, plan: Pla
     setattr(model, INFO_ATTR, info)
     experts = plan.num_experts(config)
     if experts and tp.rank == 0:
-        logger.info("converted %s for tp=%d: %d experts -> %d local experts per rank; modules per rule %s",
-                    plan.name, tp.size, experts, experts // tp.size, used)
+        logger.info(
+            "converted %s for tp=%d: %d experts -> %d local experts per rank; modules per rule %s",
+            plan.name,
+            tp.size,
+            experts,
+            experts // tp.size,
+            used,
+        )
     return info
 
 
-def convert_model(model: PreTrainedModel, state: ParallelState, *, moe_impl: str | Dispatcher = "auto",
-                  capacity_factor: float | None = None) -> PreTrainedModel:
+def convert_model(
+    model: PreTrainedModel,
+    state: ParallelState,
+    *,
+    moe_impl: str | Dispatcher = "auto",
+    capacity_factor: float | None = None,
+) -> PreTrainedModel:
     """Convert a loaded Hugging Face model to tensor/expert-parallel form in place and return it.
 
     The HF forward API is unchanged: ``model(input_ids=..., labels=...)`` gives the same loss and
     full-vocab logits as before conversion. ``moe_impl``: a name (``"auto"``, ``"grouped"``, ...) or a
     Dispatcher. ``capacity_factor`` applies to ``moe_impl="static"`` only (None: dropless).
     """
-    apply_plan(model, state.tp, device_type=state.device.type, moe_impl=moe_impl, capacity_factor=capacity_factor,
-               world_size=state.world_size)
+    apply_plan(
+        model,
+        state.tp,
+        device_type=state.device.type,
+        moe_impl=moe_impl,
+        capacity_factor=capacity_factor,
+        world_size=state.world_size,
+    )
     cast(nn.Module, model).to(state.device)  # in place; cast: transformers' decorated `to` confuses mypy
     return model

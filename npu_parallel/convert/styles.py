@@ -10,14 +10,19 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from npu_parallel.parallel.collectives import copy_to_tp
-from npu_parallel.moe.experts import LocalExperts
-from npu_parallel.parallel.linear import (ColumnParallelLinear, GradSummedRMSNorm, HeadSelectLinear, ReplicatedLinear,
-                                          RowParallelLinear)
-from npu_parallel.parallel.state import Group
-from npu_parallel.parallel.vocab import ParallelLMHead, VocabParallelEmbedding
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.dispatchers import Dispatcher
+from npu_parallel.moe.experts import LocalExperts
+from npu_parallel.parallel.collectives import copy_to_tp
+from npu_parallel.parallel.linear import (
+    ColumnParallelLinear,
+    GradSummedRMSNorm,
+    HeadSelectLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from npu_parallel.parallel.state import Group
+from npu_parallel.parallel.vocab import ParallelLMHead, VocabParallelEmbedding
 
 
 @dataclass
@@ -144,7 +149,9 @@ class MLP(Style):
     def apply(self, module, ctx, path):
         for name in (self.gate, self.up):
             setattr(module, name, Colwise(input_grad_reduce=False).apply(getattr(module, name), ctx, f"{path}.{name}"))
-        setattr(module, self.down, Rowwise(self.reduce_output).apply(getattr(module, self.down), ctx, f"{path}.{self.down}"))
+        setattr(
+            module, self.down, Rowwise(self.reduce_output).apply(getattr(module, self.down), ctx, f"{path}.{self.down}")
+        )
         for attr in ("intermediate_size",):
             if hasattr(module, attr):
                 setattr(module, attr, getattr(module, attr) // ctx.tp.size)
@@ -173,10 +180,16 @@ class MoE(Style):
         shared = getattr(module, self.shared, None) if self.shared else None
         if shared is not None:
             shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
-        new = MoEBlock(router=gate, experts=experts, dispatcher=ctx.dispatcher, tp=ctx.tp,
-                       shared_experts=shared, shared_name=self.shared or "shared_experts",
-                       shared_down=self.shared_mlp.down,
-                       shared_expert_gate=getattr(module, self.shared_gate, None) if self.shared_gate else None)
+        new = MoEBlock(
+            router=gate,
+            experts=experts,
+            dispatcher=ctx.dispatcher,
+            tp=ctx.tp,
+            shared_experts=shared,
+            shared_name=self.shared or "shared_experts",
+            shared_down=self.shared_mlp.down,
+            shared_expert_gate=getattr(module, self.shared_gate, None) if self.shared_gate else None,
+        )
         if hasattr(module, "config"):
             new.config = module.config
         return new

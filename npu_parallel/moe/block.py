@@ -38,9 +38,18 @@ class MoEBlock(ShardedModule):
     gradient (each rank alone only sees its own experts' share of it).
     """
 
-    def __init__(self, *, router: nn.Module, experts: LocalExperts, dispatcher: Dispatcher, tp: Group,
-                 shared_experts: nn.Module | None = None, shared_name: str = "shared_experts",
-                 shared_down: str = "down_proj", shared_expert_gate: nn.Module | None = None):
+    def __init__(
+        self,
+        *,
+        router: nn.Module,
+        experts: LocalExperts,
+        dispatcher: Dispatcher,
+        tp: Group,
+        shared_experts: nn.Module | None = None,
+        shared_name: str = "shared_experts",
+        shared_down: str = "down_proj",
+        shared_expert_gate: nn.Module | None = None,
+    ):
         super().__init__()
         self.gate, self.experts = router, experts  # "gate": the source models' name, kept for parameter names
         # the source model's attribute name (shared_experts, shared_expert), so parameter names do not change
@@ -85,8 +94,10 @@ class MoEBlock(ShardedModule):
         """``(indices [T, k], weights [T, k], aux_loss or None)`` from the router."""
         indices, weights, aux_loss = router_outputs(self.gate(hidden_states))
         if indices is None or weights is None:
-            raise TypeError(f"{type(self.gate).__name__} returned no top-k indices and weights (logits only?); the "
-                            f"MoE block needs a router that does the top-k (transformers >= 5, remote-code MoEGate)")
+            raise TypeError(
+                f"{type(self.gate).__name__} returned no top-k indices and weights (logits only?); the "
+                f"MoE block needs a router that does the top-k (transformers >= 5, remote-code MoEGate)"
+            )
         t = hidden_states.numel() // hidden_states.shape[-1]
         return indices.reshape(t, -1), weights.reshape(t, -1), aux_loss
 
@@ -95,4 +106,3 @@ class MoEBlock(ShardedModule):
 
     def extra_repr(self) -> str:
         return f"dispatcher={self.dispatcher!r}"
-

@@ -5,13 +5,13 @@ Shapes: E experts (global), E_local this rank's experts, H hidden, I expert inte
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from npu_parallel.parallel.shard_spec import ShardedModule, ShardSpec, even_range, mark, shard_tensor
 from npu_parallel.parallel.state import Group
-from npu_parallel.parallel.shard_spec import ShardSpec, ShardedModule, even_range, mark, shard_tensor
 
 # ``matmul(rows, w)``: each expert e's group of rows times ``w[e]``, ``w [E_local, K, N]`` -> rows of width N.
 # The dispatcher supplies it with the rows (grouped GEMM with counts, bmm on capacity buffers, ...).
@@ -39,8 +39,9 @@ class LocalExperts(ShardedModule):
     transformers' fused experts, so a converted model's state dict reads like the HF one.
     """
 
-    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn, num_experts: int,
-                 expert_start: int):
+    def __init__(
+        self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn, num_experts: int, expert_start: int
+    ):
         super().__init__()
         self.gate_up_proj, self.down_proj, self.act_fn = gate_up_proj, down_proj, act_fn
         self.num_experts, self.expert_start = num_experts, expert_start
@@ -69,7 +70,9 @@ class LocalExperts(ShardedModule):
         return cls(
             mark(nn.Parameter(gate_up, requires_grad=requires_grad), spec),
             mark(nn.Parameter(down, requires_grad=requires_grad), spec),
-            act_fn, num, start,
+            act_fn,
+            num,
+            start,
         )
 
     def forward(self, rows: torch.Tensor, matmul: ExpertMatmul) -> torch.Tensor:
@@ -79,5 +82,7 @@ class LocalExperts(ShardedModule):
         return matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2))  # [..., H]
 
     def extra_repr(self) -> str:
-        return (f"experts [{self.expert_start}, {self.expert_start + self.num_local}) of {self.num_experts}, "
-                f"hidden={self.gate_up_proj.shape[2]}, intermediate={self.down_proj.shape[2]}")
+        return (
+            f"experts [{self.expert_start}, {self.expert_start + self.num_local}) of {self.num_experts}, "
+            f"hidden={self.gate_up_proj.shape[2]}, intermediate={self.down_proj.shape[2]}"
+        )

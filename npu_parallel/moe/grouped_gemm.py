@@ -26,8 +26,9 @@ def native_available(device: torch.device, dtype: torch.dtype) -> bool:
                 ref = torch.cat([x[:1] @ w[0], x[1:] @ w[2]])
                 gw = torch._grouped_mm(x.t(), y, offs=offs)
                 ref_gw = torch.stack([x[:1].t() @ y[:1], torch.zeros_like(w[1]), x[1:].t() @ y[1:]])
-                ok = (torch.allclose(y.float(), ref.float(), atol=1e-2)
-                      and torch.allclose(gw.float(), ref_gw.float(), atol=1e-2))
+                ok = torch.allclose(y.float(), ref.float(), atol=1e-2) and torch.allclose(
+                    gw.float(), ref_gw.float(), atol=1e-2
+                )
             except (RuntimeError, NotImplementedError, TypeError):
                 ok = False
         _native[key] = ok
@@ -36,8 +37,9 @@ def native_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _aligned(*tensors: torch.Tensor) -> bool:
     """The kernels want 16-byte-aligned base pointers and non-unit strides."""
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
-               for t in tensors)
+    return all(
+        t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1) for t in tensors
+    )
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int], native: bool) -> torch.Tensor:
@@ -48,7 +50,7 @@ def _mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int],
     start = 0
     for g, n in enumerate(counts):
         if n:
-            torch.mm(x[start:start + n], w[g], out=out[start:start + n])
+            torch.mm(x[start : start + n], w[g], out=out[start : start + n])
         start += n
     return out
 
@@ -61,7 +63,7 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, counts: list
     start = 0
     for g, n in enumerate(counts):
         if n:
-            torch.mm(x[start:start + n].t(), grad[start:start + n], out=out[g])
+            torch.mm(x[start : start + n].t(), grad[start : start + n], out=out[g])
         start += n
     return out
 

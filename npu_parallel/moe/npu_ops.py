@@ -26,18 +26,27 @@ class NpuOps:
         return self  # stateless, and a Python module cannot be copied: copies of a model share the kernels
 
     def npu_moe_token_permute(self, tokens, indices, num_out_tokens=None, padded_mode=False):
-        return self.module.npu_moe_token_permute(tokens, indices, num_out_tokens=num_out_tokens,
-                                                 padded_mode=padded_mode)
+        return self.module.npu_moe_token_permute(
+            tokens, indices, num_out_tokens=num_out_tokens, padded_mode=padded_mode
+        )
 
-    def npu_moe_token_unpermute(self, permuted_tokens, sorted_indices, probs=None, padded_mode=False,
-                                restore_shape=None):
-        return self.module.npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs=probs,
-                                                   padded_mode=padded_mode, restore_shape=restore_shape)
+    def npu_moe_token_unpermute(
+        self, permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None
+    ):
+        return self.module.npu_moe_token_unpermute(
+            permuted_tokens, sorted_indices, probs=probs, padded_mode=padded_mode, restore_shape=restore_shape
+        )
 
     def npu_grouped_matmul(self, x, weight, *, group_list=None, split_item=0, group_type=-1, group_list_type=0):
         # only the arguments used here are forwarded: older torch_npu builds lack some later keywords
-        return self.module.npu_grouped_matmul(x, weight, group_list=group_list, split_item=split_item,
-                                              group_type=group_type, group_list_type=group_list_type)
+        return self.module.npu_grouped_matmul(
+            x,
+            weight,
+            group_list=group_list,
+            split_item=split_item,
+            group_type=group_type,
+            group_list_type=group_list_type,
+        )
 
 
 def npu_ops() -> NpuOps:
@@ -73,8 +82,7 @@ class _GroupedMatmul(torch.autograd.Function):
         ctx.save_for_backward(x, w, counts)
         if x.shape[0] == 0:  # a rank with no local rows: the docs do not promise empty inputs work
             return x.new_zeros(0, w.shape[-1])
-        return ops.npu_grouped_matmul([x], [w], group_list=counts, split_item=2, group_type=0,
-                                      group_list_type=1)[0]
+        return ops.npu_grouped_matmul([x], [w], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
 
     @staticmethod
     def backward(ctx, grad):
@@ -82,15 +90,20 @@ class _GroupedMatmul(torch.autograd.Function):
         ops, gx, gw = ctx.ops, None, None
         grad = grad.contiguous()
         if ctx.needs_input_grad[1]:
-            gx = (torch.zeros_like(x) if x.shape[0] == 0 else
-                  ops.npu_grouped_matmul([grad], [w.transpose(1, 2)], group_list=counts, split_item=2,
-                                         group_type=0, group_list_type=1)[0])
+            gx = (
+                torch.zeros_like(x)
+                if x.shape[0] == 0
+                else ops.npu_grouped_matmul(
+                    [grad], [w.transpose(1, 2)], group_list=counts, split_item=2, group_type=0, group_list_type=1
+                )[0]
+            )
         if ctx.needs_input_grad[2]:
             if x.shape[0] == 0:
                 gw = torch.zeros_like(w)
             else:
-                gw = ops.npu_grouped_matmul([x.t()], [grad], group_list=counts, split_item=3, group_type=2,
-                                            group_list_type=1)[0]
+                gw = ops.npu_grouped_matmul(
+                    [x.t()], [grad], group_list=counts, split_item=3, group_type=2, group_list_type=1
+                )[0]
                 # what k-axis grouping writes for an empty group is undocumented: zero it (where, not *0: NaN)
                 gw = torch.where((counts > 0).view(-1, 1, 1), gw, gw.new_zeros(()))
         return None, gx, gw, None

@@ -25,8 +25,10 @@ import os
 import sys
 import sysconfig
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from types import FrameType
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -88,7 +90,7 @@ def _is_user_file(filename: str) -> bool:
 
 def _user_frame() -> str:
     """``file:line`` of the innermost Python frame outside torch, this module and the stdlib."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if _is_user_file(frame.f_code.co_filename):
             return f"{frame.f_code.co_filename}:{frame.f_lineno}"
@@ -121,8 +123,11 @@ def _static_kind(func: Any) -> tuple[str, str] | None:
         return HOST_SYNC, str(func)
     if opname == "repeat_interleave":
         return "repeat_interleave", str(func)
-    if ((opname.startswith(("nonzero", "masked_select")) and opname != "nonzero_static")
-            or opname.lstrip("_").startswith("unique") or opname == "argwhere"):
+    if (
+        (opname.startswith(("nonzero", "masked_select")) and opname != "nonzero_static")
+        or opname.lstrip("_").startswith("unique")
+        or opname == "argwhere"
+    ):
         return BANNED, str(func)
     if opname in _INDEX_OPS:
         return "index", str(func)
@@ -169,7 +174,7 @@ class OpAudit(TorchDispatchMode):
 
     # --- context management -------------------------------------------------------------------------
 
-    def __enter__(self) -> "OpAudit":
+    def __enter__(self) -> OpAudit:
         self._patch_methods()
         try:
             self._add_module_hooks()
@@ -302,13 +307,17 @@ class OpAudit(TorchDispatchMode):
 
     # --- results --------------------------------------------------------------------------------------
 
-    def _select(self, kind: str, name: str | None = None, phase: str | None = None,
-                scope: str | None = None) -> list[OpEvent]:
-        return [e for e in self.events
-                if e.kind == kind
-                and (name is None or e.op == name or e.op.startswith(name + "."))
-                and (phase is None or e.phase == phase)
-                and (scope is None or e.scope == scope)]
+    def _select(
+        self, kind: str, name: str | None = None, phase: str | None = None, scope: str | None = None
+    ) -> list[OpEvent]:
+        return [
+            e
+            for e in self.events
+            if e.kind == kind
+            and (name is None or e.op == name or e.op.startswith(name + "."))
+            and (phase is None or e.phase == phase)
+            and (scope is None or e.scope == scope)
+        ]
 
     def banned(self) -> list[OpEvent]:
         """Every banned-op event, in dispatch order."""
@@ -339,8 +348,9 @@ class OpAudit(TorchDispatchMode):
         )
 
 
-def audit_ops(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = None,
-              **kwargs: Any) -> tuple[Any, OpAudit]:
+def audit_ops(
+    fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = None, **kwargs: Any
+) -> tuple[Any, OpAudit]:
     """Call ``fn(*args, **kwargs)`` under an :class:`OpAudit` and return its result with the audit."""
     with OpAudit(model) as audit:
         result = fn(*args, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from transformers import PreTrainedModel
 
 from npu_parallel.convert.conversion import conversion_info
 from npu_parallel.parallel.state import ParallelState
@@ -17,8 +18,17 @@ from npu_parallel.tools.jobs import quiet, random_batch, run_jobs
 __all__ = ["audit_rank", "audit_summary", "run_audit"]
 
 
-def audit_rank(path: str, state: ParallelState, *, moe_impl: str = "auto", unconverted: bool = False,
-               experts_implementation: str | None = None, batch: int = 2, seq: int = 16, seed: int = 1234) -> dict:
+def audit_rank(
+    path: str,
+    state: ParallelState,
+    *,
+    moe_impl: str = "auto",
+    unconverted: bool = False,
+    experts_implementation: str | None = None,
+    batch: int = 2,
+    seq: int = 16,
+    seed: int = 1234,
+) -> dict:
     """One forward and backward under OpAudit on this rank: its events and what ran."""
     from npu_parallel.tools.audit import OpAudit
 
@@ -27,9 +37,12 @@ def audit_rank(path: str, state: ParallelState, *, moe_impl: str = "auto", uncon
         from transformers import AutoModelForCausalLM
 
         kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-        what = f"unconverted transformers model (experts_implementation={model.config._experts_implementation})" \
-            if hasattr(model.config, "_experts_implementation") else "unconverted transformers model"
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+        what = (
+            f"unconverted transformers model (experts_implementation={model.config._experts_implementation})"
+            if hasattr(model.config, "_experts_implementation")
+            else "unconverted transformers model"
+        )
     else:
         from npu_parallel.checkpoint.load import load_pretrained
 
@@ -63,12 +76,20 @@ def audit_summary(results: list[dict]) -> tuple[str, int]:
         kinds = Counter((e["kind"], e["phase"]) for e in res["events"])
         banned = kinds[("banned", "forward")] + kinds[("banned", "backward")]
         total_banned += banned
-        per_rank.append((banned, kinds[("host_sync", "forward")], kinds[("host_sync", "backward")],
-                         kinds[("collective", "forward")] + kinds[("collective", "backward")]))
+        per_rank.append(
+            (
+                banned,
+                kinds[("host_sync", "forward")],
+                kinds[("host_sync", "backward")],
+                kinds[("collective", "forward")] + kinds[("collective", "backward")],
+            )
+        )
     b, sf, sb, c = per_rank[0]
     head = results[0]
-    line = (f"{head['what']}: forward+backward on {head['tokens'][0]}x{head['tokens'][1]} tokens: "
-            f"{b} banned ops, {sf + sb} host syncs (forward {sf}, backward {sb}), {c} collectives")
+    line = (
+        f"{head['what']}: forward+backward on {head['tokens'][0]}x{head['tokens'][1]} tokens: "
+        f"{b} banned ops, {sf + sb} host syncs (forward {sf}, backward {sb}), {c} collectives"
+    )
     if len(results) > 1:
         same = all(p == per_rank[0] for p in per_rank)
         line += f" (rank 0; {len(results)} ranks, {'all the same' if same else 'per rank ' + str(per_rank)})"

@@ -55,21 +55,32 @@ def cmd_env(args: argparse.Namespace) -> int:
     print("npu_parallel environment")
     print(f"  torch        {report['torch']}")
     print(f"  torch_npu    {report['torch_npu'] or 'not installed'}")
-    print(f"  device       {report['device']} x {report['device_count']}  "
-          f"(backend {report['backend']}, bf16 {'yes' if report['bf16'] else 'no'})")
+    print(
+        f"  device       {report['device']} x {report['device_count']}  "
+        f"(backend {report['backend']}, bf16 {'yes' if report['bf16'] else 'no'})"
+    )
     print(f"  world/tp/dp  {world} / {tp} / {world // tp}")
     print("  HCCL / allocator settings:")
     for key, value in hccl.items():
         note = ""
         if value is None and key in would_apply:
-            note = (f"  (init_distributed sets {would_apply[key]} on NPU)" if info.kind == "npu"
-                    else f"  (default {would_apply[key]} on NPU)")
+            note = (
+                f"  (init_distributed sets {would_apply[key]} on NPU)"
+                if info.kind == "npu"
+                else f"  (default {would_apply[key]} on NPU)"
+            )
         print(f"    {key:<28} {value if value is not None else '-'}{note}")
     return EXIT_OK
 
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}
+DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
 
 
 def parse_dtype(value: str | None):
@@ -112,8 +123,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """HF checkpoint -> tp rank files, streamed; no process group needed."""
     from npu_parallel.checkpoint.offline import convert_checkpoint
 
-    out = convert_checkpoint(args.path, args.tp, args.out, dtype=parse_dtype(args.dtype), overwrite=args.overwrite,
-                             progress=not args.quiet)
+    out = convert_checkpoint(
+        args.path, args.tp, args.out, dtype=parse_dtype(args.dtype), overwrite=args.overwrite, progress=not args.quiet
+    )
     print(f"wrote {out} (tp={args.tp})")
     return EXIT_OK
 
@@ -123,8 +135,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """tp rank files -> a Hugging Face checkpoint that from_pretrained loads."""
     from npu_parallel.checkpoint.offline import merge_checkpoint
 
-    out = merge_checkpoint(args.path, args.out, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1e9),
-                           progress=not args.quiet)
+    out = merge_checkpoint(
+        args.path,
+        args.out,
+        overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_gb * 1e9),
+        progress=not args.quiet,
+    )
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -170,8 +187,10 @@ def _in_torchrun_world(sizes: list[int], flag: str = "--tp") -> list[int]:
     """Inside torchrun only tp = WORLD_SIZE runs (in place)."""
     world = int(os.environ["WORLD_SIZE"])
     if world not in sizes:
-        raise UserError(f"inside torchrun (WORLD_SIZE={world}) only {flag} {world} can run in place; "
-                        f"got {flag} {','.join(map(str, sizes))} (run without torchrun to launch each tp size)")
+        raise UserError(
+            f"inside torchrun (WORLD_SIZE={world}) only {flag} {world} can run in place; "
+            f"got {flag} {','.join(map(str, sizes))} (run without torchrun to launch each tp size)"
+        )
     return [world]
 
 
@@ -233,8 +252,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _check_tp_sizes(args.path, sizes)
     tol = tolerances_for(dtype, args.atol, args.grad_atol, args.min_agree)
     try:
-        results = run_verify(args.path, sizes, dtype=dtype, moe_impl=args.moe_impl, backward=args.backward,
-                             batch=args.batch, seq=args.seq, seed=args.seed, perturb=args.perturb_expert)
+        results = run_verify(
+            args.path,
+            sizes,
+            dtype=dtype,
+            moe_impl=args.moe_impl,
+            backward=args.backward,
+            batch=args.batch,
+            seq=args.seq,
+            seed=args.seed,
+            perturb=args.perturb_expert,
+        )
     except RuntimeError as exc:
         print(f"npu-parallel verify: the ranks failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -247,16 +275,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"path": str(args.path), "tolerances": tol.__dict__, "passed": not failed,
-                       "failures": failed, "results": {str(tp): r for tp, r in results.items()}}, f, indent=2)
+            json.dump(
+                {
+                    "path": str(args.path),
+                    "tolerances": tol.__dict__,
+                    "passed": not failed,
+                    "failures": failed,
+                    "results": {str(tp): r for tp, r in results.items()},
+                },
+                f,
+                indent=2,
+            )
     if args.plot:
         plot_errors(results, args.plot, tol)
         print(f"plot: {args.plot}")
     if failed:
         print(f"FAILED: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
         return EXIT_FAILED
-    print(f"PASSED: tp {','.join(map(str, sorted(results)))}: every layer within atol {tol.atol:g} (outputs), "
-          f"{tol.grad_atol:g} (grads{'' if args.backward else ', not run'}), router agreement >= {tol.min_agree:g}%")
+    print(
+        f"PASSED: tp {','.join(map(str, sorted(results)))}: every layer within atol {tol.atol:g} (outputs), "
+        f"{tol.grad_atol:g} (grads{'' if args.backward else ', not run'}), router agreement >= {tol.min_agree:g}%"
+    )
     return EXIT_OK
 
 
@@ -272,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="architecture, experts, parameters, bytes, valid tp sizes of a checkpoint")
     p.add_argument("path", help="a Hugging Face checkpoint folder or an npu-parallel sharded checkpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--routing", action="store_true",
-                   help="load the model, run a sample and count tokens per expert per MoE layer")
-    p.add_argument("--data", default=None,
-                   help="--routing: text file to route (tokenizer, else bytes); default random ids")
+    p.add_argument(
+        "--routing", action="store_true", help="load the model, run a sample and count tokens per expert per MoE layer"
+    )
+    p.add_argument(
+        "--data", default=None, help="--routing: text file to route (tokenizer, else bytes); default random ids"
+    )
     p.add_argument("--tokens", type=int, default=256, help="--routing: tokens in the sample (default 256)")
     p.add_argument("--plot", default=None, help="--routing: PNG heat map, layer x expert")
     p.set_defaults(func=cmd_inspect)
@@ -302,8 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (>1 launches the ranks with torchrun)")
     p.add_argument("--moe-impl", default="auto", help="MoE implementation of the converted model")
     p.add_argument("--unconverted", action="store_true", help="audit transformers' own model instead of ours")
-    p.add_argument("--experts-implementation", choices=("eager", "grouped_mm", "batched_mm"), default=None,
-                   help="with --unconverted: transformers' experts implementation (its default: grouped_mm)")
+    p.add_argument(
+        "--experts-implementation",
+        choices=("eager", "grouped_mm", "batched_mm"),
+        default=None,
+        help="with --unconverted: transformers' experts implementation (its default: grouped_mm)",
+    )
     p.add_argument("--batch", type=int, default=2, help="sequences in the batch (default 2)")
     p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every event and the summary to OUT")
@@ -317,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-impl", default="auto", help="MoE implementation of the converted model")
     p.add_argument("--atol", type=float, default=None, help="max abs diff of outputs (fp32 1e-4, bf16/fp16 5e-2)")
     p.add_argument("--grad-atol", type=float, default=None, help="max abs diff of gradients (default: --atol)")
-    p.add_argument("--min-agree", type=float, default=None,
-                   help="router top-k agreement in percent (fp32 100, bf16/fp16 99)")
+    p.add_argument(
+        "--min-agree", type=float, default=None, help="router top-k agreement in percent (fp32 100, bf16/fp16 99)"
+    )
     p.add_argument("--batch", type=int, default=2, help="sequences in the batch (default 2)")
     p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the random input ids")
@@ -332,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except UserError as exc:

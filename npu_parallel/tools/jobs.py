@@ -80,5 +80,4 @@ def run_jobs(tp: int, jobs: list[dict], timeout: float = 1800.0) -> list:
         per_rank = [jobs_on_rank(jobs, single_rank_state())]
     else:
         per_rank = launch("npu_parallel.tools.jobs:jobs_on_rank", tp, jobs, timeout=timeout)
-    return [per_rank[0][i] if job["task"] == "verify" else [rank[i] for rank in per_rank]
-            for i, job in enumerate(jobs)]
+    return [per_rank[0][i] if job["task"] == "verify" else [rank[i] for rank in per_rank] for i, job in enumerate(jobs)]

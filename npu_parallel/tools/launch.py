@@ -25,11 +25,27 @@ from typing import Any
 __all__ = ["LaunchError", "launch", "resolve"]
 
 # what an enclosing torchrun job sets: a nested launch must start its own, standalone
-INHERITED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
-             "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+INHERITED = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 # defaults for CPU ranks (one thread each, no progress bars in the logs); the caller's environment wins
-RANK_DEFAULTS = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                 "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+RANK_DEFAULTS = {
+    "OMP_NUM_THREADS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 TAIL_CHARS = 3000
 KILL_GRACE_S = 10.0
 
@@ -40,8 +56,8 @@ class LaunchError(RuntimeError):
     def __init__(self, message: str, exit_code: int | None, failed: list[int], output: dict[int, str]):
         super().__init__(message)
         self.exit_code = exit_code  # torchrun's; None on timeout
-        self.failed = failed        # ranks without a result
-        self.output = output        # rank -> tail of its stdout and stderr (the failed ranks', else all)
+        self.failed = failed  # ranks without a result
+        self.output = output  # rank -> tail of its stdout and stderr (the failed ranks', else all)
 
 
 def resolve(target: str) -> Any:
@@ -55,8 +71,9 @@ def resolve(target: str) -> Any:
     return obj
 
 
-def launch(target: str, nprocs: int, *args: Any, timeout: float = 1800.0, env: dict[str, str] | None = None,
-           **kwargs: Any) -> list:
+def launch(
+    target: str, nprocs: int, *args: Any, timeout: float = 1800.0, env: dict[str, str] | None = None, **kwargs: Any
+) -> list:
     """``target(*args, **kwargs)`` on ``nprocs`` torchrun ranks; their return values in rank order.
 
     ``env`` adds to (and wins over) the ranks' environment. Raises :class:`LaunchError` (a RuntimeError) when
@@ -71,8 +88,17 @@ def launch(target: str, nprocs: int, *args: Any, timeout: float = 1800.0, env: d
         work = Path(tmp)
         with open(work / "call.pkl", "wb") as f:
             pickle.dump((target, args, kwargs), f)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nprocs),
-               "-m", "npu_parallel.tools.launch", str(work)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nprocs),
+            "-m",
+            "npu_parallel.tools.launch",
+            str(work),
+        ]
         log = work / "torchrun.log"
         rc = _run(cmd, _rank_env(module, env), log, timeout)
         missing = [r for r in range(nprocs) if not (work / f"rank{r}.pkl").is_file()]
@@ -88,8 +114,9 @@ def launch(target: str, nprocs: int, *args: Any, timeout: float = 1800.0, env: d
 def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> int | None:
     """torchrun's exit code, or None on timeout; in its own session, so that one signal reaches every rank."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -160,6 +187,7 @@ def _error(what: str, nprocs: int, rc: int | None, timeout: float, missing: list
 
 
 # -- the rank side ------------------------------------------------------------------------------------------
+
 
 def _redirect_output(path: Path) -> None:
     sys.stdout.flush()

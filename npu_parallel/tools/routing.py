@@ -40,6 +40,7 @@ def routing_counts(model, ids: torch.Tensor) -> list[dict]:
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for info in blocks:
+
         def hook(module, args, out, info=info):
             indices, _, _ = router_outputs(out)
             if indices is None and isinstance(out, torch.Tensor) and info.top_k:  # nn.Linear gate: logits only
@@ -61,26 +62,40 @@ def routing_counts(model, ids: torch.Tensor) -> list[dict]:
         counts = torch.bincount(idx, minlength=info.num_experts) if idx is not None else torch.zeros(info.num_experts)
         c = counts.float()
         mean = c.mean().item()
-        rows.append({"layer": info.layer, "path": info.path, "top_k": info.top_k, "counts": counts.tolist(),
-                     "min": int(c.min().item()), "max": int(c.max().item()), "mean": mean,
-                     "imbalance": c.max().item() / mean if mean else float("nan"),
-                     "unused": int((counts == 0).sum().item())})
+        rows.append(
+            {
+                "layer": info.layer,
+                "path": info.path,
+                "top_k": info.top_k,
+                "counts": counts.tolist(),
+                "min": int(c.min().item()),
+                "max": int(c.max().item()),
+                "mean": mean,
+                "imbalance": c.max().item() / mean if mean else float("nan"),
+                "unused": int((counts == 0).sum().item()),
+            }
+        )
     return rows
 
 
 def format_routing(rows: list[dict], source: str, show_counts: int = 16) -> str:
-    lines = [f"routing on {source}: token-slots per expert (imbalance = max / mean)",
-             f"{'layer':<6} {'experts':>7} {'top_k':>5} {'min':>5} {'max':>5} {'mean':>7} {'imbalance':>9} "
-             f"{'unused':>6}  counts"]
+    lines = [
+        f"routing on {source}: token-slots per expert (imbalance = max / mean)",
+        f"{'layer':<6} {'experts':>7} {'top_k':>5} {'min':>5} {'max':>5} {'mean':>7} {'imbalance':>9} "
+        f"{'unused':>6}  counts",
+    ]
     for r in rows:
         counts = r["counts"]
         shown = " ".join(str(c) for c in counts[:show_counts]) + (" ..." if len(counts) > show_counts else "")
-        lines.append(f"{str(r['layer']):<6} {len(counts):>7} {str(r['top_k']):>5} {r['min']:>5} {r['max']:>5} "
-                     f"{r['mean']:>7.1f} {r['imbalance']:>9.2f} {r['unused']:>6}  {shown}")
+        lines.append(
+            f"{r['layer']!s:<6} {len(counts):>7} {r['top_k']!s:>5} {r['min']:>5} {r['max']:>5} "
+            f"{r['mean']:>7.1f} {r['imbalance']:>9.2f} {r['unused']:>6}  {shown}"
+        )
     if rows:
         worst = max(rows, key=lambda r: r["imbalance"])
-        lines.append(f"most imbalanced: layer {worst['layer']} "
-                     f"({worst['imbalance']:.2f}x the mean on its busiest expert)")
+        lines.append(
+            f"most imbalanced: layer {worst['layer']} ({worst['imbalance']:.2f}x the mean on its busiest expert)"
+        )
     return "\n".join(lines)
 
 
@@ -107,8 +122,9 @@ def plot_routing(rows: list[dict], out: str | Path, source: str) -> Path:
     return save_figure(fig, out)
 
 
-def inspect_routing(path: str | Path, data: str | None = None, tokens: int = 256, seed: int = 0,
-                    plot: str | None = None) -> tuple[list[dict], str]:
+def inspect_routing(
+    path: str | Path, data: str | None = None, tokens: int = 256, seed: int = 0, plot: str | None = None
+) -> tuple[list[dict], str]:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -10,11 +10,29 @@ import torch
 
 # DeepSeek-V2-Lite's structure: MLA without q LoRA, 64 routed experts top-6, 2 shared, first layer dense.
 TINY_V2_LITE = dict(
-    vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=32, num_hidden_layers=4,
-    num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=64, qk_rope_head_dim=16,
-    qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-    first_k_dense_replace=1, topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
-    max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=10,
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=384,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    q_lora_rank=None,
+    kv_lora_rank=64,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    n_routed_experts=64,
+    n_shared_experts=2,
+    num_experts_per_tok=6,
+    first_k_dense_replace=1,
+    topk_method="greedy",
+    norm_topk_prob=False,
+    routed_scaling_factor=1.0,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=10,
 )
 
 

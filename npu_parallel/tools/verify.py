@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import cast
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ __all__ = ["Capture", "compare", "run_verify", "verify_rank"]
 
 
 # -- capture --------------------------------------------------------------------------------------------
+
 
 def _decoder_layers(model) -> list:
     inner = getattr(model, "model", model)
@@ -134,10 +136,10 @@ def _full_grads(model, state) -> dict[str, torch.Tensor]:
 
     params = dict(model.named_parameters())
     grads = {}
-    ranges = None
+    # every rank's [start, stop) of each sharded parameter
+    ranges: list[dict[str, tuple[int, int]]] = [{} for _ in range(state.tp_size)]
     if state.tp_size > 1:
         mine = {n: (s.start, s.stop) for n, p in params.items() if (s := spec_of(p)) is not None}
-        ranges = [None] * state.tp_size
         dist.all_gather_object(ranges, mine, group=state.tp_group)
     for name, p in params.items():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -169,8 +171,11 @@ def _forward(model, ids, backward: bool):
     finally:
         cap.remove()
     aux = getattr(out, "aux_loss", None)
-    return cap, {"logits": out.logits.detach().float(), "loss": out.loss.detach().float(),
-                 "aux_loss": aux.detach().float() if isinstance(aux, torch.Tensor) else None}
+    return cap, {
+        "logits": out.logits.detach().float(),
+        "loss": out.loss.detach().float(),
+        "aux_loss": aux.detach().float() if isinstance(aux, torch.Tensor) else None,
+    }
 
 
 def _perturb(model: nn.Module, spec: str, state: ParallelState) -> None:
@@ -179,15 +184,25 @@ def _perturb(model: nn.Module, spec: str, state: ParallelState) -> None:
     if state.tp_rank != rank:
         return
     experts = {b.layer: b.experts for b in find_moe_blocks(model)}[layer]
+    w = experts.gate_up_proj
+    assert isinstance(w, torch.Tensor)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        w = experts.gate_up_proj
         w.add_(torch.randn(w.shape, generator=g).to(w) * 0.5)
 
 
-def verify_rank(path: str, state: ParallelState, *, dtype: str = "float32", moe_impl: str = "auto",
-                backward: bool = False, batch: int = 2, seq: int = 16, seed: int = 1234,
-                perturb: str | None = None) -> dict | None:
+def verify_rank(
+    path: str,
+    state: ParallelState,
+    *,
+    dtype: str = "float32",
+    moe_impl: str = "auto",
+    backward: bool = False,
+    batch: int = 2,
+    seq: int = 16,
+    seed: int = 1234,
+    perturb: str | None = None,
+) -> dict | None:
     """One tp size on this rank: rank 0 returns the raw differences, the others None."""
     from transformers import AutoModelForCausalLM
 
@@ -205,13 +220,26 @@ def verify_rank(path: str, state: ParallelState, *, dtype: str = "float32", moe_
     del model
     if state.rank != 0:
         return None
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(state.device)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    cast(nn.Module, ref).to(state.device)  # cast: transformers' decorated `to` confuses mypy
     ref_cap, ref_outs = _forward(ref, ids, backward)
-    ref_grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().cpu()
-                 for n, p in ref.named_parameters()} if backward else {}
+    ref_grads = (
+        {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().cpu()
+            for n, p in ref.named_parameters()
+        }
+        if backward
+        else {}
+    )
     result = compare(ref_cap, cap, ref_outs, outs, ref_grads, grads)
-    result.update(tp=state.tp_size, dtype=dtype, moe_impl=moe_impl_used, batch=[batch, seq],
-                  model_type=ref.config.model_type, backward=backward)
+    result.update(
+        tp=state.tp_size,
+        dtype=dtype,
+        moe_impl=moe_impl_used,
+        batch=[batch, seq],
+        model_type=ref.config.model_type,
+        backward=backward,
+    )
     return result
 
 
@@ -252,7 +280,8 @@ def compare(ref_cap: Capture, cap: Capture, ref_outs: dict, outs: dict, ref_grad
             continue
         key = _grad_group(name, ref_cap.router_paths)
         d = _maxdiff(ref_grads[name], g)
-        grad_diffs[key] = max(grad_diffs.get(key, 0.0), d)
+        if d is not None:
+            grad_diffs[key] = max(grad_diffs.get(key, 0.0), d)
     for i, ref in ref_cap.data.items():
         got = cap.data.get(i, {})
         agree, wdiff = _router_compare(ref, got)
@@ -276,9 +305,19 @@ def compare(ref_cap: Capture, cap: Capture, ref_outs: dict, outs: dict, ref_grad
 
 # -- running ---------------------------------------------------------------------------------------------
 
-def run_verify(path: str, tp_sizes: list[int], *, dtype: str = "float32", moe_impl: str = "auto",
-               backward: bool = False, batch: int = 2, seq: int = 16, seed: int = 1234,
-               perturb: str | None = None) -> dict[int, dict]:
+
+def run_verify(
+    path: str,
+    tp_sizes: list[int],
+    *,
+    dtype: str = "float32",
+    moe_impl: str = "auto",
+    backward: bool = False,
+    batch: int = 2,
+    seq: int = 16,
+    seed: int = 1234,
+    perturb: str | None = None,
+) -> dict[int, dict]:
     """tp -> raw result, one run per tp size (in place inside torchrun). Empty on non-zero ranks."""
     kwargs = dict(dtype=dtype, moe_impl=moe_impl, backward=backward, batch=batch, seq=seq, seed=seed, perturb=perturb)
     job = {"task": "verify", "path": str(path), "kwargs": kwargs}

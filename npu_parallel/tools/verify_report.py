@@ -9,8 +9,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["GRAD_GROUPS", "LAYER_OUTPUTS", "MODEL_GRADS", "MODEL_OUTPUTS", "Tolerances", "evaluate", "failures",
-           "format_table", "layer_errors", "plot_errors", "tolerances_for"]
+__all__ = [
+    "GRAD_GROUPS",
+    "LAYER_OUTPUTS",
+    "MODEL_GRADS",
+    "MODEL_OUTPUTS",
+    "Tolerances",
+    "evaluate",
+    "failures",
+    "format_table",
+    "layer_errors",
+    "plot_errors",
+    "tolerances_for",
+]
 
 LAYER_OUTPUTS = ("attn_out", "mlp_out")  # mlp_out is named moe_out on MoE layers
 GRAD_GROUPS = ("g_attn", "g_mlp", "g_router", "g_norm")
@@ -20,11 +31,12 @@ MODEL_GRADS = ("g_embed", "g_final_norm", "g_lm_head")
 
 # -- tolerances -----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Tolerances:
-    atol: float           # max abs diff of outputs (attention, MLP/MoE, router weights, logits, loss, aux loss)
-    grad_atol: float      # max abs diff of gathered gradients
-    min_agree: float      # router top-k agreement, percent of tokens with the same expert set
+    atol: float  # max abs diff of outputs (attention, MLP/MoE, router weights, logits, loss, aux loss)
+    grad_atol: float  # max abs diff of gathered gradients
+    min_agree: float  # router top-k agreement, percent of tokens with the same expert set
 
 
 DEFAULT_TOLERANCES = {
@@ -34,8 +46,9 @@ DEFAULT_TOLERANCES = {
 }
 
 
-def tolerances_for(dtype: str, atol: float | None = None, grad_atol: float | None = None,
-                   min_agree: float | None = None) -> Tolerances:
+def tolerances_for(
+    dtype: str, atol: float | None = None, grad_atol: float | None = None, min_agree: float | None = None
+) -> Tolerances:
     """The dtype's defaults, overridden by the values given (gradients default to ``atol`` when only it is)."""
     base = DEFAULT_TOLERANCES[dtype]
     grad = grad_atol if grad_atol is not None else (atol if atol is not None else base.grad_atol)
@@ -43,6 +56,7 @@ def tolerances_for(dtype: str, atol: float | None = None, grad_atol: float | Non
 
 
 # -- evaluation and reports -----------------------------------------------------------------------------
+
 
 def _limit(key: str, tol: Tolerances) -> tuple[float, bool]:
     """(limit, higher_is_better) for a quantity."""
@@ -122,14 +136,17 @@ def format_table(result: dict, tol: Tolerances) -> str:
     scores = [max((_score(r.get(k), k, tol) for k in keys), default=0.0) for r in result["layers"]]
     worst = max(range(len(scores)), key=scores.__getitem__) if scores else -1
     for idx, r in enumerate(result["layers"]):
-        rows.append([str(r["layer"]), r["kind"]] + [_fmt(r.get(k), k) for k in keys]
-                    + (["<- worst"] if idx == worst else [""]))
-    widths = [max(len(x) for x in col) for col in zip(header + [""], *rows)]
+        rows.append(
+            [str(r["layer"]), r["kind"]] + [_fmt(r.get(k), k) for k in keys] + (["<- worst"] if idx == worst else [""])
+        )
+    widths = [max(len(x) for x in col) for col in zip(header + [""], *rows, strict=True)]
     passes = ", forward+backward" if result.get("backward") else ""
-    lines = [f"tp={result['tp']}  {result['model_type']} {result['dtype']}, batch {result['batch'][0]}x"
-             f"{result['batch'][1]}, moe_impl {result['moe_impl']}{passes}"]
+    lines = [
+        f"tp={result['tp']}  {result['model_type']} {result['dtype']}, batch {result['batch'][0]}x"
+        f"{result['batch'][1]}, moe_impl {result['moe_impl']}{passes}"
+    ]
     for line in [header + [""]] + rows:
-        lines.append("  ".join(f"{x:<{w}}" for x, w in zip(line, widths)).rstrip())
+        lines.append("  ".join(f"{x:<{w}}" for x, w in zip(line, widths, strict=True)).rstrip())
     model = "  ".join(f"{k} {_fmt(v, k)}" for k, v in result["model"].items() if v is not None)
     lines.append(f"model  {model}")
     return "\n".join(lines)

@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from npu_parallel.parallel import device as _device
-from npu_parallel.training.data import build_data
-from npu_parallel.parallel.state import init_distributed
 from npu_parallel.checkpoint.load import load_pretrained, load_sharded
+from npu_parallel.checkpoint.save import load_training_state, save_sharded
+from npu_parallel.moe.dispatchers import choices as moe_impl_choices
+from npu_parallel.parallel import device as _device
+from npu_parallel.parallel.state import init_distributed
+from npu_parallel.training.data import build_data
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
 from npu_parallel.training.metrics import MetricsLog, peak_memory_mb
 from npu_parallel.training.optim import build_optimizer, clip_grad_norm_, warmup_cosine
-from npu_parallel.checkpoint.save import load_training_state, save_sharded
-from npu_parallel.moe.dispatchers import choices as moe_impl_choices
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _dp_mean(values: list, state) -> list:
     """Mean over the data-parallel group of scalars (None stays None)."""
     t = torch.tensor([v if v is not None else 0.0 for v in values], dtype=torch.float64)
     torch.distributed.all_reduce(t, group=state.dp_group)
-    return [None if v is None else x / state.dp_size for v, x in zip(values, t.tolist())]
+    return [None if v is None else x / state.dp_size for v, x in zip(values, t.tolist(), strict=True)]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -158,10 +158,18 @@ def train(cfg: TrainConfig) -> dict:
 
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    data = build_data(cfg.model_path, cfg.data, vocab_size=model.config.vocab_size,
-                      eos_token_id=getattr(model.config, "eos_token_id", None), seq_len=cfg.max_length,
-                      batch_size=cfg.batch_size, micro_batches=cfg.steps * cfg.grad_accum, dp_size=state.dp_size,
-                      dp_rank=state.dp_rank, seed=cfg.seed)
+    data = build_data(
+        cfg.model_path,
+        cfg.data,
+        vocab_size=model.config.vocab_size,
+        eos_token_id=getattr(model.config, "eos_token_id", None),
+        seq_len=cfg.max_length,
+        batch_size=cfg.batch_size,
+        micro_batches=cfg.steps * cfg.grad_accum,
+        dp_size=state.dp_size,
+        dp_rank=state.dp_rank,
+        seed=cfg.seed,
+    )
     start = 0
     if cfg.resume:
         extra = load_training_state(cfg.resume, state, optimizer=opt, scheduler=sched)
@@ -199,15 +207,35 @@ def train(cfg: TrainConfig) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
-        log.step({"step": step + 1, "loss": total, "aux_loss": aux_total, "lr": lr, "grad_norm": norm.item(),
-                  "tokens_per_s": tokens_per_step / seconds, "step_s": seconds,
-                  "peak_mem_mb": peak_memory_mb(state.device)})
+        log.step(
+            {
+                "step": step + 1,
+                "loss": total,
+                "aux_loss": aux_total,
+                "lr": lr,
+                "grad_norm": norm.item(),
+                "tokens_per_s": tokens_per_step / seconds,
+                "step_s": seconds,
+                "peak_mem_mb": peak_memory_mb(state.device),
+            }
+        )
         at_end = step + 1 == last
         if cfg.save_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or at_end):
-            saved = save_sharded(model, Path(cfg.save_dir) / f"step-{step + 1}", state, optimizer=opt, scheduler=sched,
-                                 extra={"step": step + 1, "data_position": data.position, "config": asdict(cfg)})
+            saved = save_sharded(
+                model,
+                Path(cfg.save_dir) / f"step-{step + 1}",
+                state,
+                optimizer=opt,
+                scheduler=sched,
+                extra={"step": step + 1, "data_position": data.position, "config": asdict(cfg)},
+            )
     plot = log.close()
-    return {"losses": [r["loss"] for r in log.records], "steps": [r["step"] for r in log.records],
-            "records": log.records, "checkpoint": str(saved) if saved else None,
-            "metrics": str(log.path) if log.path else None, "plot": str(plot) if plot else None,
-            "state": {"world": state.world_size, "tp": state.tp_size, "dp": state.dp_size}}
+    return {
+        "losses": [r["loss"] for r in log.records],
+        "steps": [r["step"] for r in log.records],
+        "records": log.records,
+        "checkpoint": str(saved) if saved else None,
+        "metrics": str(log.path) if log.path else None,
+        "plot": str(plot) if plot else None,
+        "state": {"world": state.world_size, "tp": state.tp_size, "dp": state.dp_size},
+    }

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
 from npu_parallel.moe.block import MoEBlock
+from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
 
 IGNORE = -100
 
@@ -21,7 +21,9 @@ def lm_head_of(model: nn.Module) -> ParallelLMHead:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, ParallelLMHead):
-        raise ValueError("the vocab-parallel loss needs a model converted by npu_parallel (its lm_head is ParallelLMHead)")
+        raise ValueError(
+            "the vocab-parallel loss needs a model converted by npu_parallel (its lm_head is ParallelLMHead)"
+        )
     return head
 
 
@@ -36,8 +38,9 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack([v.float() for v in values]).sum() if values else None
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_parallel: bool,
-                   group=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def causal_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_parallel: bool, group=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, aux_loss) for one batch; the same value either way, vocab-parallel never gathers the logits."""
     module = unwrap(model)
     if not vocab_parallel:

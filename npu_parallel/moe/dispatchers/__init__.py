@@ -9,8 +9,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from npu_parallel.moe.dispatchers.base import (Dispatcher, Routed, choices, implementations, option_names,
-                                               resolve_dispatcher)
+from npu_parallel.moe.dispatchers.base import (
+    Dispatcher,
+    Routed,
+    choices,
+    implementations,
+    option_names,
+    resolve_dispatcher,
+)
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     importlib.import_module(f"{__name__}.{_info.name}")

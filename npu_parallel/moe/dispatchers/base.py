@@ -22,8 +22,18 @@ import torch
 
 from npu_parallel.moe.experts import ExpertMatmul, LocalExperts
 
-__all__ = ["ANY_DEVICE", "AUTO", "Dispatcher", "Routed", "choices", "implementations", "local_keys",
-           "option_names", "resolve_dispatcher", "slot_counts"]
+__all__ = [
+    "ANY_DEVICE",
+    "AUTO",
+    "Dispatcher",
+    "Routed",
+    "choices",
+    "implementations",
+    "local_keys",
+    "option_names",
+    "resolve_dispatcher",
+    "slot_counts",
+]
 
 AUTO = "auto"
 ANY_DEVICE = "*"  # in ``auto_for``: "auto" picks this implementation on devices no other one claims
@@ -64,16 +74,16 @@ class Dispatcher(abc.ABC):
         self.stats: dict[str, torch.Tensor] = {}  # per-forward statistics as device tensors (no host sync)
 
     @abc.abstractmethod
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 experts: LocalExperts) -> Routed:
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:
         """Tokens ``x [T, H]``, global expert ``indices [T, k]``, routing ``weights [T, k]`` -> the local rows."""
 
     @abc.abstractmethod
     def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
         """The experts' output rows -> this rank's partial output ``[T, H]`` (weighted sum over its slots)."""
 
-    def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 experts: LocalExperts) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts
+    ) -> torch.Tensor:
         """Dispatch, compute, combine in one call (tests, benchmarks): this rank's partial output ``[T, H]``."""
         routed = self.dispatch(x, indices, weights, experts)
         return self.combine(experts(routed.rows, routed.matmul), routed)
@@ -142,8 +152,11 @@ def resolve_dispatcher(moe_impl: str | Dispatcher, device_type: str, **options: 
     for key, value in given.items():
         if key not in option_names(cls):
             owners = [c for c in _REGISTRY.values() if key in option_names(c)]
-            raise ValueError(owners[0].option_error(key, value) if owners else
-                             f"{key}={value!r} is not an option of any MoE implementation")
+            raise ValueError(
+                owners[0].option_error(key, value)
+                if owners
+                else f"{key}={value!r} is not an option of any MoE implementation"
+            )
     return cls(**given)
 
 

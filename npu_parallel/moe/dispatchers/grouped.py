@@ -29,8 +29,7 @@ class GroupedDispatcher(Dispatcher, name="grouped", order=0):
 
     auto_for = (ANY_DEVICE,)
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 experts: LocalExperts) -> Routed:
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:
         k, n_local = indices.shape[-1], experts.num_local
         keys = local_keys(indices, experts).reshape(-1)  # [T*k], E_local for other ranks' slots
         order = torch.sort(keys.to(torch.float32), stable=True).indices  # [T*k] local slots first, by expert

@@ -28,8 +28,7 @@ class _Combine:
 class MaskedDispatcher(Dispatcher, name="masked", order=20):
     """The reference the others are tested against."""
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 experts: LocalExperts) -> Routed:
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:
         local = torch.arange(experts.num_local, device=indices.device) + experts.expert_start  # [E_local]
         hit = (indices.unsqueeze(0) == local.view(-1, 1, 1)).to(weights.dtype)  # [E_local, T, k]
         mask = (hit * weights).sum(dim=-1)  # [E_local, T]

@@ -35,13 +35,14 @@ class NpuDispatcher(Dispatcher, name="npu", order=30):
         super().__init__()
         if ops is None:
             if _device.torch_npu_module() is None:
-                raise ValueError("moe_impl='npu' needs torch_npu (pip install -e .[npu] over your CANN stack); "
-                                 "use moe_impl='grouped' on this machine")
+                raise ValueError(
+                    "moe_impl='npu' needs torch_npu (pip install -e .[npu] over your CANN stack); "
+                    "use moe_impl='grouped' on this machine"
+                )
             ops = npu_ops()  # names kernels an old torch_npu lacks, at conversion rather than in the first step
         self.ops = ops
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 experts: LocalExperts) -> Routed:
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:
         n_local, slots = experts.num_local, indices.numel()
         keys = local_keys(indices, experts)  # [T, k], E_local for other ranks' slots
         permuted, sorted_indices = self.ops.npu_moe_token_permute(x, keys.to(torch.int32))  # [T*k, H], [T*k]
@@ -51,8 +52,11 @@ class NpuDispatcher(Dispatcher, name="npu", order=30):
         else:
             rows = int(counts.sum())  # the one host sync: the grouped matmul wants sum(group_list) == rows of x
         ops = self.ops
-        return Routed(permuted[:rows], lambda a, w: npu_grouped_mm(ops, a, w, counts),  # rows [R, H]
-                      _Combine(sorted_indices, weights, slots, x.dtype))
+        return Routed(
+            permuted[:rows],
+            lambda a, w: npu_grouped_mm(ops, a, w, counts),  # rows [R, H]
+            _Combine(sorted_indices, weights, slots, x.dtype),
+        )
 
     def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
         c: _Combine = routed.state

@@ -45,14 +45,15 @@ class StaticDispatcher(Dispatcher, name="static", order=10):
 
     @classmethod
     def option_error(cls, key: str, value: object) -> str:
-        return (f"{key}={value!r} needs moe_impl={cls.name!r} and a value > 0 (e.g. 1.25); "
-                f"the other implementations never drop tokens")
+        return (
+            f"{key}={value!r} needs moe_impl={cls.name!r} and a value > 0 (e.g. 1.25); "
+            f"the other implementations never drop tokens"
+        )
 
     def options(self) -> dict:
         return {"capacity_factor": self.capacity_factor} if self.capacity_factor is not None else {}
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 experts: LocalExperts) -> Routed:
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:
         t, k = indices.shape
         n_local = experts.num_local
         c = capacity(t, k, experts.num_experts, self.capacity_factor)
