@@ -3,7 +3,7 @@
 
     python benchmarks/bench_collectives.py [--tp 2] [--batch 2] [--seq 32] [--workdir DIR]
 
-Builds the tiny DeepSeek-V2-Lite-shaped checkpoint (``npu_parallel.tiny.build_tiny_deepseek_v2_lite``), then
+Builds the tiny DeepSeek-V2-Lite-shaped checkpoint (``npu_parallel.tools.tiny.build_tiny_deepseek_v2_lite``), then
 runs ``worker`` of this file on TP torchrun ranks twice (``npu_parallel.tools.launch``):
 
 * ``ours``: ``npu_parallel.load_pretrained(path, npu_parallel.init_distributed(tp))``;
@@ -11,7 +11,7 @@ runs ``worker`` of this file on TP torchrun ranks twice (``npu_parallel.tools.la
   distributed_config=DistributedConfig(tp_size=tp, tp_plan="auto"))``.
 
 Each rank runs one untimed warmup step, then one training step (forward of ``input_ids -> loss``, ``loss.backward()``)
-under ``CollectiveBytes``, an :class:`npu_parallel.audit.OpAudit` subclass: OpAudit records every c10d /
+under ``CollectiveBytes``, an :class:`npu_parallel.tools.audit.OpAudit` subclass: OpAudit records every c10d /
 ``_c10d_functional`` collective with its phase (forward / backward) and decoder-layer scope; the subclass adds the
 size of the tensors each one moves. Rank 0 prints the tables.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Loading benchmark: peak RSS per rank and wall time of npu_parallel.loading.load_pretrained against the naive
+"""Loading benchmark: peak RSS per rank and wall time of npu_parallel.load_pretrained against the naive
 path (full from_pretrained on every rank + convert_model), transformers' own tp_plan="auto", and a plain read
 of the same safetensors files.
 

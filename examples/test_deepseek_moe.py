@@ -32,6 +32,7 @@ def main(argv=None) -> int:
 
     import npu_parallel
     from npu_parallel.parallel.device import device_type
+    from npu_parallel.parallel.state import single_rank_state
     from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
 
     state = npu_parallel.init_distributed(args.tp_size)
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         )
     model = npu_parallel.convert_model(
         copy.deepcopy(ref).to("cpu"),
-        npu_parallel.distributed.single_rank_state("cpu")
+        single_rank_state("cpu")
         if state.device.type != "cpu" and state.world_size == 1
         else state,
     )
