@@ -104,7 +104,7 @@ cd "$ROOT"
 export PYTHONUNBUFFERED=1  # output reaches the console and the logs as it happens, in order
 
 # Console scripts of the chosen interpreter, else the same module through it (never another env's).
-if [[ -x $PY_BIN/npu-parallel ]]; then ENV_CMD=("$PY_BIN/npu-parallel" env); else ENV_CMD=("$PY" -m npu_parallel.tools.cli env); fi
+if [[ -x $PY_BIN/npu-parallel ]]; then ENV_CMD=("$PY_BIN/npu-parallel" env); else ENV_CMD=("$PY" -m npu_parallel env); fi
 if [[ -x $PY_BIN/torchrun ]]; then TORCHRUN=("$PY_BIN/torchrun"); else TORCHRUN=("$PY" -m torch.distributed.run); fi
 
 DEVICE_FILE=$LOG_DIR/device.txt
