@@ -79,14 +79,20 @@ command -v rsync >/dev/null 2>&1 || die "rsync not found: install it (apt-get in
 # Trailing slashes off (but keep "/"): the target is always "$dir/", the contents of SRC go into it.
 while [[ $dir == */ && $dir != / ]]; do dir=${dir%/}; done
 
+# Training outputs and weights stay here; the package's checkpoint/ sub-package and the small checkpoints
+# committed as test data travel (rsync: the first matching rule wins, so the include comes first).
+includes=('/tests/data/***')
 excludes=(
     .git .venv __pycache__ '*.pyc' .pytest_cache '*.egg-info' build/ dist/
-    runs/ logs/ checkpoints/ 'ckpt*/' 'checkpoint*/' '*.safetensors' '*.partial'
+    runs/ logs/ checkpoints/ 'ckpt*/' '/checkpoint*/' '*.safetensors' '*.partial'
     .mypy_cache/ .ruff_cache/ .ipynb_checkpoints/ .DS_Store
 )
 excludes+=("${extra_excludes[@]+"${extra_excludes[@]}"}")
 
 opts=(-a -i)  # -i: one line per changed file (short flags: macOS openrsync has fewer long ones)
+for pattern in "${includes[@]}"; do
+    opts+=("--include=$pattern")
+done
 for pattern in "${excludes[@]}"; do
     opts+=("--exclude=$pattern")
 done
