@@ -29,6 +29,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ DOCS = ("README.md", "TEST_GUIDE.md", "benchmarks/README.md")
 
 KINDS = ("cpu-test", "flags-only", "not-on-cpu", "output")
 TAG = re.compile(r"<!--\s*([a-z-]+)\s*(?::\s*(.*?))?\s*-->")
-FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)\s*$")
+FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)\s*$")  # indented too (a block inside a list item)
 SHELL_LANGS = ("bash", "sh", "shell")
 PYTHON_LANGS = ("python", "py")
 
@@ -75,7 +76,8 @@ def blocks(doc: str, text: str | None = None) -> list[Block]:
             kind, note = tag.group(1), (tag.group(2) or "").strip()
         elif prev.startswith("<!--"):
             problem = f"unknown tag {prev!r}"
-        found.append(Block(doc, start + 1, lang, "\n".join(lines[start + 1 : end]), kind, note, problem))
+        body = textwrap.dedent("\n".join(lines[start + 1 : end]))
+        found.append(Block(doc, start + 1, lang, body, kind, note, problem))
         i = end + 1
     return found
 
@@ -154,13 +156,21 @@ def is_command(argv: list[str]) -> bool:
 @functools.cache
 def project_files() -> frozenset[str]:
     """What a fresh clone holds: files git tracks plus untracked files it does not ignore."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    files = frozenset(f for f in out.split("\0") if f and (ROOT / f).is_file())
+    if (ROOT / ".git").exists():
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        files = frozenset(f for f in out.split("\0") if f and (ROOT / f).is_file())
+    else:  # an exported tree: everything but what .gitignore and the tools leave behind
+        skip = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "dist", "runs", "checkpoints", "logs"}
+        found = set()
+        for top, dirs, names in os.walk(ROOT):
+            dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
+            found.update(Path(top, n).relative_to(ROOT).as_posix() for n in names if not n.endswith(".pyc"))
+        files = frozenset(found)
     return files | frozenset(p.as_posix() for f in files for p in Path(f).parents)
 
 

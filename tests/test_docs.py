@@ -118,7 +118,7 @@ def test_blocks_and_tags_are_read_right():
     """The reader itself, on a doc of its own: fences, tags, what is untagged or mistagged."""
     text = (
         "x\n<!-- cpu-test -->\n```bash\necho 1\n```\n\n<!-- cpu-test: continues -->\n\n```python\nx = 1\n```\n"
-        "```\nout\n```\n<!-- nope -->\n```\n$ npu-parallel env\n```\n"
+        "```\nout\n```\n<!-- nope -->\n```\n$ npu-parallel env\n```\n- a list item:\n\n  ```bash\n  make demo\n  ```\n"
     )
     found = blocks("probe.md", text)
     assert [(b.line, b.lang, b.kind, b.note, b.text) for b in found] == [
@@ -126,6 +126,7 @@ def test_blocks_and_tags_are_read_right():
         (9, "python", "cpu-test", "continues", "x = 1"),
         (12, "", None, "", "out"),
         (16, "", None, "", "$ npu-parallel env"),
+        (21, "bash", None, "", "make demo"),
     ]
     assert found[3].tag_problem == "unknown tag '<!-- nope -->'"
     assert split_command("A=1 B=2 npu-parallel env --json && cd x; make demo  # the demo") == [
