@@ -90,9 +90,7 @@ def main(argv=None) -> int:
         )
     model = npu_parallel.convert_model(
         copy.deepcopy(ref).to("cpu"),
-        single_rank_state("cpu")
-        if state.device.type != "cpu" and state.world_size == 1
-        else state,
+        single_rank_state("cpu") if state.device.type != "cpu" and state.world_size == 1 else state,
     )
     say("      TP conversion successful!")
 
