@@ -239,11 +239,15 @@ def test_disk_full_while_replacing_keeps_the_previous_output(capsys, src, tmp_pa
 
 def _unwritable_targets(tmp_path: Path) -> dict[str, Path]:
     """Real refusals by the kernel. Root (as in CI) writes into a mode-0o555 folder anyway, so that one is
-    used only when not root; a path under /proc (no folder can be created there) and a regular file standing
-    where a parent folder should be work for root too."""
+    used only when not root; for root too: a path under /sys (sysfs refuses mkdir: EPERM, or EROFS where it is
+    mounted read-only), under /proc (ENOENT) and below a regular file standing where a folder should be (ENOTDIR)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    targets = {"proc": Path("/proc/npu-parallel-test/out"), "file-parent": blocker / "out"}
+    targets = {
+        "sysfs": Path("/sys/npu-parallel-test/out"),
+        "proc": Path("/proc/npu-parallel-test/out"),
+        "file-parent": blocker / "out",
+    }
     if os.geteuid() != 0:
         ro = tmp_path / "read-only"
         ro.mkdir(mode=0o555)
@@ -256,6 +260,6 @@ def test_unwritable_output_is_one_line_exit_2(capsys, src, tmp_path):
     for name, out in _unwritable_targets(tmp_path).items():
         for argv in (("convert", str(src), "--tp", "2"), ("merge", str(tmp_path / "tp"))):
             line = refused(cli(capsys, *argv, "--out", str(out)), f"{out}: cannot write", "choose another --out")
-            if name == "mode-555":
+            if name in ("mode-555", "sysfs"):
                 assert "read-only or not permitted" in line
             assert not out.exists()

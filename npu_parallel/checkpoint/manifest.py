@@ -234,7 +234,10 @@ def check_output_dir(
 def _is_input(path: Path, out: Path) -> bool:
     """Neither in ``out`` (or its ``.partial``/``.old-*`` siblings) nor one of the folders above it."""
     path, out = Path(os.path.abspath(path)), Path(os.path.abspath(out))
-    return not (str(path).startswith(str(out)) or path in out.parents)
+    ours = any(
+        p == out or (p.parent == out.parent and p.name.startswith(f"{out.name}.")) for p in (path, *path.parents)
+    )
+    return not (ours or path in out.parents)
 
 
 def write_error(exc: OSError, out: Path, path: Path | str | None = None, what: str = "--out") -> CheckpointError:

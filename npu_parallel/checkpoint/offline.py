@@ -123,6 +123,7 @@ def convert_checkpoint(
                 source_path=str(src.resolve()),
             ),
         )
+        at.path = out
         publish(tmp, out, owned)
     logger.info(
         "converted %s -> %s: tp=%d, %d tensors, %.1f MB read in %.1f s",
@@ -248,6 +249,7 @@ def merge_checkpoint(
                 "files": written,
             },
         )
+        at.path = out
         publish(tmp, out, owned, keep_others)
     logger.info("merged %s (tp=%d) -> %s: %d tensors in %d files", src, source.tp, out, len(entries), len(shards))
     return out
