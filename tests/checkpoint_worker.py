@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import resource
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import npu_parallel
 from npu_parallel.checkpoint.load import load_pretrained, load_sharded
+from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.save import load_training_state, save_sharded
 from npu_parallel.convert.conversion import conversion_info
 
@@ -73,8 +76,11 @@ def _step(model, opt, sched, ids) -> float:
     return loss.item()
 
 
-def save(path: str, out: str, tp: int, with_training: bool) -> dict:
-    """load_pretrained at tp, optionally one AdamW step, save_sharded; then the losses of 2 more steps."""
+def save(path: str, out: str, tp: int, with_training: bool, failures: bool = False) -> dict:
+    """load_pretrained at tp, optionally one AdamW step, save_sharded; then the losses of 2 more steps.
+
+    With ``failures``, then saves that fail (:func:`failing_saves`) over the checkpoint just written.
+    """
     state = npu_parallel.init_distributed(tp)
     torch.manual_seed(100 + state.rank)
     model = load_pretrained(path, state, progress=False).train()
@@ -85,7 +91,52 @@ def save(path: str, out: str, tp: int, with_training: bool) -> dict:
     ids = _ids(model.config.vocab_size)
     _step(model, opt, sched, ids)
     save_sharded(model, out, state, optimizer=opt, scheduler=sched, extra={"step": 1})
-    return {"losses_after_save": [_step(model, opt, sched, ids) for _ in range(2)]}
+    result: dict = {"losses_after_save": [_step(model, opt, sched, ids) for _ in range(2)]}
+    if failures:
+        result["failures"] = failing_saves(model, opt, sched, state, Path(out))
+    return result
+
+
+def _digest(path: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def _everyone(obj, state) -> list:
+    out = [None] * state.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def failing_saves(model, opt, sched, state, out: Path) -> dict:
+    """save_sharded over ``out`` while one rank's disk is full, and into a folder nobody can create.
+
+    Disk full for real: the rank lowers its RLIMIT_FSIZE (Python ignores SIGXFSZ, so write() fails with EFBIG,
+    as the kernel does with ENOSPC when the disk is full). Per case: every rank's error message, whether ``out``
+    is unchanged and whether a ``.partial`` folder is left; then a save that works, into a new folder.
+    """
+    before = _digest(out)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    results = {}
+    cases = {"rank1_full": (out, 1), "rank0_full": (out, 0), "unwritable": (Path("/proc/npu-parallel-test/ckpt"), -1)}
+    for case, (target, full_rank) in cases.items():
+        if state.rank == full_rank:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        try:
+            save_sharded(model, target, state, optimizer=opt, scheduler=sched, extra={"step": 3})
+            message = None
+        except CheckpointError as exc:
+            message = str(exc)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        results[case] = {
+            "messages": _everyone(message, state),
+            "unchanged": _digest(out) == before,
+            "partial_left": out.with_name(out.name + ".partial").exists(),
+        }
+    later = out.with_name(out.name + "-later")
+    save_sharded(model, later, state, optimizer=opt, scheduler=sched, extra={"step": 3})
+    results["later"] = sorted(p.name for p in later.iterdir())
+    return results
 
 
 def load_and_compare(path: str, saved: str, tp: int) -> dict:

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +11,8 @@ import torch
 import npu_parallel
 from npu_parallel.checkpoint.load import load_pretrained, load_sharded
 from npu_parallel.checkpoint.manifest import MANIFEST
-from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
+from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.save import save_sharded
-from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.convert.conversion import conversion_info
 
 from .dist import run_ranks
@@ -59,14 +59,15 @@ def saved(checkpoints, tmp_path_factory):
     src = str(checkpoints / "deepseek_v3")
     run_ranks(4, "tests.checkpoint_worker:save", src, str(root / "tp4"), 4, False)
     run_ranks(4, "tests.checkpoint_worker:save", src, str(root / "tp2dp2"), 2, False)  # world 4 = tp 2 x dp 2
-    trained = run_ranks(2, "tests.checkpoint_worker:save", src, str(root / "train_tp2"), 2, True)
+    trained = run_ranks(2, "tests.checkpoint_worker:save", src, str(root / "train_tp2"), 2, True, True)
     return src, root, trained
 
 
 def test_manifest_describes_every_tensor(saved):
-    _, root, _ = saved
+    src, root, _ = saved
     m = json.loads((root / "tp4" / MANIFEST).read_text())
-    assert m["format"] == "npu_parallel.sharded" and m["format_version"] == 1 and m["tp_size"] == 4
+    assert m["format"] == "npu_parallel.sharded" and m["format_version"] == 2 and m["tp_size"] == 4
+    assert m["source_path"] == str(Path(src).resolve())  # the folder load_pretrained read: merge takes its tokenizer
     assert m["architecture"] == "DeepseekV3ForCausalLM" and m["config"]["n_routed_experts"] == 8
     experts = m["tensors"]["model.layers.1.mlp.experts.gate_up_proj"]
     assert experts["shape"] == [8, 64, 64] and experts["split"] == {
@@ -81,6 +82,25 @@ def test_manifest_describes_every_tensor(saved):
         assert hashlib.sha256((root / "tp4" / name).read_bytes()).hexdigest() == info["sha256"]
     dp = json.loads((root / "tp2dp2" / MANIFEST).read_text())
     assert sorted(dp["files"]) == ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
+
+
+def test_every_file_of_a_training_checkpoint_is_checksummed(saved):
+    """Weights and each rank's training state: safetensors files, all in the manifest with their sha256; no pickle."""
+    _, root, _ = saved
+    folder = root / "train_tp2"
+    m = json.loads((folder / MANIFEST).read_text())
+    on_disk = sorted(p.name for p in folder.iterdir())
+    assert on_disk == sorted([*m["files"], MANIFEST])
+    assert sorted(m["files"]) == [
+        "rank-00000-of-00002.safetensors",
+        "rank-00001-of-00002.safetensors",
+        "train-rank-00000-of-00002.safetensors",
+        "train-rank-00001-of-00002.safetensors",
+    ]
+    for name, info in m["files"].items():
+        data = (folder / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
+    assert m["training"]["state_format"] == "safetensors+json/1" and m["training"]["has_optimizer"]
 
 
 @pytest.mark.parametrize(
@@ -105,33 +125,32 @@ def _tree_digest(path):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
 
 
-def test_crash_mid_save_leaves_previous_checkpoint(checkpoints, tmp_path, monkeypatch):
-    state = npu_parallel.init_distributed()
-    model = load_pretrained(checkpoints / "deepseek_v2", state, progress=False)
-    out = tmp_path / "ckpt"
-    save_sharded(model, out, state)
-    before = _tree_digest(out)
-    writes = {"n": 0}
-    original = SafetensorsWriter.write
+@pytest.mark.parametrize("case", ["rank1_full", "rank0_full"])
+def test_disk_full_on_one_rank_fails_every_rank_and_keeps_the_previous_checkpoint(saved, case):
+    """A real short write (RLIMIT_FSIZE on one rank: EFBIG): the same one line on every rank, no hang, no
+    .partial left, the checkpoint already in the folder untouched."""
+    _, _, trained = saved
+    r = trained["failures"][case]
+    first, second = r["messages"]
+    assert first == second and first is not None and "\n" not in first
+    assert "disk full writing" in first and "File too large" in first and "--save_dir" in first
+    assert f"rank-0000{case[4]}-of-00002.safetensors" in first
+    assert r["unchanged"] and not r["partial_left"]
 
-    def crash(self, name, tensor):
-        writes["n"] += 1
-        if writes["n"] > 5:
-            raise OSError("disk full")
-        original(self, name, tensor)
 
-    monkeypatch.setattr(SafetensorsWriter, "write", crash)
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)
-    with pytest.raises(OSError, match="disk full"):
-        save_sharded(model, out, state)
-    assert _tree_digest(out) == before
-    ShardedSource(out, verify=True)
-    partial = out.with_name("ckpt.partial")
-    assert not (partial / MANIFEST).exists()  # the unfinished one never looks complete
-    monkeypatch.setattr(SafetensorsWriter, "write", original)
-    save_sharded(model, out, state)  # a later save replaces it and cleans up
-    assert _tree_digest(out) != before and not partial.exists()
+def test_unwritable_save_dir_fails_every_rank(saved):
+    _, _, trained = saved
+    r = trained["failures"]["unwritable"]
+    first, second = r["messages"]
+    assert first == second and first.startswith("/proc/npu-parallel-test/ckpt: cannot write")
+    assert "choose another --save_dir" in first and "\n" not in first
+    assert trained["failures"]["later"] == [
+        "manifest.json",
+        "rank-00000-of-00002.safetensors",
+        "rank-00001-of-00002.safetensors",
+        "train-rank-00000-of-00002.safetensors",
+        "train-rank-00001-of-00002.safetensors",
+    ]
 
 
 def test_load_sharded_refuses_other_architecture(checkpoints, tmp_path):

@@ -83,6 +83,7 @@ def load_pretrained(
         ) as bar:
             materialize(items, source, RebindInto(model, state.device, source), bar)
     _record(info, source, state, started, len(items))
+    info.source_path = str(Path(path).resolve())
     return model.eval()  # as from_pretrained returns it
 
 
@@ -105,6 +106,8 @@ def load_sharded(
             model, info, items = _build(source, state, dtype, moe_impl, None)
             materialize(items, source, RebindInto(model, state.device, source))
             model.eval()
+            recorded = source.manifest.get("source_path")
+            info.source_path = recorded if isinstance(recorded, str) else None
         else:
             m = source.manifest
             mine = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]

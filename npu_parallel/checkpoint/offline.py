@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -19,14 +21,20 @@ from tqdm.auto import tqdm
 
 from npu_parallel.checkpoint.hf_source import INDEX_FILE, HFSource
 from npu_parallel.checkpoint.manifest import (
+    GENERATION_CONFIG,
     MANIFEST,
     MARKER,
+    MERGED_FORMAT,
+    TOKENIZER_FILES,
     build_manifest,
     check_output_dir,
+    discard_partial,
     fresh_partial_dir,
+    is_tokenizer_file,
     publish,
     rank_file,
     tensor_entry,
+    write_error,
     write_json,
 )
 from npu_parallel.checkpoint.materialize import (
@@ -78,7 +86,7 @@ def convert_checkpoint(
     if not isinstance(tp, int) or tp < 1:
         raise CheckpointError(f"--tp {tp!r} must be a positive integer")
     per_rank = rank_items(source, tp, dtype)
-    check_output_dir(out, overwrite, source=src)
+    owned = check_output_dir(out, overwrite, source=src, writes=[rank_file(r, tp) for r in range(tp)])
 
     spec_of_rank = [{i.name: i.spec for i in items} for items in per_rank]
     tensors = {
@@ -86,32 +94,37 @@ def convert_checkpoint(
         for i in per_rank[0]
     }
     tmp = fresh_partial_dir(out)
-    files = {}
-    with (
-        source,
-        tqdm(total=sum(map(len, per_rank)), desc=f"convert tp={tp}", unit="tensor", disable=not progress) as bar,
-    ):
-        for r, items in enumerate(per_rank):
-            entries = [(i.name, i.dtype, local_shape(i.tensor, i.spec)) for i in items]
-            with SafetensorsWriter(tmp / rank_file(r, tp), entries, ST_METADATA) as w:
-                materialize(items, source, WriteTo(w), bar)
-                files[w.path.name] = {"sha256": w.close(), "bytes": w.path.stat().st_size}
-    config = source.config
-    if dtype is not None:
-        config.dtype = str(dtype).removeprefix("torch.")
-    write_json(
-        tmp / MANIFEST,
-        build_manifest(
-            config,
-            source.plan.name,
-            tp,
-            tensors,
-            files,
-            source.expert_layout(),
-            key_aliases=source.plan.checkpoint_aliases,
-        ),
-    )
-    publish(tmp, out)
+    with _writing(out) as at:
+        files = {}
+        with (
+            source,
+            tqdm(total=sum(map(len, per_rank)), desc=f"convert tp={tp}", unit="tensor", disable=not progress) as bar,
+        ):
+            for r, items in enumerate(per_rank):
+                entries = [(i.name, i.dtype, local_shape(i.tensor, i.spec)) for i in items]
+                at.path = tmp / rank_file(r, tp)
+                with SafetensorsWriter(at.path, entries, ST_METADATA) as w:
+                    materialize(items, source, WriteTo(w), bar)
+                    files[w.path.name] = {"sha256": w.close(), "bytes": w.path.stat().st_size}
+        config = source.config
+        if dtype is not None:
+            config.dtype = str(dtype).removeprefix("torch.")
+        at.path = tmp / MANIFEST
+        write_json(
+            at.path,
+            build_manifest(
+                config,
+                source.plan.name,
+                tp,
+                tensors,
+                files,
+                source.expert_layout(),
+                key_aliases=source.plan.checkpoint_aliases,
+                source_path=str(src.resolve()),
+            ),
+        )
+        at.path = out
+        publish(tmp, out, owned)
     logger.info(
         "converted %s -> %s: tp=%d, %d tensors, %.1f MB read in %.1f s",
         src,
@@ -183,37 +196,142 @@ def merge_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 10**9,
     progress: bool = True,
+    tokenizer: str | Path | None = None,
+    keep_others: bool = True,
 ) -> Path:
-    """Stream rank files back into a Hugging Face checkpoint that ``from_pretrained`` loads."""
+    """Stream rank files back into a Hugging Face checkpoint that ``from_pretrained`` loads.
+
+    The tokenizer files and ``generation_config.json`` come from ``tokenizer`` or else from the source
+    folder the manifest names; without either, one warning says so (and ``npu_parallel.json`` records it).
+    With ``overwrite``, files a user added to an earlier merged ``out`` stay, unless ``keep_others=False``.
+    """
     src, out = Path(src), Path(out)
     source = ShardedSource(src, verify=True)
-    check_output_dir(out, overwrite, source=src)
     entries = list(hf_entries(source))
     shards = _shards(entries, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    owned = check_output_dir(out, overwrite, source=src, writes=[*names, INDEX_FILE, "config.json", MARKER])
+    theirs = {p.name for p in out.iterdir()} - owned if keep_others and out.is_dir() else set()
+    tok = tokenizer_source(source, tokenizer, theirs, out)
+    if tok["note"]:
+        logger.warning(tok["note"])
     tmp = fresh_partial_dir(out)
-    weight_map, total = {}, 0
-    with source, tqdm(total=len(entries), desc="merge", unit="tensor", disable=not progress) as bar:
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            with SafetensorsWriter(tmp / fname, [(k, d, s) for k, d, s, _ in shard], ST_METADATA) as w:
-                for key, dtype, shape, read in shard:
-                    w.write(key, read().to(dtype))
-                    weight_map[key] = fname
-                    total += nbytes(shape, dtype)
-                    bar.update()
-                w.close()
-    write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    cfg = dict(source.manifest["config"])
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    write_json(
-        tmp / MARKER,
-        {
-            "written_by": "npu-parallel merge",
-            "source": str(src.resolve()),
-            "source_tp": source.tp,
-            "tensors": len(entries),
-        },
-    )
-    publish(tmp, out)
+    weight_map, total, written = {}, 0, {}
+    with _writing(out) as at:
+        with source, tqdm(total=len(entries), desc="merge", unit="tensor", disable=not progress) as bar:
+            for fname, shard in zip(names, shards, strict=True):
+                at.path = tmp / fname
+                with SafetensorsWriter(at.path, [(k, d, s) for k, d, s, _ in shard], ST_METADATA) as w:
+                    for key, dtype, shape, read in shard:
+                        w.write(key, read().to(dtype))
+                        weight_map[key] = fname
+                        total += nbytes(shape, dtype)
+                        bar.update()
+                    w.close()
+        at.path = tmp / INDEX_FILE
+        write_json(at.path, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        at.path = tmp / "config.json"
+        at.path.write_text(json.dumps(dict(source.manifest["config"]), indent=2, sort_keys=True) + "\n")
+        for name in tok["files"]:
+            at.path = tmp / name
+            shutil.copyfile(Path(tok["from"]) / name, at.path)
+        written = {p.name: {"bytes": p.stat().st_size} for p in tmp.iterdir()}
+        at.path = tmp / MARKER
+        write_json(
+            at.path,
+            {
+                "format": MERGED_FORMAT,
+                "written_by": "npu-parallel merge",
+                "source": str(src.resolve()),
+                "source_tp": source.tp,
+                "tensors": len(entries),
+                "tokenizer": tok,
+                "files": written,
+            },
+        )
+        at.path = out
+        publish(tmp, out, owned, keep_others)
     logger.info("merged %s (tp=%d) -> %s: %d tensors in %d files", src, source.tp, out, len(entries), len(shards))
     return out
+
+
+def _tokenizer_files(folder: Path) -> list[str]:
+    return sorted(
+        p.name for p in folder.iterdir() if (is_tokenizer_file(p.name) or p.name == GENERATION_CONFIG) and p.is_file()
+    )
+
+
+def _other_model(folder: Path, config: dict) -> str | None:
+    """How ``folder``'s config.json differs from the checkpoint's (model type, vocabulary), if it does."""
+    try:
+        theirs = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("model_type", "vocab_size"):
+        if isinstance(theirs, dict) and theirs.get(key) != config.get(key):
+            return f"its {key} is {theirs.get(key)!r}, the checkpoint's {config.get(key)!r}"
+    return None
+
+
+def tokenizer_source(source: ShardedSource, tokenizer: str | Path | None, theirs: set[str], out: Path) -> dict:
+    """What merge puts beside the weights: ``from`` (a folder), ``files`` to copy from it, ``kept`` (tokenizer
+    files a user added to ``out``: never replaced) and ``note`` (one line, logged as a warning when set).
+
+    The folder is ``tokenizer`` (a bad one is a CheckpointError) or the source folder the manifest names
+    (missing, or now holding another model: no tokenizer, and the note says so).
+    """
+    kept = sorted(f for f in theirs if is_tokenizer_file(f) or f == GENERATION_CONFIG)
+    folder: Path | None = None
+    files: list[str] = []
+    why = None
+    if tokenizer is not None:
+        folder = Path(tokenizer)
+        if not folder.is_dir():
+            raise CheckpointError(f"--tokenizer {folder}: no such folder; pass the folder holding tokenizer.json")
+        files = _tokenizer_files(folder)
+        if not any(is_tokenizer_file(f) for f in files):
+            raise CheckpointError(
+                f"--tokenizer {folder}: holds none of {', '.join(TOKENIZER_FILES)}; pass the folder holding them"
+            )
+    elif not isinstance(recorded := source.manifest.get("source_path"), str):
+        why = f"{source.path}'s manifest names no source folder"
+    elif not (folder := Path(recorded)).is_dir():
+        why = f"its source folder {folder} is gone"
+    elif mismatch := _other_model(folder, source.manifest["config"]):
+        why = f"its source folder {folder} now holds another model ({mismatch})"
+    elif not any(is_tokenizer_file(f) for f in _tokenizer_files(folder)):
+        why = f"its source folder {folder} has no tokenizer files"
+    else:
+        files = _tokenizer_files(folder)
+    if any(is_tokenizer_file(f) for f in kept):  # the user's tokenizer stays whole: none of ours mixed in
+        files = [f for f in files if not is_tokenizer_file(f)]
+    files = [f for f in files if f not in kept]
+    note = None
+    if why and not any(is_tokenizer_file(f) for f in kept):
+        note = (
+            f"no tokenizer: {why}; AutoTokenizer.from_pretrained({out}) fails until you copy the tokenizer "
+            f"files in or pass --tokenizer DIR"
+        )
+        folder, files = None, []
+    elif kept:
+        note = f"kept {', '.join(kept)} already in {out} (not written by npu-parallel; --clean replaces them)"
+    return {"from": str(folder) if folder and files else None, "files": files, "kept": kept, "note": note}
+
+
+class _At:
+    path: Path | None = None
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[_At]:
+    """Around writing ``out``'s ``.partial`` folder: on any failure remove it, and a failed write
+    (disk full, read-only) becomes one CheckpointError naming the file (``at.path``)."""
+    at = _At()
+    try:
+        yield at
+    except OSError as exc:
+        discard_partial(out)
+        raise write_error(exc, out, at.path) from None
+    except BaseException:
+        discard_partial(out)
+        raise

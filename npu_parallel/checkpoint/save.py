@@ -1,9 +1,13 @@
-"""save_sharded() from a live converted model, and the training state (optimizer, scheduler, RNG) beside it."""
+"""save_sharded() from a live converted model, and the training state (optimizer, scheduler, RNG) beside it.
+
+The training state is written by ``train_state`` as safetensors plus JSON and checksummed in the manifest;
+``load_training_state`` verifies it and never unpickles anything.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import random
 from pathlib import Path
 
 import torch
@@ -14,22 +18,27 @@ from npu_parallel.checkpoint.manifest import (
     MANIFEST,
     build_manifest,
     check_output_dir,
+    discard_partial,
     fresh_partial_dir,
+    legacy_train_file,
     partial_dir,
     publish,
     rank_file,
     tensor_entry,
     train_file,
+    write_error,
     write_json,
 )
 from npu_parallel.checkpoint.materialize import global_shape, tensors_to_load
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.sharded_source import ShardedSource
+from npu_parallel.checkpoint.train_state import STATE_FORMAT, read_state, rng_state, set_rng_state, write_state
 from npu_parallel.convert.conversion import conversion_info
 from npu_parallel.parallel.shard_spec import ShardSpec, spec_of
 from npu_parallel.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
+WHAT = "--save_dir"  # the training loop's flag for where checkpoints go, named in write errors
 
 
 def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, ShardSpec | None]]:
@@ -55,31 +64,6 @@ def _barrier(state: ParallelState) -> None:
         dist.barrier()
 
 
-def rng_state(device: torch.device) -> dict:
-    """Every RNG a training step draws from: Python, torch (CPU and device), numpy when installed."""
-    out = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        out["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    if device.type in ("cuda", "npu"):
-        out["device"] = getattr(torch, device.type).get_rng_state(device)
-    return out
-
-
-def set_rng_state(saved: dict, device: torch.device) -> None:
-    random.setstate(saved["python"])
-    torch.set_rng_state(saved["torch"])
-    if "numpy" in saved:
-        import numpy as np
-
-        np.random.set_state(saved["numpy"])
-    if "device" in saved and device.type in ("cuda", "npu"):
-        getattr(torch, device.type).set_rng_state(saved["device"], device)
-
-
 def save_sharded(
     model: nn.Module,
     out_dir: str | Path,
@@ -92,15 +76,24 @@ def save_sharded(
 ) -> Path:
     """Write this model's shards (tp ranks of dp replica 0) and, with an optimizer, every rank's training state.
 
-    Collective: every rank calls it. ``extra`` (JSON: step, data position...) goes into the manifest.
+    Collective: every rank calls it. ``extra`` (JSON: step, data position...) goes into the manifest. A failed
+    write (disk full, read-only) on any rank raises the same one-line CheckpointError on every rank and
+    removes the ``.partial`` folder; an earlier checkpoint in ``out_dir`` is left as it was.
     """
     out = Path(out_dir)
     conv = conversion_info(model)
-    error = None
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"save_sharded: extra must be JSON (numbers, strings, lists, dicts): {exc}") from None
+    writes = [rank_file(r, state.tp_size) for r in range(state.tp_size)]
+    if optimizer is not None:
+        writes += [train_file(r, state.world_size) for r in range(state.world_size)]
+    error, owned = None, set()
     if state.rank == 0:
         try:
-            check_output_dir(out, overwrite)
-            fresh_partial_dir(out)
+            owned = check_output_dir(out, overwrite, writes=writes, what=WHAT)
+            fresh_partial_dir(out, WHAT)
         except CheckpointError as exc:
             error = str(exc)
     error = _gather(error, state)[0]  # every rank learns of a refusal before anyone writes
@@ -109,79 +102,121 @@ def save_sharded(
     tmp = partial_dir(out)
 
     local = named_tensors(model)
-    files = {}
-    if state.dp_rank == 0:
-        mine = [(n, trim(t, s)) for n, t, s in local if s is not None or state.tp_rank == 0]
-        path = tmp / rank_file(state.tp_rank, state.tp_size)
-        with SafetensorsWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in mine]) as w:
-            for n, t in mine:
-                w.write(n, t)
-            files[path.name] = {"sha256": w.close(), "bytes": path.stat().st_size}
-    if optimizer is not None:
-        torch.save(
-            {
+    files: dict = {}
+    current = tmp
+    try:
+        if state.dp_rank == 0:
+            mine = [(n, trim(t, s)) for n, t, s in local if s is not None or state.tp_rank == 0]
+            current = tmp / rank_file(state.tp_rank, state.tp_size)
+            with SafetensorsWriter(current, [(n, t.dtype, tuple(t.shape)) for n, t in mine]) as w:
+                for n, t in mine:
+                    w.write(n, t)
+                files[current.name] = {"sha256": w.close(), "bytes": current.stat().st_size}
+        if optimizer is not None:
+            current = tmp / train_file(state.rank, state.world_size)
+            training_state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": rng_state(state.device),
-            },
-            tmp / train_file(state.rank, state.world_size),
-        )
-    specs = {n: s for n, _, s in local}
-    everyone = _gather((files, specs if state.dp_rank == 0 else None), state)
-    if state.rank == 0:
-        all_files = {k: v for f, _ in everyone for k, v in f.items()}
-        rank_specs = [s for _, s in everyone if s is not None][: state.tp_size]
-        tensors = {
-            name: tensor_entry(global_shape(t, spec), t.dtype, [rs[name] for rs in rank_specs])
-            for name, t, spec in local
-        }
-        training = None
-        if optimizer is not None or extra is not None:
-            training = {
-                "world_size": state.world_size,
-                "tp_size": state.tp_size,
-                "has_optimizer": optimizer is not None,
-                "extra": extra or {},
             }
-        plan = conv.plan
-        layout = conv.expert_layout or {"kind": "per_expert", "names": list(plan.expert_key_names)}
-        manifest = build_manifest(
-            model.config,
-            plan.name,
-            state.tp_size,
-            tensors,
-            all_files,
-            layout,
-            training,
-            key_aliases=plan.checkpoint_aliases,
-        )
-        write_json(tmp / MANIFEST, manifest)
-        publish(tmp, out)
-    _barrier(state)
+            files[current.name] = write_state(current, training_state)
+    except OSError as exc:
+        error = str(write_error(exc, out, current, WHAT))
+    except CheckpointError as exc:  # a training state that cannot be saved without pickle
+        error = str(exc)
+    specs = {n: s for n, _, s in local}
+    everyone = _gather((files, specs if state.dp_rank == 0 else None, error), state)
+    error = next((e for _, _, e in everyone if e), None)
+    if error is None and state.rank == 0:
+        try:
+            _write_manifest(model, conv, state, tmp, out, local, everyone, optimizer, extra, owned)
+        except OSError as exc:
+            error = str(write_error(exc, out, tmp / MANIFEST, WHAT))
+    error = _gather(error, state)[0]  # also the barrier: nobody returns before the checkpoint is published
+    if error:
+        if state.rank == 0:
+            discard_partial(out)
+        raise CheckpointError(error)
     if state.rank == 0:
         logger.info("saved %s (tp=%d, %d tensors)", out, state.tp_size, len(local))
     return out
 
 
+def _write_manifest(model, conv, state, tmp, out, local, everyone, optimizer, extra, owned) -> None:
+    all_files = {k: v for f, _, _ in everyone for k, v in f.items()}
+    rank_specs = [s for _, s, _ in everyone if s is not None][: state.tp_size]
+    tensors = {
+        name: tensor_entry(global_shape(t, spec), t.dtype, [rs[name] for rs in rank_specs]) for name, t, spec in local
+    }
+    training = None
+    if optimizer is not None or extra is not None:
+        training = {
+            "world_size": state.world_size,
+            "tp_size": state.tp_size,
+            "has_optimizer": optimizer is not None,
+            "state_format": STATE_FORMAT if optimizer is not None else None,
+            "extra": extra or {},
+        }
+    plan = conv.plan
+    layout = conv.expert_layout or {"kind": "per_expert", "names": list(plan.expert_key_names)}
+    manifest = build_manifest(
+        model.config,
+        plan.name,
+        state.tp_size,
+        tensors,
+        all_files,
+        layout,
+        training,
+        key_aliases=plan.checkpoint_aliases,
+        source_path=conv.source_path,
+    )
+    write_json(tmp / MANIFEST, manifest)
+    publish(tmp, out, owned)
+
+
 def load_training_state(path: str | Path, state: ParallelState, *, optimizer=None, scheduler=None) -> dict:
-    """Restore optimizer, scheduler and RNG saved beside the weights; returns the manifest's ``extra``."""
+    """Restore optimizer, scheduler and RNG saved beside the weights; returns the manifest's ``extra``.
+
+    Collective when given an optimizer or scheduler: every rank calls it, and a file that fails on one rank
+    (missing, checksum mismatch) raises the same CheckpointError on all. Nothing is ever unpickled: a format
+    v1 checkpoint (pickled ``train-rank-*.pt``) is refused for resume; its weights still load.
+    """
     ckpt = ShardedSource(path)
     training = ckpt.manifest.get("training") or {}
-    if optimizer is not None or scheduler is not None:
-        if not training.get("has_optimizer"):
-            raise CheckpointError(f"{ckpt.path}: saved without optimizer state; resume from a training checkpoint")
-        if (training["world_size"], training["tp_size"]) != (state.world_size, state.tp_size):
-            raise CheckpointError(
-                f"{ckpt.path}: optimizer state was saved with world={training['world_size']}, "
-                f"tp={training['tp_size']}; resume with the same layout (now world={state.world_size}, "
-                f"tp={state.tp_size}) or load weights only"
-            )
-        saved = torch.load(
-            ckpt.path / train_file(state.rank, state.world_size), map_location=state.device, weights_only=False
+    if optimizer is None and scheduler is None:
+        return training.get("extra") or {}
+    if not training.get("has_optimizer"):
+        raise CheckpointError(f"{ckpt.path}: saved without optimizer state; resume from a training checkpoint")
+    if (training.get("world_size"), training.get("tp_size")) != (state.world_size, state.tp_size):
+        raise CheckpointError(
+            f"{ckpt.path}: optimizer state was saved with world={training.get('world_size')}, "
+            f"tp={training.get('tp_size')}; resume with the same layout (now world={state.world_size}, "
+            f"tp={state.tp_size}) or load weights only"
         )
+    if training.get("state_format") != STATE_FORMAT:
+        raise CheckpointError(
+            f"{ckpt.path}: its training state is pickled ({legacy_train_file(0, state.world_size)}..., format "
+            f"v{ckpt.manifest.get('format_version')}) and is never loaded, because unpickling can run code; "
+            f"resume is not possible: load its weights (load_sharded, or merge it) and start a new run"
+        )
+    name = train_file(state.rank, state.world_size)
+    error = None
+    try:
+        ckpt.verify([name])
+        saved = read_state(ckpt.path / name)
         if optimizer is not None:
             optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None and saved["scheduler"] is not None:
             scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"], state.device)
+    except CheckpointError as exc:
+        error = str(exc)
+    except OSError as exc:
+        error = f"{ckpt.path / name}: unreadable ({exc.strerror or exc}); restore the checkpoint"
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        error = f"{ckpt.path / name}: does not fit this optimizer or scheduler ({str(exc).splitlines()[0]})"
+    errors = _gather(error, state)
+    error = next((e for e in errors if e), None)
+    if error:
+        raise CheckpointError(error)
     return training.get("extra") or {}

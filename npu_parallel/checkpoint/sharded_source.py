@@ -41,14 +41,24 @@ class ShardedSource(TensorSource):
             self.manifest = json.loads(mf.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{mf}: unreadable ({exc})") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version", 0) > FORMAT_VERSION:
+        if not isinstance(self.manifest, dict):
+            raise CheckpointError(f"{mf}: not a checkpoint manifest (a JSON object is expected)")
+        version = self.manifest.get("format_version", 0)
+        if self.manifest.get("format") != FORMAT:
             raise CheckpointError(
-                f"{mf}: format {self.manifest.get('format')!r} "
-                f"v{self.manifest.get('format_version')} is not {FORMAT} v<={FORMAT_VERSION}; "
+                f"{mf}: format {self.manifest.get('format')!r} is not {FORMAT}; not a checkpoint written by "
+                f"save_sharded or `npu-parallel convert`"
+            )
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{mf}: {FORMAT} v{version} is newer than this npu_parallel reads (v<={FORMAT_VERSION}); "
                 f"upgrade npu_parallel"
             )
-        self.tp: int = self.manifest["tp_size"]
-        self.tensors: dict = self.manifest["tensors"]
+        tp, tensors = self.manifest.get("tp_size"), self.manifest.get("tensors")
+        if not isinstance(tp, int) or tp < 1 or not isinstance(tensors, dict):
+            raise CheckpointError(f"{mf}: damaged (no valid tp_size or tensors); restore the checkpoint")
+        self.tp: int = tp
+        self.tensors: dict = tensors
         for f in self.files():
             if not (self.path / f).is_file():
                 raise CheckpointError(f"{self.path}: rank file {f} is missing (tp={self.tp} needs all {self.tp})")
@@ -56,9 +66,15 @@ class ShardedSource(TensorSource):
             self.verify()
         self._handles: dict[int, SafetensorsFile] = {}
 
-    def verify(self) -> None:
-        """Compare every rank file with its manifest sha256."""
-        for name, info in self.manifest["files"].items():
+    def verify(self, names: list[str] | None = None) -> None:
+        """Compare files (default: every rank file) with their manifest sha256; a file it does not list is refused."""
+        files = self.manifest.get("files")
+        for name in self.files() if names is None else names:
+            info = files.get(name) if isinstance(files, dict) else None
+            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+                raise CheckpointError(
+                    f"{self.path / name}: has no checksum in {MANIFEST}; the manifest is damaged, restore it"
+                )
             digest = sha256_file(self.path / name)
             if digest != info["sha256"]:
                 raise CheckpointError(

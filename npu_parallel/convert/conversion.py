@@ -35,6 +35,9 @@ class ConversionInfo:
     expert_layout: dict | None = None
     # load_pretrained's reading statistics: bytes_read, seconds, keys_read
     load_stats: dict | None = None
+    # the Hugging Face folder the weights came from (load_pretrained's path; a sharded checkpoint's recorded one):
+    # save_sharded writes it into the manifest, and `merge` copies the tokenizer from there
+    source_path: str | None = None
 
 
 def conversion_info(model: nn.Module) -> ConversionInfo:

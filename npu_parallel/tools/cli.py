@@ -133,6 +133,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 @_checkpoint_errors
 def cmd_merge(args: argparse.Namespace) -> int:
     """tp rank files -> a Hugging Face checkpoint that from_pretrained loads."""
+    from npu_parallel.checkpoint.manifest import MARKER
     from npu_parallel.checkpoint.offline import merge_checkpoint
 
     out = merge_checkpoint(
@@ -141,8 +142,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_shard_bytes=int(args.max_shard_gb * 1e9),
         progress=not args.quiet,
+        tokenizer=args.tokenizer,
+        keep_others=not args.clean,
     )
-    print(f"wrote {out}")
+    mark = json.loads((out / MARKER).read_text())
+    tok = mark["tokenizer"]
+    got = [f"{', '.join(tok['files'])} from {tok['from']}"] if tok["files"] else []
+    got += [f"kept {', '.join(tok['kept'])}"] if tok["kept"] else []
+    print(f"wrote {out}: {mark['tensors']} tensors; tokenizer: {'; '.join(got) or 'none (see the warning above)'}")
     return EXIT_OK
 
 
@@ -335,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file to write (GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier npu-parallel output in --out")
+    p.add_argument(
+        "--tokenizer", default=None, metavar="DIR", help="tokenizer files from DIR (default: the source checkpoint)"
+    )
+    p.add_argument("--clean", action="store_true", help="with --overwrite: also delete files merge did not write")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
 
