@@ -279,10 +279,10 @@ def _check_log_dir(cfg: TrainConfig) -> None:
     metrics = log_dir / METRICS_FILE
     if cfg.resume or cfg.overwrite or not metrics.is_file() or not metrics.stat().st_size:
         return
-    steps = [r.get("step") for r in read_metrics(metrics) if isinstance(r, dict)]
-    span = f"steps {steps[0]}-{steps[-1]}" if steps else "an earlier run"
+    steps = [s for r in read_metrics(metrics) if isinstance(s := r.get("step"), int)]
+    span = f" (steps {steps[0]}-{steps[-1]})" if steps else ""
     raise ConfigError(
-        f"--log_dir {log_dir}: {METRICS_FILE} holds an earlier run ({span}); pass --resume to continue it, "
+        f"--log_dir {log_dir}: {METRICS_FILE} holds an earlier run{span}; pass --resume to continue it, "
         f"--overwrite to replace it, or choose another --log_dir"
     )
 
