@@ -45,23 +45,31 @@ def test_training_options_agree(checkpoints, tmp_path):
 
 
 def test_interrupted_run_resumes_exactly(checkpoints, tmp_path):
+    """Resume from step-2 of a run interrupted after step 3: the same losses bit for bit, and metrics.jsonl of the
+    log_dir continues the run (its step-3 line from the interrupted run replaced, each step once), the loss curve
+    drawn from all of it."""
     path = str(checkpoints / "deepseek_v2")
     cfg = dict(BASE, model_path=path, steps=6)
+    ckpt, log = tmp_path / "ckpt", tmp_path / "a"
     full, interrupted = run_ranks(
         2,
         "tests.train_worker:run_many",
         [
             dict(cfg, log_dir=str(tmp_path / "full")),
-            dict(cfg, stop_after=3, save_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "a")),
+            dict(cfg, stop_after=3, save_dir=str(ckpt), save_every=2, log_dir=str(log)),
         ],
     )
     assert interrupted["steps"] == [1, 2, 3] and interrupted["checkpoint"].endswith("step-3")
     resumed = run_ranks(
-        2, "tests.train_worker:run_train", dict(cfg, resume=interrupted["checkpoint"], log_dir=str(tmp_path / "b"))
+        2, "tests.train_worker:run_train", dict(cfg, resume=str(ckpt / "step-2"), log_dir=str(log), save_dir=str(ckpt))
     )
-    assert resumed["steps"] == [4, 5, 6]
-    assert resumed["losses"] == full["losses"][3:]  # bit for bit
+    assert resumed["steps"] == [3, 4, 5, 6]
+    assert resumed["losses"] == full["losses"][2:]  # bit for bit
     assert interrupted["losses"] == full["losses"][:3]
+    lines = [json.loads(x) for x in (log / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert [x["loss"] for x in lines] == full["losses"]
+    assert resumed["plotted_steps"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_metrics_file_and_loss_curve(checkpoints, tmp_path):

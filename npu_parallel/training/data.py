@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from npu_parallel.training.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "ensurepip"}
@@ -37,27 +39,74 @@ def stdlib_documents(max_bytes: int = 8 << 20) -> Iterator[str]:
                 return
 
 
+def _decode(raw: bytes, path: Path, offset: int, line: int) -> str:
+    """``raw`` (the bytes at ``offset`` of ``path``, from line ``line`` on) as text, or a ConfigError naming where."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = offset + exc.start
+        line += raw.count(b"\n", 0, exc.start)
+        raise ConfigError(
+            f"--data {path}: not UTF-8 at byte {at} (line {line}, byte 0x{raw[exc.start]:02x}); "
+            f"convert the file to UTF-8 (e.g. iconv -f <its encoding> -t UTF-8)"
+        ) from None
+
+
 def file_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of a ``.jsonl`` file (its ``text_field``) or of a plain text file (blank-line separated)."""
+    """Documents of a ``.jsonl`` file (its ``text_field``) or of a plain text file (blank-line separated).
+
+    The file must be UTF-8 (a leading BOM is allowed); a problem is a ConfigError naming the file and where.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file; pass a .txt or .jsonl file")
-    if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"--data {path}:{n}: not JSON ({exc.msg}); one JSON object per line") from None
-                if text_field not in record:
-                    raise ValueError(f"--data {path}:{n}: no {text_field!r} field; use --text_field to name it")
-                yield str(record[text_field])
-        return
-    for doc in path.read_text(encoding="utf-8").split("\n\n"):
+        raise ConfigError(f"--data {path}: no such file; pass a .txt or .jsonl file")
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            yield from _jsonl_documents(path, text_field)
+            return
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"--data {path}: cannot be read ({exc.strerror or exc}); check the path and its permissions"
+        ) from None
+    text = _decode(raw, path, 0, 1).removeprefix("\ufeff")
+    for doc in text.split("\n\n"):
         if doc.strip():
             yield doc
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = _decode(raw, path, offset, n)
+            offset += len(raw)
+            if n == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--data {path}:{n}: not JSON ({exc.msg}); one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise ConfigError(
+                    f"--data {path}:{n}: a JSON {type(record).__name__}, not an object; one object per line, "
+                    f"its text in --text_field"
+                )
+            if text_field not in record:
+                have = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+                raise ConfigError(
+                    f"--data {path}:{n}: no {text_field!r} field (it has {have}); pass --text_field to name the field "
+                    f"that holds the text"
+                )
+            value = record[text_field]
+            if not isinstance(value, str):
+                raise ConfigError(
+                    f"--data {path}:{n}: field {text_field!r} is a JSON {type(value).__name__}, not a string; "
+                    f"pass --text_field to name the field that holds the text"
+                )
+            yield value
 
 
 class ByteTokenizer:
@@ -105,7 +154,7 @@ def pack(documents: Iterator[str], tokenizer, seq_len: int, max_sequences: int) 
             break
     n = min(len(buf) // seq_len, max_sequences)
     if n == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the data holds {len(buf)} tokens, fewer than one sequence of {seq_len}; "
             f"use more data or a smaller --max_length"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 from pathlib import Path
 
@@ -19,15 +20,58 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def finite_or_none(record: dict) -> dict:
+    """The record with every non-finite float as None (JSON null): the file stays strict JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not a JSON object (a crash mid-write) is left out."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
 class MetricsLog:
-    def __init__(self, log_dir: str | Path | None, enabled: bool, total_steps: int, start_step: int = 0):
+    """Rank 0's log of a run. A fresh run starts ``metrics.jsonl`` anew (the caller has refused or been told to
+    overwrite an earlier run's); a resumed one keeps the lines up to its step and appends after them, and the
+    loss curve is drawn from the file, so it covers the whole run."""
+
+    def __init__(
+        self,
+        log_dir: str | Path | None,
+        enabled: bool,
+        total_steps: int,
+        start_step: int = 0,
+        resume: bool = False,
+    ):
         from tqdm.auto import tqdm
 
         self.enabled = enabled
-        self.path = Path(log_dir) / "metrics.jsonl" if (log_dir and enabled) else None
+        self.path = Path(log_dir) / METRICS_FILE if (log_dir and enabled) else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.records: list[dict] = []
+            kept = []
+            if resume and self.path.is_file():
+                kept = [
+                    r for r in read_metrics(self.path) if isinstance(r.get("step"), int) and r["step"] <= start_step
+                ]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in map(finite_or_none, kept)))
+            tmp.replace(self.path)
+            if not resume:  # a fresh run's curve is drawn at its end; an earlier run's must not stand in for it
+                (self.path.parent / "loss.png").unlink(missing_ok=True)
+        self.records: list[dict] = []  # this process's steps
+        self.plotted: list[int] = []  # the steps the loss curve was drawn from (the whole run's, read from the file)
         # disable=None switches the bar off when stderr is not a terminal (logs stay readable)
         self.bar = tqdm(
             total=total_steps,
@@ -44,25 +88,29 @@ class MetricsLog:
             return
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         aux = f" aux {record['aux_loss']:.4f}" if record.get("aux_loss") is not None else ""
+        skipped = " | skipped (non-finite)" if record.get("skipped") else ""
         self.bar.write(
             f"step {record['step']:>5} | loss {record['loss']:.4f}{aux} | lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
-            f"peak {record['peak_mem_mb']:.0f} MB"
+            f"peak {record['peak_mem_mb']:.0f} MB{skipped}"
         )
         self.bar.set_postfix(loss=f"{record['loss']:.4f}")
         self.bar.update(1)
 
     def close(self) -> Path | None:
+        """Close the bar and draw the loss curve of every step in the file (earlier segments of a resumed run too)."""
         self.bar.close()
-        if not (self.enabled and self.path and self.records):
+        if not (self.enabled and self.path and self.path.is_file()):
             return None
-        return plot_loss(self.path.parent / "loss.png", self.records)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        records = read_metrics(self.path)
+        if not records:
+            return None
+        plot = plot_loss(self.path.parent / "loss.png", records)
+        if plot is not None:
+            self.plotted = [r["step"] for r in records if isinstance(r.get("step"), int)]
+        return plot
 
 
 def plot_loss(out: Path, records: list[dict]) -> Path | None:
@@ -75,12 +123,18 @@ def plot_loss(out: Path, records: list[dict]) -> Path | None:
     except ImportError:
         logger.info("matplotlib not installed (pip install npu_parallel[plot]); no loss curve")
         return None
-    steps = [r["step"] for r in records]
+
+    def series(key: str) -> tuple[list, list]:  # (steps, values) where the value is a finite number
+        points = [(r.get("step"), r.get(key)) for r in records]
+        kept = [(s, v) for s, v in points if isinstance(s, int) and isinstance(v, int | float) and math.isfinite(v)]
+        return [s for s, _ in kept], [v for _, v in kept]
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in records], marker="o", markersize=3, label="loss")
-    if any(r.get("aux_loss") is not None for r in records):
+    ax.plot(*series("loss"), marker="o", markersize=3, label="loss")
+    aux_steps, aux = series("aux_loss")
+    if aux:
         ax2 = ax.twinx()
-        ax2.plot(steps, [r.get("aux_loss") or 0.0 for r in records], color="tab:orange", alpha=0.6, label="aux loss")
+        ax2.plot(aux_steps, aux, color="tab:orange", alpha=0.6, label="aux loss")
         ax2.set_ylabel("aux loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
