@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,14 +15,18 @@ from npu_parallel.parallel.collectives import reduce_from_tp
 from npu_parallel.parallel.state import init_distributed
 
 
-def hang_in_tp(out: str, tp: int, timeout_s: float, missing: int) -> None:
+def hang_in_tp(out: str, tp: int, timeout_s: float, missing: int, how: str = "sleep") -> None:
     """Rank ``missing`` never reaches its tp all-reduce; the other tp groups all-reduce, then wait in a world barrier.
 
-    Each rank writes ``enter{rank}`` (the time it entered its collective) to ``out`` first.
+    The missing rank sleeps (``how="sleep"``) or stops itself with SIGSTOP (``"stop"``). Each rank writes
+    ``enter{rank}`` (the time it entered its collective) to ``out`` first.
     """
     state = init_distributed(tp, timeout_s=timeout_s)
     if state.rank == missing:
-        time.sleep(600)
+        if how == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            time.sleep(600)
     Path(out, f"enter{state.rank}").write_text(repr(time.time()))
     reduce_from_tp(torch.ones(4), state.tp)
     if missing not in state.tp_ranks:

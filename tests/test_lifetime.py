@@ -49,6 +49,24 @@ def test_collective_timeout_names_group_and_missing_rank(tmp_path):
         assert "rank 0 in all_reduce on tp" in line and "rank 1 in" not in line, line
 
 
+def test_stopped_rank_is_named_and_resumed_for_torchrun(tmp_path):
+    """The issue's case: a rank stopped by SIGSTOP. torchrun's SIGTERM cannot end a stopped process (it waits
+    30 s, then SIGKILLs); the rank that timed out sends its stopped sibling SIGCONT, so the job ends within
+    the timeout plus the small margin."""
+    with pytest.raises(LaunchError) as info:
+        launch("tests.runtime_worker:hang_in_tp", 2, str(tmp_path), 2, TIMEOUT_S, 1, "stop", timeout=300, env=RANK_ENV)
+    ended = time.time()
+    assert ended - float((tmp_path / "enter0").read_text()) < TIMEOUT_S + MARGIN_S
+    report, *late = info.value.reports
+    assert report.startswith(
+        f"{watchdog.REPORT_PREFIX} 0: all_reduce on the tp group (ranks 0,1) timed out after 5 s: rank 1 did not "
+        "arrive (rank 1 stopped by a signal, resumed for the launcher to end)"
+    ), report
+    for line in late:  # rank 1, resumed, may reach its all-reduce before torchrun's SIGTERM lands
+        assert line.startswith(f"{watchdog.REPORT_PREFIX} 1: all_reduce on the tp group (ranks 0,1) failed ("), line
+        assert line.endswith("this rank arrived after the others had given up on it (rank 0 in all_reduce on tp)")
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie nobody reaped yet counts as gone)."""
     try:

@@ -11,6 +11,9 @@ ranks that never reached a collective (stopped, hung, crashed, or computing some
 and ends the process at once (a broken gloo group can hang its destructors). NCCL and HCCL time out in
 their own watchdog thread, which aborts the process and names the group by the ``group_desc`` given here.
 
+A missing rank that is a stopped sibling process (SIGSTOP) gets SIGCONT, so that torchrun's SIGTERM ends it
+at once rather than after torchrun's 30 s grace.
+
 **Launcher death.** :func:`exit_with_parent` makes a rank started by torchrun get SIGTERM when torchrun
 dies (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere a thread that polls ``os.getppid()``), so that killing
 torchrun never leaves ranks running as orphans.
@@ -24,6 +27,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -34,6 +38,7 @@ __all__ = ["REPORT_PREFIX", "exit_with_parent", "explain", "watch"]
 
 REPORT_PREFIX = "collective failure on rank"  # every line explain() returns starts with it
 KEY_PREFIX = "npu_parallel/collective_failure"
+WHO_PREFIX = "npu_parallel/rank_process"  # rank -> "host pid parent-pid", written by watch()
 _C10D_FILE = os.path.join("torch", "distributed", "distributed_c10d.py")
 # gloo's own texts for a timed-out wait and for a peer that gave up (closed its side); DDP's reducer raises these
 _FAILURE_TEXTS = ("Timed out waiting", "pair closure", "Connection closed by peer", "Connection reset by peer")
@@ -64,6 +69,10 @@ def watch(rank: int, world_size: int, timeout_s: float | None, groups: list[tupl
     if world_size < 2:
         return
     _watch = _Watch(rank, world_size, timeout_s, list(groups))
+    try:
+        _store().set(f"{WHO_PREFIX}/{rank}", f"{socket.gethostname()} {os.getpid()} {os.getppid()}")
+    except Exception:  # no store (a group the user built by hand): stopped ranks are then left to the launcher
+        pass
     if getattr(sys.excepthook, "_npu_parallel", False):
         return
     previous = sys.excepthook
@@ -97,6 +106,17 @@ def _collective_frame(exc: BaseException) -> tuple[str, Any] | None:
     return found
 
 
+def _short(exc: BaseException) -> str:
+    """The error's first sentence, without gloo's ``[source.cc:123]`` prefix."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line.split(". ", 1)[0].rstrip(".")
+
+
 def _is_failure_text(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _FAILURE_TEXTS)
 
@@ -122,13 +142,48 @@ def _name_group(w: _Watch, pg: Any) -> tuple[str, tuple[int, ...]]:
         return "an unknown process group", tuple(range(w.world_size))
 
 
-def _check_in(w: _Watch, what: str, members: tuple[int, ...], wait_s: float) -> dict[int, str]:
-    """Write this rank's key, wait up to ``wait_s`` for the members' keys; member -> what it was waiting in."""
+def _store():
     import torch.distributed as dist
 
-    store = dist.distributed_c10d._get_default_store()
+    return dist.distributed_c10d._get_default_store()
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process from /proc (Linux), None when unknown."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def _resume_stopped(missing: list[int]) -> list[int]:
+    """Missing ranks that are our siblings (same host, same launcher) stopped by a signal (SIGSTOP, Ctrl-Z):
+    send them SIGCONT, so that the SIGTERM torchrun sends next ends them at once instead of after its 30 s
+    grace. Never touches a process stopped by a debugger (state 't'). Returns the ranks resumed."""
+    resumed = []
+    store = _store()
+    for r in missing:
+        try:
+            host, pid, parent = store.get(f"{WHO_PREFIX}/{r}").decode().split()
+        except Exception:
+            continue
+        stat = _proc_stat(int(pid))
+        if host == socket.gethostname() and int(parent) == os.getppid() and stat == ("T", os.getppid()):
+            os.kill(int(pid), signal.SIGCONT)
+            resumed.append(r)
+    return resumed
+
+
+def _check_in(w: _Watch, what: str, members: tuple[int, ...], wait_s: float) -> tuple[dict[int, str], set[int]]:
+    """Write this rank's key, wait up to ``wait_s`` for the members' keys.
+
+    Returns member -> what it was waiting in, and the members that had checked in before this rank did.
+    """
+    store = _store()
     base = f"{KEY_PREFIX}/{w.incidents}"
     w.incidents += 1
+    before = {r for r in members if r != w.rank and store.check([f"{base}/{r}"])}
     store.set(f"{base}/{w.rank}", what)
     seen: dict[int, str] = {}
     deadline = time.monotonic() + wait_s
@@ -137,7 +192,7 @@ def _check_in(w: _Watch, what: str, members: tuple[int, ...], wait_s: float) -> 
             if r not in seen and store.check([f"{base}/{r}"]):
                 seen[r] = store.get(f"{base}/{r}").decode()
         if set(members) <= set(seen) or time.monotonic() >= deadline:
-            return seen
+            return seen, before
         time.sleep(0.1)
 
 
@@ -164,7 +219,7 @@ def explain(exc: BaseException, *, restore_sigterm: bool = True) -> str | None:
     frame = _collective_frame(exc) if isinstance(exc, RuntimeError) else None
     if frame is None and not _is_failure_text(exc):
         return None
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = _short(exc)
     timed_out = "Timed out" in first or "timed out" in first or "timeout" in first.lower()
     if frame is not None:
         op, pg = frame
@@ -176,7 +231,7 @@ def explain(exc: BaseException, *, restore_sigterm: bool = True) -> str | None:
         where, what = "a collective outside Python (e.g. DDP's gradient all-reduce)", "a collective"
     previous = _defer_sigterm()
     try:
-        seen = _check_in(w, what, members, grace_s(w.timeout_s))
+        seen, before = _check_in(w, what, members, grace_s(w.timeout_s))
     except Exception as err:  # the store itself is gone (the launcher died): say what is known
         return f"{REPORT_PREFIX} {w.rank}: {where} failed ({first}); the other ranks could not be asked ({err})"
     finally:
@@ -191,13 +246,29 @@ def explain(exc: BaseException, *, restore_sigterm: bool = True) -> str | None:
     how = f"timed out after {w.timeout_s:g} s" if timed_out and w.timeout_s is not None else f"failed ({first})"
     waiting = "; ".join(f"rank {r} in {seen[r]}" for r in sorted(seen) if r in members)
     if missing:
+        try:
+            stopped = _resume_stopped(missing)
+        except Exception:
+            stopped = []
+        why = (
+            f"rank{'s' if len(stopped) > 1 else ''} {_span(stopped)} stopped by a signal, resumed for the launcher "
+            "to end"
+            if stopped
+            else "stopped, hung, crashed or busy outside collectives"
+        )
         return (
             f"{REPORT_PREFIX} {w.rank}: {where} {how}: rank{'s' if len(missing) > 1 else ''} {_span(missing)} "
-            f"did not arrive (stopped, hung, crashed or busy outside collectives); waiting: {waiting}"
+            f"did not arrive ({why}); waiting: {waiting}"
+        )
+    others = set(members) - {w.rank}
+    if not timed_out and others and others <= before:
+        return (
+            f"{REPORT_PREFIX} {w.rank}: {where} {how}: this rank arrived after the others had given up on it "
+            f"({'; '.join(f'rank {r} in {seen[r]}' for r in sorted(others) if r in seen)})"
         )
     return (
-        f"{REPORT_PREFIX} {w.rank}: {where} {how}: every rank of the group reached a collective, but not the "
-        f"same one ({waiting}): the ranks call collectives in different orders"
+        f"{REPORT_PREFIX} {w.rank}: {where} {how}: every rank of the group was waiting in a collective "
+        f"({waiting}): they do not call the same collectives in the same order"
     )
 
 
