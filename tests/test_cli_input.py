@@ -88,6 +88,7 @@ CASES = [
     ("inspect {good} --routing --data {dir}/none.txt", ["--data {dir}/none.txt: no such file"]),
     ("inspect {good} --routing --plot {dir}", ["--plot {dir}: is a directory"]),
     ("inspect {llama} --routing", ["no MoE block found"]),
+    ("inspect {converted} --routing", ["config.json: missing"]),
     ("convert {good} --tp 0 --out {out}", ["--tp 0: must be a positive integer"]),
     ("convert {good} --tp 3 --out {out}", ["tp_size=3 must divide the attention heads"]),
     ("convert {good} --tp 2 --out {out} --dtype int4", ["--dtype 'int4' is not one of"]),
