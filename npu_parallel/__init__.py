@@ -1,10 +1,30 @@
-"""npu_parallel: tensor/expert-parallel fine-tuning of Hugging Face MoE models on Ascend NPUs, GPUs and CPUs."""
+"""npu_parallel: tensor/expert-parallel fine-tuning of Hugging Face MoE models on Ascend NPUs, GPUs and CPUs.
+
+The names below are imported on first use, so that ``npu-parallel --help`` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from npu_parallel._version import __version__
-from npu_parallel.checkpoint.load import load_pretrained, load_sharded
-from npu_parallel.checkpoint.save import load_training_state, save_sharded
-from npu_parallel.convert.conversion import convert_model
-from npu_parallel.parallel.state import ParallelState, init_distributed
+
+if TYPE_CHECKING:
+    from npu_parallel.checkpoint.load import load_pretrained, load_sharded
+    from npu_parallel.checkpoint.save import load_training_state, save_sharded
+    from npu_parallel.convert.conversion import convert_model
+    from npu_parallel.parallel.state import ParallelState, init_distributed
+
+_LAZY = {
+    "ParallelState": "npu_parallel.parallel.state",
+    "convert_model": "npu_parallel.convert.conversion",
+    "init_distributed": "npu_parallel.parallel.state",
+    "load_pretrained": "npu_parallel.checkpoint.load",
+    "load_sharded": "npu_parallel.checkpoint.load",
+    "load_training_state": "npu_parallel.checkpoint.save",
+    "save_sharded": "npu_parallel.checkpoint.save",
+}
 
 __all__ = [
     "ParallelState",
@@ -16,3 +36,15 @@ __all__ = [
     "load_training_state",
     "save_sharded",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'npu_parallel' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -154,8 +154,10 @@ def test_find_moe_blocks_explains_when_none(checkpoints):
 def test_audit_converted_tp1_and_tp2_clean(checkpoints, capsys, tp2):
     path = str(checkpoints / "deepseek_v2")
     assert cli.main(["audit", path]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "converted, tp=1" in out and "0 banned ops" in out and out.rstrip().endswith("-> CLEAN")
+    assert err.startswith("npu-parallel audit: tp=1: auditing one forward and backward in this process\n"), err
+    assert re.search(r"^npu-parallel audit: tp=1: done in \d+\.\d s$", err, re.M), err
     line, banned = audit_summary(tp2["audit"])
     assert banned == 0 and "converted, tp=2" in line and "2 ranks, all the same" in line, line
     assert re.search(r"^allreduce\s+collective\s+\d+\s+\S+collectives\.py:\d+$", tp2["audit"][0]["table"], re.M)
@@ -232,8 +234,17 @@ def test_verify_passes(checkpoints, capsys, tmp_path, tp2, name):
 
 def test_verify_names_the_broken_layer(checkpoints, capsys):
     rc = cli.main(["verify", str(checkpoints / "deepseek_v2"), "--tp", "2", "--_perturb-expert", "1:2"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert rc == 1
+    # progress on stderr, per rank as it starts and finishes; the table stays alone on stdout
+    lines = err.splitlines()
+    assert lines[0] == "npu-parallel verify: tp=2: comparing with transformers on 2 ranks", err
+    for r in (0, 1):
+        assert lines.index(f"npu-parallel verify: tp=2: rank {r} started") < lines.index(
+            f"npu-parallel verify: tp=2: rank {r} finished"
+        )
+    assert re.match(r"npu-parallel verify: tp=2: done in \d+\.\d s$", lines[-1]), err
+    assert "npu-parallel" not in out
     assert re.search(r"^FAILED: tp=2 layer 2 moe_out max diff \S+ > 1e-04", out, re.M), out
     rows = {line.split()[0]: line for line in out.splitlines() if re.match(r"^\d\s", line)}
     assert "<- worst" in rows["2"]

@@ -8,6 +8,7 @@ triples around.
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from npu_parallel.parallel import device as _device
+from npu_parallel.parallel import watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +132,20 @@ def group_layout(world_size: int, tp_size: int) -> tuple[list[list[int]], list[l
     return tp_groups, dp_groups
 
 
-def _new_groups(layouts: list[list[int]], rank: int, world_size: int) -> Group:
-    """Create every group of one dimension (collective: all ranks, same order) and return this rank's."""
+def _new_groups(
+    layouts: list[list[int]], rank: int, world_size: int, name: str, timeout: datetime.timedelta | None = None
+) -> Group:
+    """Create every group of one dimension (collective: all ranks, same order) and return this rank's.
+
+    Each group gets ``timeout`` (None: torch's default) and, where torch takes one, the description ``name``
+    (NCCL's and HCCL's watchdogs print it when a collective times out).
+    """
+    kwargs: dict = {"timeout": timeout}
+    if "group_desc" in inspect.signature(dist.new_group).parameters:
+        kwargs["group_desc"] = name
     mine = None
     for ranks in layouts:
-        g = dist.new_group(ranks) if world_size > 1 else dist.group.WORLD
+        g = dist.new_group(ranks, **kwargs) if world_size > 1 else dist.group.WORLD
         if rank in ranks:
             mine = Group(ranks.index(rank), len(ranks), g, tuple(ranks))
     assert mine is not None, f"rank {rank} is in no group of {layouts}"
@@ -148,6 +159,12 @@ def init_distributed(
 
     ``tp_size=None`` means all ranks form one tensor-parallel group. Reuses a process group that
     already exists. On Ascend, HCCL defaults are exported before the group is created.
+
+    ``timeout_s`` bounds every collective on every group created here: the world group (when this call
+    creates it) and each tp and dp group (None: torch's default, 30 min on gloo). With more than one rank,
+    a collective that fails ends the process with one line naming the op, the group, its ranks and the
+    ranks that did not arrive (:mod:`npu_parallel.parallel.watchdog`); under torchrun the rank also exits
+    when torchrun dies.
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -156,6 +173,10 @@ def init_distributed(
         rank, world_size = dist.get_rank(), dist.get_world_size()
     tp_size = world_size if tp_size is None else tp_size
     check_tp_size(tp_size, world_size)  # before any collective: every rank raises the same error
+
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
+    watchdog.exit_with_parent()  # under torchrun: no orphan ranks if torchrun is killed
 
     kind = _device.device_type()
     if backend is None:
@@ -168,10 +189,11 @@ def init_distributed(
             logger.info("HCCL defaults applied: %s", applied)
     dev = _device.local_device(kind, local_rank)
 
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
     if not dist.is_initialized():
         kwargs: dict = {"backend": backend, "rank": rank, "world_size": world_size}
-        if timeout_s is not None:
-            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        if timeout is not None:
+            kwargs["timeout"] = timeout
         if "MASTER_ADDR" not in os.environ and world_size == 1:
             kwargs["store"] = dist.HashStore()
         if kind != "cpu":
@@ -179,6 +201,8 @@ def init_distributed(
         dist.init_process_group(**kwargs)
     else:
         backend = dist.get_backend()
+        if timeout is not None:
+            logger.info("the world group exists already: its own timeout stays; tp and dp get %g s", timeout_s)
 
     tp_layout, dp_layout = group_layout(world_size, tp_size)
     state = ParallelState(
@@ -186,9 +210,19 @@ def init_distributed(
         backend=backend,
         rank=rank,
         world_size=world_size,
-        tp=_new_groups(tp_layout, rank, world_size),
-        dp=_new_groups(dp_layout, rank, world_size),
+        tp=_new_groups(tp_layout, rank, world_size, "tp", timeout),
+        dp=_new_groups(dp_layout, rank, world_size, "dp", timeout),
         local_rank=local_rank,
+    )
+    watchdog.watch(
+        rank,
+        world_size,
+        timeout_s,
+        [
+            ("tp", state.tp.group, state.tp.ranks),
+            ("dp", state.dp.group, state.dp.ranks),
+            ("world", dist.group.WORLD, tuple(range(world_size))),
+        ],
     )
     logger.info("initialised %s", state.describe())
     return state

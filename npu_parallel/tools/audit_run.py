@@ -7,13 +7,14 @@ torchrun job (``WORLD_SIZE`` set) every rank audits itself in place.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
 
 from npu_parallel.convert.conversion import conversion_info
 from npu_parallel.parallel.state import ParallelState
-from npu_parallel.tools.jobs import quiet, random_batch, run_jobs
+from npu_parallel.tools.jobs import quiet, random_batch, run_jobs, timed
 
 __all__ = ["audit_rank", "audit_summary", "run_audit"]
 
@@ -62,9 +63,13 @@ def audit_rank(
     }
 
 
-def run_audit(path: str, tp: int = 1, **kw) -> list[dict]:
-    """Per-rank audit results in rank order (inside torchrun: this rank's only); ``kw`` as :func:`audit_rank`'s."""
-    (results,) = run_jobs(tp, [{"task": "audit", "path": str(path), "kwargs": kw}])
+def run_audit(path: str, tp: int = 1, progress: Callable[[str], None] | None = None, **kw) -> list[dict]:
+    """Per-rank audit results in rank order (inside torchrun: this rank's only); ``kw`` as :func:`audit_rank`'s.
+
+    ``progress`` gets a line as the audit (and each of its ranks) starts and finishes.
+    """
+    job = {"task": "audit", "path": str(path), "kwargs": kw}
+    (results,) = timed("auditing one forward and backward", tp, lambda say: run_jobs(tp, [job], progress=say), progress)
     return results
 
 

@@ -11,11 +11,25 @@ import logging
 import os
 import sys
 
+from npu_parallel.tools.checks import UserError, check_args, check_output_file, write_output
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line with exit code 2."""
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) with exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def progress(verb: str):
+    """A printer of ``npu-parallel VERB: ...`` progress lines on stderr (stdout keeps the tables)."""
+
+    def say(message: str) -> None:
+        print(f"npu-parallel {verb}: {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -27,7 +41,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     info = device.describe()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = args.tp or world
+    tp = world if args.tp is None else args.tp
     try:
         check_tp_size(tp, world)
     except ValueError as exc:
@@ -155,11 +169,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_inspect_routing(args: argparse.Namespace) -> int:
     """Tokens per expert per MoE layer on a sample (unconverted model, one process)."""
-    from npu_parallel.tools.routing import format_routing, inspect_routing
+    from npu_parallel.tools.checks import check_weights, read_text
+    from npu_parallel.tools.routing import format_routing, inspect_routing, plot_routing
 
-    if args.data and not os.path.isfile(args.data):
-        raise UserError(f"--data {args.data}: no such file")
-    rows, source = inspect_routing(args.path, data=args.data, tokens=args.tokens, plot=args.plot)
+    if args.data:
+        read_text(args.data)
+    check_output_file(args.plot, "--plot")
+    check_weights(args.path, need_plan=False)
+    rows, source = inspect_routing(args.path, data=args.data, tokens=args.tokens)
+    if args.plot:
+        write_output(args.plot, "--plot", lambda p: plot_routing(rows, p, source))
     if args.json:
         print(json.dumps({"source": source, "layers": rows}, indent=2))
     else:
@@ -179,15 +198,19 @@ def _tp_list(value: str) -> list[int]:
     return sorted(set(sizes))
 
 
-def _check_tp_sizes(path: str, sizes: list[int]) -> None:
-    """Bad input (exit 2) before any rank starts: unreadable config, no plan, a tp size the model cannot use."""
+def _check_tp_sizes(path: str, sizes: list[int], moe_impl: str) -> None:
+    """Bad input (exit 2) before any rank starts: unreadable config, no plan, a tp size the model cannot use,
+    an unknown MoE implementation, corrupt safetensors files or weights of another config."""
     from npu_parallel.checkpoint.hf_source import load_config
     from npu_parallel.convert.plan import plan_for
+    from npu_parallel.tools.checks import check_moe_impl, check_weights
 
     config = load_config(path)
     plan = plan_for(config)
     for tp in sizes:
         plan.check_tp(config, tp)
+    check_moe_impl(moe_impl)
+    check_weights(path)
 
 
 def _in_torchrun_world(sizes: list[int], flag: str = "--tp") -> list[int]:
@@ -215,32 +238,45 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UserError(f"--tp {args.tp}: must be a positive integer")
     if in_torchrun():
         args.tp = _in_torchrun_world([args.tp])[0]
+    check_output_file(args.json, "--json")
     if args.unconverted:
-        from npu_parallel.checkpoint.hf_source import load_config
+        from npu_parallel.tools.checks import check_weights
 
-        load_config(args.path)
+        check_weights(args.path, need_plan=False)
     else:
-        _check_tp_sizes(args.path, [args.tp])
+        _check_tp_sizes(args.path, [args.tp], args.moe_impl)
     kw = dict(batch=args.batch, seq=args.seq)
     if args.unconverted:
         kw.update(unconverted=True, experts_implementation=args.experts_implementation)
     else:
         kw.update(moe_impl=args.moe_impl)
     try:
-        results = run_audit(args.path, args.tp, **kw)
+        results = run_audit(args.path, args.tp, progress=progress("audit"), **kw)
     except RuntimeError as exc:
-        print(f"npu-parallel audit: the ranks failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _ranks_failed("audit", exc)
     if int(os.environ.get("RANK", "0")) != 0:
         return EXIT_OK
     line, banned = audit_summary(results)
     print(results[0]["table"])
     print(line)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"summary": line, "banned": banned, "ranks": results}, f, indent=2)
+        report = {"summary": line, "banned": banned, "ranks": results}
+        write_output(args.json, "--json", lambda p: _dump_json(report, p))
     return EXIT_FAILED if banned else EXIT_OK
+
+
+def _dump_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _ranks_failed(verb: str, exc: RuntimeError) -> int:
+    """Exit 1 for ranks that failed; a collective that failed in place (inside torchrun) is named in one line."""
+    from npu_parallel.parallel.watchdog import explain
+
+    line = explain(exc)
+    print(f"npu-parallel {verb}: the ranks failed: {line or exc}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 @_checkpoint_errors
@@ -256,7 +292,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UserError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
     if in_torchrun():
         sizes = _in_torchrun_world(sizes)
-    _check_tp_sizes(args.path, sizes)
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
+    _check_tp_sizes(args.path, sizes, args.moe_impl)
     tol = tolerances_for(dtype, args.atol, args.grad_atol, args.min_agree)
     try:
         results = run_verify(
@@ -269,10 +307,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             seq=args.seq,
             seed=args.seed,
             perturb=args.perturb_expert,
+            progress=progress("verify"),
         )
     except RuntimeError as exc:
-        print(f"npu-parallel verify: the ranks failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _ranks_failed("verify", exc)
     if not results:  # a non-zero rank inside torchrun: rank 0 reports
         return EXIT_OK
     for tp in sorted(results):
@@ -280,21 +318,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print()
     failed = evaluate(results, tol)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "path": str(args.path),
-                    "tolerances": tol.__dict__,
-                    "passed": not failed,
-                    "failures": failed,
-                    "results": {str(tp): r for tp, r in results.items()},
-                },
-                f,
-                indent=2,
-            )
+        report = {
+            "path": str(args.path),
+            "tolerances": tol.__dict__,
+            "passed": not failed,
+            "failures": failed,
+            "results": {str(tp): r for tp, r in results.items()},
+        }
+        write_output(args.json, "--json", lambda p: _dump_json(report, p))
     if args.plot:
-        plot_errors(results, args.plot, tol)
+        write_output(args.plot, "--plot", lambda p: plot_errors(results, p, tol))
         print(f"plot: {args.plot}")
     if failed:
         print(f"FAILED: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
@@ -307,7 +340,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npu-parallel", description=__doc__.splitlines()[0])
+    parser = Parser(prog="npu-parallel", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("env", help="device, backend, world/tp/dp sizes, HCCL settings")
@@ -392,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # which modules each plan rule converted: with -v only (else it precedes any error)
+        logging.getLogger("npu_parallel.convert.conversion").setLevel(logging.WARNING)
     try:
+        check_args(args)
         return args.func(args)
     except UserError as exc:
         print(f"npu-parallel {args.command}: error: {exc}", file=sys.stderr)

@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +55,19 @@ KILL_GRACE_S = 10.0
 class LaunchError(RuntimeError):
     """The ranks failed or timed out; the message names the ranks and ends with the tails of their output."""
 
-    def __init__(self, message: str, exit_code: int | None, failed: list[int], output: dict[int, str]):
+    def __init__(
+        self,
+        message: str,
+        exit_code: int | None,
+        failed: list[int],
+        output: dict[int, str],
+        reports: list[str] | None = None,
+    ):
         super().__init__(message)
         self.exit_code = exit_code  # torchrun's; None on timeout
         self.failed = failed  # ranks without a result
         self.output = output  # rank -> tail of its stdout and stderr (the failed ranks', else all)
+        self.reports = reports or []  # the ranks' collective-failure lines (npu_parallel.parallel.watchdog)
 
 
 def resolve(target: str) -> Any:
@@ -72,12 +82,19 @@ def resolve(target: str) -> Any:
 
 
 def launch(
-    target: str, nprocs: int, *args: Any, timeout: float = 1800.0, env: dict[str, str] | None = None, **kwargs: Any
+    target: str,
+    nprocs: int,
+    *args: Any,
+    timeout: float = 1800.0,
+    env: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    **kwargs: Any,
 ) -> list:
     """``target(*args, **kwargs)`` on ``nprocs`` torchrun ranks; their return values in rank order.
 
-    ``env`` adds to (and wins over) the ranks' environment. Raises :class:`LaunchError` (a RuntimeError) when
-    a rank fails or the launch outlives ``timeout`` seconds; then the whole process group is killed.
+    ``env`` adds to (and wins over) the ranks' environment. ``progress`` gets a line as each rank starts
+    ("rank 1 started") and as it finishes ("rank 1 finished"). Raises :class:`LaunchError` (a RuntimeError)
+    when a rank fails or the launch outlives ``timeout`` seconds; then the whole process group is killed.
     """
     module, sep, name = target.partition(":")
     if not (sep and module and name):
@@ -100,7 +117,7 @@ def launch(
             str(work),
         ]
         log = work / "torchrun.log"
-        rc = _run(cmd, _rank_env(module, env), log, timeout)
+        rc = _run(cmd, _rank_env(module, env), log, timeout, _Watcher(work, nprocs, progress))
         missing = [r for r in range(nprocs) if not (work / f"rank{r}.pkl").is_file()]
         if rc is None or rc != 0 or missing:
             raise _error(f"{target} on {nprocs} rank{'s' if nprocs > 1 else ''}", nprocs, rc, timeout, missing, work)
@@ -111,16 +128,46 @@ def launch(
         return results
 
 
-def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> int | None:
-    """torchrun's exit code, or None on timeout; in its own session, so that one signal reaches every rank."""
+class _Watcher:
+    """Reports each rank's start (its log file appears) and finish (its result file appears) once."""
+
+    def __init__(self, work: Path, nprocs: int, progress: Callable[[str], None] | None):
+        self.work, self.nprocs, self.progress = work, nprocs, progress
+        self.seen: set[tuple[int, str]] = set()
+
+    def __call__(self) -> None:
+        if self.progress is None:
+            return
+        for r in range(self.nprocs):
+            for suffix, what in ((".log", "started"), (".pkl", "finished")):
+                if (r, what) not in self.seen and (self.work / f"rank{r}{suffix}").exists():
+                    self.seen.add((r, what))
+                    self.progress(f"rank {r} {what}")
+
+
+def _run(
+    cmd: list[str], env: dict[str, str], log: Path, timeout: float, tick: Callable[[], None] = lambda: None
+) -> int | None:
+    """torchrun's exit code, or None on timeout; ``tick()`` about every 0.2 s while it runs.
+
+    torchrun runs in its own session, so that one signal reaches it and its helpers (the ranks have their own
+    sessions, and exit when torchrun does: :func:`npu_parallel.parallel.watchdog.exit_with_parent`).
+    """
+    deadline = time.monotonic() + timeout
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
+            while True:
+                try:
+                    rc = proc.wait(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+                    tick()
+                    return rc
+                except subprocess.TimeoutExpired:
+                    tick()
+                    if time.monotonic() >= deadline:
+                        return None
         finally:
             if proc.poll() is None:  # timeout, or an exception (Ctrl-C) in this process
                 _kill_group(proc)
@@ -181,9 +228,24 @@ def _error(what: str, nprocs: int, rc: int | None, timeout: float, missing: list
     else:
         ranks = ", ".join(map(str, missing)) or "none"
         head = f"{what} failed: torchrun exit code {rc}, no result from rank(s) {ranks}"
-    parts = [head] + [f"--- rank {r} output (tail) ---\n{text}" for r, text in list(output.items())[:2]]
+    reports = _reports(work, nprocs)
+    parts = [head, *reports] + [f"--- rank {r} output (tail) ---\n{text}" for r, text in list(output.items())[:2]]
     parts.append(f"--- torchrun output (tail) ---\n{_tail(work / 'torchrun.log').rstrip()}")
-    return LaunchError("\n".join(parts), rc, missing, output)
+    return LaunchError("\n".join(parts), rc, missing, output, reports)
+
+
+def _reports(work: Path, nprocs: int) -> list[str]:
+    """Every rank's collective-failure line (which group, which ranks did not arrive), in rank order."""
+    from npu_parallel.parallel.watchdog import REPORT_PREFIX
+
+    found = []
+    for r in range(nprocs):
+        try:
+            text = (work / f"rank{r}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        found += [line for line in text.splitlines() if line.startswith(REPORT_PREFIX)]
+    return found
 
 
 # -- the rank side ------------------------------------------------------------------------------------------
@@ -200,6 +262,9 @@ def _redirect_output(path: Path) -> None:
 
 def rank_main(work: str) -> int:
     """One rank: call the target with the pickled arguments, pickle its result, leave the process group."""
+    from npu_parallel.parallel.watchdog import exit_with_parent
+
+    exit_with_parent()  # torchrun killed: this rank goes too
     work_dir = Path(work)
     rank = int(os.environ["RANK"])
     _redirect_output(work_dir / f"rank{rank}.log")

@@ -18,12 +18,18 @@ from npu_parallel.moe.router import router_outputs
 
 
 def sample_ids(path: str | Path, config, data: str | None, tokens: int, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """``[1, n]`` input ids and a description of where they came from."""
+    """``[1, n]`` input ids and a description of where they came from.
+
+    ``data`` must be UTF-8 text (else a UserError naming the file and the first bad byte: never replaced).
+    """
+    if tokens < 1:
+        raise ValueError(f"tokens={tokens}: the sample needs at least one token")
     limit = min(tokens, getattr(config, "max_position_embeddings", tokens) or tokens)
     if data:
+        from npu_parallel.tools.checks import read_text
         from npu_parallel.training.data import ByteTokenizer, load_tokenizer
 
-        text = Path(data).read_text(encoding="utf-8", errors="replace")
+        text = read_text(data)
         tok = load_tokenizer(path, config.vocab_size, getattr(config, "eos_token_id", None))
         ids = tok.encode(text)[:limit]
         if not ids:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -26,7 +27,7 @@ from npu_parallel.convert.moe_blocks import MoEBlockInfo, find_moe_blocks, layer
 from npu_parallel.convert.plan import matches, plan_for
 from npu_parallel.convert.styles import MLP, MoE
 from npu_parallel.parallel.state import ParallelState
-from npu_parallel.tools.jobs import in_torchrun, quiet, random_batch, run_jobs
+from npu_parallel.tools.jobs import in_torchrun, quiet, random_batch, run_jobs, timed
 from npu_parallel.tools.verify_report import GRAD_GROUPS, MODEL_GRADS, MODEL_OUTPUTS
 
 __all__ = ["Capture", "compare", "run_verify", "verify_rank"]
@@ -317,13 +318,22 @@ def run_verify(
     seq: int = 16,
     seed: int = 1234,
     perturb: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[int, dict]:
-    """tp -> raw result, one run per tp size (in place inside torchrun). Empty on non-zero ranks."""
+    """tp -> raw result, one run per tp size (in place inside torchrun). Empty on non-zero ranks.
+
+    ``progress`` gets a line as each tp size (and each of its ranks) starts and finishes.
+    """
     kwargs = dict(dtype=dtype, moe_impl=moe_impl, backward=backward, batch=batch, seq=seq, seed=seed, perturb=perturb)
     job = {"task": "verify", "path": str(path), "kwargs": kwargs}
+    what = f"comparing with transformers{' (forward and backward)' if backward else ''}"
     results = {}
     for tp in [int(os.environ["WORLD_SIZE"])] if in_torchrun() else tp_sizes:
-        (result,) = run_jobs(tp, [job])
+
+        def run(say: Callable[[str], None] | None, tp: int = tp) -> list:
+            return run_jobs(tp, [job], progress=say)
+
+        (result,) = timed(what, tp, run, progress)
         if result is not None:
             results[result["tp"]] = result
     return results
