@@ -1,7 +1,10 @@
+import shutil
+
 import pytest
 
 from .dist import run_ranks
 from .models import VARIANTS, build_checkpoint, build_layout_checkpoints
+from .repo import digest
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +34,13 @@ def equivalence(checkpoints):
 def layouts(checkpoints):
     """Extra storage layouts of a tiny DeepSeek-V2: name -> directory (index-sharded, fused keys, tied)."""
     return build_layout_checkpoints(checkpoints / "_layouts")
+
+
+@pytest.fixture
+def src(checkpoints, tmp_path):
+    """A private copy of the tiny DeepSeek-V3 checkpoint, hashed, checked unchanged after each test."""
+    path = tmp_path / "src"
+    shutil.copytree(checkpoints / "deepseek_v3", path)
+    before = digest(path)
+    yield path
+    assert digest(path) == before, "the source checkpoint was modified"

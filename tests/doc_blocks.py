@@ -33,7 +33,8 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .repo import ROOT, repo_files
+
 DOCS = ("README.md", "TEST_GUIDE.md", "benchmarks/README.md")
 
 KINDS = ("cpu-test", "flags-only", "not-on-cpu", "output")
@@ -155,22 +156,8 @@ def is_command(argv: list[str]) -> bool:
 
 @functools.cache
 def project_files() -> frozenset[str]:
-    """What a fresh clone holds: files git tracks plus untracked files it does not ignore."""
-    if (ROOT / ".git").exists():
-        out = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        ).stdout.decode()
-        files = frozenset(f for f in out.split("\0") if f and (ROOT / f).is_file())
-    else:  # an exported tree: everything but what .gitignore and the tools leave behind
-        skip = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "dist", "runs", "checkpoints", "logs"}
-        found = set()
-        for top, dirs, names in os.walk(ROOT):
-            dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
-            found.update(Path(top, n).relative_to(ROOT).as_posix() for n in names if not n.endswith(".pyc"))
-        files = frozenset(found)
+    """What a fresh clone holds (files and the folders above them)."""
+    files = repo_files()
     return files | frozenset(p.as_posix() for f in files for p in Path(f).parents)
 
 

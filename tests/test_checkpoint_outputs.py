@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 
 from npu_parallel.tools.cli import main
 
-from .test_cli_checkpoint import digest
+from .repo import digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,15 +34,6 @@ def refused(result, *fragments):
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     return lines[0]
-
-
-@pytest.fixture
-def src(checkpoints, tmp_path):
-    path = tmp_path / "src"
-    shutil.copytree(checkpoints / "deepseek_v3", path)
-    before = digest(path)
-    yield path
-    assert digest(path) == before, "the source checkpoint was modified"
 
 
 def _convert(capsys, src, out, tp=2, *extra):

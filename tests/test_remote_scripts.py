@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .repo import ROOT, repo_files
+
 SYNC = "sync_to_remote.sh"
 REMOTE_TEST = "test_moe_on_remote.sh"
 SCRIPTS = (SYNC, REMOTE_TEST)
@@ -77,23 +78,8 @@ def _run(cmd, cwd, env, timeout=120):
 
 
 def _project_files():
-    """Relative paths of the project's files: what git tracks plus untracked files it does not ignore."""
-    if shutil.which("git") and (ROOT / ".git").exists():
-        out = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        ).stdout.decode()
-        files = {f for f in out.split("\0") if f}
-    else:  # an exported tree without .git: everything but the usual local clutter
-        skip_dirs = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "dist", "runs", "logs", "checkpoints"}
-        files = set()
-        for top, dirs, names in os.walk(ROOT):
-            dirs[:] = [d for d in dirs if d not in skip_dirs and not d.endswith(".egg-info")]
-            files.update(Path(top, n).relative_to(ROOT).as_posix() for n in names if not n.endswith(".pyc"))
-    files.update(SCRIPTS)
-    return sorted(f for f in files if (ROOT / f).is_file())
+    """Relative paths of the project's files (a fresh clone's), the scripts under test included."""
+    return sorted(f for f in repo_files() | set(SCRIPTS) if (ROOT / f).is_file())
 
 
 def _files_under(root: Path):
