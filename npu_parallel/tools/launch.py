@@ -286,4 +286,10 @@ def rank_main(work: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or "RANK" not in os.environ:
         sys.exit("usage: started by npu_parallel.tools.launch.launch() under torchrun, not by hand")
-    sys.exit(rank_main(sys.argv[1]))
+    code = rank_main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The result is written and the group destroyed: skip the interpreter's teardown, where torch's C++ threads
+    # (gloo, the store) now and then abort in static destructors ("terminate called without an active
+    # exception", exit -6) after the work is done, failing a launch that succeeded.
+    os._exit(code)
