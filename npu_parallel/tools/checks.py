@@ -130,21 +130,21 @@ def check_weights(path: str | Path, *, need_plan: bool = True) -> None:
     from npu_parallel.checkpoint.safetensors_io import read_header
     from npu_parallel.convert.plan import plan_for
 
-    source = HFSource(path)
-    for name in source.files():
-        read_header(source.path / name)
-    if not need_plan:
+    with HFSource(path) as source:  # closes the files the shape checks open
+        for name in source.files():
+            read_header(source.path / name)
+        if not need_plan:
+            try:
+                plan_for(source.config)
+            except ValueError:
+                return
+        planner = logging.getLogger("npu_parallel.convert")
+        level = planner.level
+        planner.setLevel(max(level, logging.WARNING))  # planning a tp=1 conversion is not news to the user
         try:
-            plan_for(source.config)
-        except ValueError:
-            return
-    planner = logging.getLogger("npu_parallel.convert")
-    level = planner.level
-    planner.setLevel(max(level, logging.WARNING))  # planning a tp=1 conversion is not news to the user
-    try:
-        rank_items(source, 1, None)
-    finally:
-        planner.setLevel(level)
+            rank_items(source, 1, None)
+        finally:
+            planner.setLevel(level)
 
 
 def check_moe_impl(moe_impl: str) -> None:

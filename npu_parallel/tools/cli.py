@@ -12,8 +12,7 @@ import os
 import sys
 
 from npu_parallel.tools.checks import UserError, check_args, check_output_file, write_output
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,4 +1,4 @@
-"""What a training run reports to its user instead of a traceback, and the exit code each maps to."""
+"""What a run reports to its user instead of a traceback, and the exit codes (training and `npu-parallel` alike)."""
 
 from __future__ import annotations
 
