@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from npu_parallel.checkpoint.hf_source import load_config
-from npu_parallel.checkpoint.manifest import FORMAT, MANIFEST
+from npu_parallel.checkpoint.manifest import MANIFEST, owned_files
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.moe.dispatchers import choices as moe_impl_choices
@@ -200,11 +200,9 @@ def step_dirs(save_dir: Path) -> dict[int, Path]:
 
 
 def is_checkpoint(path: Path) -> bool:
-    """A folder holding a manifest of the npu-parallel sharded format."""
-    try:
-        return ShardedSource(path).manifest.get("format") == FORMAT
-    except (CheckpointError, KeyError, TypeError):
-        return False
+    """A folder npu-parallel wrote and nothing else: its manifest proves every file in it ours."""
+    owned, _ = owned_files(path)
+    return owned is not None and {p.name for p in path.iterdir()} <= owned
 
 
 def _resumed(cfg: TrainConfig, resume: str, state: ParallelState) -> tuple[Any, int, int]:
