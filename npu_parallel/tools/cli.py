@@ -8,118 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from npu_parallel.tools.checks import UserError, check_args, check_output_file, write_output
-from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from npu_parallel.tools.cli_common import Parser, checkpoint_errors, parse_dtype
+from npu_parallel.tools.cli_env import cmd_env
+from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
+from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_OK
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block) with exit code 2, like every other bad input."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def progress(verb: str):
-    """A printer of ``npu-parallel VERB: ...`` progress lines on stderr (stdout keeps the tables)."""
-
-    def say(message: str) -> None:
-        print(f"npu-parallel {verb}: {message}", file=sys.stderr, flush=True)
-
-    return say
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    """Device, backend, world/tp/dp sizes and the HCCL settings in force."""
-    import torch
-
-    from npu_parallel.parallel import device
-    from npu_parallel.parallel.state import check_tp_size
-
-    info = device.describe()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = world if args.tp is None else args.tp
-    try:
-        check_tp_size(tp, world)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    hccl = device.hccl_settings()
-    would_apply = {k: v for k, v in device.HCCL_DEFAULTS.items() if hccl.get(k) is None}
-    report = {
-        "torch": info.torch_version,
-        "torch_npu": info.torch_npu_version,
-        "device": info.kind,
-        "device_count": info.count,
-        "backend": info.backend,
-        "bf16": device.supports_bf16(info.kind),
-        "world_size": world,
-        "tp_size": tp,
-        "dp_size": world // tp,
-        "rank": int(os.environ.get("RANK", "0")),
-        "hccl_env": hccl,
-        "hccl_defaults_applied_on_npu": would_apply if info.kind == "npu" else {},
-        "threads": torch.get_num_threads(),
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return EXIT_OK
-    print("npu_parallel environment")
-    print(f"  torch        {report['torch']}")
-    print(f"  torch_npu    {report['torch_npu'] or 'not installed'}")
-    print(
-        f"  device       {report['device']} x {report['device_count']}  "
-        f"(backend {report['backend']}, bf16 {'yes' if report['bf16'] else 'no'})"
-    )
-    print(f"  world/tp/dp  {world} / {tp} / {world // tp}")
-    print("  HCCL / allocator settings:")
-    for key, value in hccl.items():
-        note = ""
-        if value is None and key in would_apply:
-            note = (
-                f"  (init_distributed sets {would_apply[key]} on NPU)"
-                if info.kind == "npu"
-                else f"  (default {would_apply[key]} on NPU)"
-            )
-        print(f"    {key:<28} {value if value is not None else '-'}{note}")
-    return EXIT_OK
-
-
-DTYPES = {
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-    "fp32": "float32",
-    "float32": "float32",
-}
-
-
-def parse_dtype(value: str | None):
-    import torch
-
-    if value is None:
-        return None
-    if value.lower() not in DTYPES:
-        raise UserError(f"--dtype {value!r} is not one of {sorted(DTYPES)}")
-    return getattr(torch, DTYPES[value.lower()])
-
-
-def _checkpoint_errors(fn):
-    """Turn the checkpoint's and the plan's ValueErrors (bad input) into exit code 2."""
-
-    def run(args):
-        try:
-            return fn(args)
-        except ValueError as exc:  # CheckpointError included
-            raise UserError(str(exc).splitlines()[0]) from None
-
-    run.__doc__ = fn.__doc__
-    return run
-
-
-@_checkpoint_errors
+@checkpoint_errors
 def cmd_inspect(args: argparse.Namespace) -> int:
     """What a user needs before converting: structure, sizes, valid tp sizes."""
     if getattr(args, "routing", False):
@@ -131,7 +29,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@_checkpoint_errors
+@checkpoint_errors
 def cmd_convert(args: argparse.Namespace) -> int:
     """HF checkpoint -> tp rank files, streamed; no process group needed."""
     from npu_parallel.checkpoint.offline import convert_checkpoint
@@ -143,7 +41,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@_checkpoint_errors
+@checkpoint_errors
 def cmd_merge(args: argparse.Namespace) -> int:
     """tp rank files -> a Hugging Face checkpoint that from_pretrained loads."""
     from npu_parallel.checkpoint.manifest import MARKER
@@ -184,157 +82,6 @@ def cmd_inspect_routing(args: argparse.Namespace) -> int:
         print(format_routing(rows, source))
         if args.plot:
             print(f"heat map: {args.plot}")
-    return EXIT_OK
-
-
-def _tp_list(value: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--tp {value!r}: expected comma-separated integers, e.g. 1,2,4") from None
-    if not sizes or any(n < 1 for n in sizes):
-        raise UserError(f"--tp {value!r}: expected positive integers, e.g. 1,2,4")
-    return sorted(set(sizes))
-
-
-def _check_tp_sizes(path: str, sizes: list[int], moe_impl: str) -> None:
-    """Bad input (exit 2) before any rank starts: unreadable config, no plan, a tp size the model cannot use,
-    an unknown MoE implementation, corrupt safetensors files or weights of another config."""
-    from npu_parallel.checkpoint.hf_source import load_config
-    from npu_parallel.convert.plan import plan_for
-    from npu_parallel.tools.checks import check_moe_impl, check_weights
-
-    config = load_config(path)
-    plan = plan_for(config)
-    for tp in sizes:
-        plan.check_tp(config, tp)
-    check_moe_impl(moe_impl)
-    check_weights(path)
-
-
-def _in_torchrun_world(sizes: list[int], flag: str = "--tp") -> list[int]:
-    """Inside torchrun only tp = WORLD_SIZE runs (in place)."""
-    world = int(os.environ["WORLD_SIZE"])
-    if world not in sizes:
-        raise UserError(
-            f"inside torchrun (WORLD_SIZE={world}) only {flag} {world} can run in place; "
-            f"got {flag} {','.join(map(str, sizes))} (run without torchrun to launch each tp size)"
-        )
-    return [world]
-
-
-@_checkpoint_errors
-def cmd_audit(args: argparse.Namespace) -> int:
-    """One forward and backward under the op audit: banned ops, host syncs, collectives with file:line."""
-    from npu_parallel.tools.audit_run import audit_summary, run_audit
-    from npu_parallel.tools.jobs import in_torchrun
-
-    if args.unconverted and args.tp != 1:
-        raise UserError("--unconverted audits transformers' own single-process model: use --tp 1")
-    if args.experts_implementation and not args.unconverted:
-        raise UserError("--experts-implementation applies to transformers' model: add --unconverted")
-    if args.tp < 1:
-        raise UserError(f"--tp {args.tp}: must be a positive integer")
-    if in_torchrun():
-        args.tp = _in_torchrun_world([args.tp])[0]
-    check_output_file(args.json, "--json")
-    if args.unconverted:
-        from npu_parallel.tools.checks import check_weights
-
-        check_weights(args.path, need_plan=False)
-    else:
-        _check_tp_sizes(args.path, [args.tp], args.moe_impl)
-    kw = dict(batch=args.batch, seq=args.seq)
-    if args.unconverted:
-        kw.update(unconverted=True, experts_implementation=args.experts_implementation)
-    else:
-        kw.update(moe_impl=args.moe_impl)
-    try:
-        results = run_audit(args.path, args.tp, progress=progress("audit"), **kw)
-    except RuntimeError as exc:
-        return _ranks_failed("audit", exc)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return EXIT_OK
-    line, banned = audit_summary(results)
-    print(results[0]["table"])
-    print(line)
-    if args.json:
-        report = {"summary": line, "banned": banned, "ranks": results}
-        write_output(args.json, "--json", lambda p: _dump_json(report, p))
-    return EXIT_FAILED if banned else EXIT_OK
-
-
-def _dump_json(obj, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _ranks_failed(verb: str, exc: RuntimeError) -> int:
-    """Exit 1 for ranks that failed; a collective that failed in place (inside torchrun) is named in one line."""
-    from npu_parallel.parallel.watchdog import explain
-
-    line = explain(exc)
-    print(f"npu-parallel {verb}: the ranks failed: {line or exc}", file=sys.stderr)
-    return EXIT_FAILED
-
-
-@_checkpoint_errors
-def cmd_verify(args: argparse.Namespace) -> int:
-    """The converted model against transformers', layer by layer, at each tp size."""
-    from npu_parallel.tools.jobs import in_torchrun
-    from npu_parallel.tools.verify import run_verify
-    from npu_parallel.tools.verify_report import evaluate, format_table, plot_errors, tolerances_for
-
-    sizes = _tp_list(args.tp)
-    dtype = DTYPES.get(args.dtype.lower()) if args.dtype else None
-    if dtype is None:
-        raise UserError(f"--dtype {args.dtype!r} is not one of {sorted(DTYPES)}")
-    if in_torchrun():
-        sizes = _in_torchrun_world(sizes)
-    check_output_file(args.json, "--json")
-    check_output_file(args.plot, "--plot")
-    _check_tp_sizes(args.path, sizes, args.moe_impl)
-    tol = tolerances_for(dtype, args.atol, args.grad_atol, args.min_agree)
-    try:
-        results = run_verify(
-            args.path,
-            sizes,
-            dtype=dtype,
-            moe_impl=args.moe_impl,
-            backward=args.backward,
-            batch=args.batch,
-            seq=args.seq,
-            seed=args.seed,
-            perturb=args.perturb_expert,
-            progress=progress("verify"),
-        )
-    except RuntimeError as exc:
-        return _ranks_failed("verify", exc)
-    if not results:  # a non-zero rank inside torchrun: rank 0 reports
-        return EXIT_OK
-    for tp in sorted(results):
-        print(format_table(results[tp], tol))
-        print()
-    failed = evaluate(results, tol)
-    if args.json:
-        report = {
-            "path": str(args.path),
-            "tolerances": tol.__dict__,
-            "passed": not failed,
-            "failures": failed,
-            "results": {str(tp): r for tp, r in results.items()},
-        }
-        write_output(args.json, "--json", lambda p: _dump_json(report, p))
-    if args.plot:
-        write_output(args.plot, "--plot", lambda p: plot_errors(results, p, tol))
-        print(f"plot: {args.plot}")
-    if failed:
-        print(f"FAILED: {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
-        return EXIT_FAILED
-    print(
-        f"PASSED: tp {','.join(map(str, sorted(results)))}: every layer within atol {tol.atol:g} (outputs), "
-        f"{tol.grad_atol:g} (grads{'' if args.backward else ', not run'}), router agreement >= {tol.min_agree:g}%"
-    )
     return EXIT_OK
 
 
