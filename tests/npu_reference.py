@@ -2,13 +2,18 @@
 
 :class:`ReferenceNpuOps` has the three methods of :class:`npu_parallel.moe.npu_ops.NpuOps` with the
 documented semantics (docs/npu_kernels.md), strict about the documented argument types, shapes and values,
-so a wrong argument in the dispatcher fails on CPU.
+so a wrong argument in the dispatcher fails on CPU. ``ReferenceNpuOps(release)`` applies that torch_npu
+release's rules (:data:`RELEASES`, read from its wheel's schemas, meta kernels and docs; the shapes themselves
+are checked against the real schemas and meta kernels in tests/test_npu_wheels.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import types
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +23,38 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 16777215  # permute: element count and values below this
 _MAX_TOPK = 512  # unpermute on Atlas A2/A3
 _MAX_GROUPS = 1024  # grouped matmul, single-tensor m- or k-axis grouping
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """What one torch_npu release's MoE kernels accept (its wheel: schema yaml, meta kernels, op docs)."""
+
+    token_autograd: bool  # permute/unpermute have a backward (``npu_moe_token_*_grad`` in the schema)
+    eager_group_types: tuple[int, ...]  # group_type values the eager grouped matmul takes
+    token_dtypes: tuple[torch.dtype, ...]  # permute tokens / unpermute tokens and probs
+
+
+RELEASES = {
+    # 2.5.1: no _grad ops for permute/unpermute; "group_type currently only support -1 and 0"; docs: bf16 only
+    "2.5.1": Release(False, (-1, 0), (torch.bfloat16,)),
+    "2.6.0": Release(True, (-1, 0, 2), _FLOATS),
+    "2.14.0": Release(True, (-1, 0, 2), _FLOATS),
+}
+NEWEST = "2.14.0"
+
+
+class _NoAutograd(torch.autograd.Function):
+    """A kernel with no autograd formula: PyTorch's fallback warns and gives its inputs no gradient."""
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        with torch.no_grad():
+            return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        warnings.warn("autograd kernel was not registered to the Autograd key(s)", UserWarning, stacklevel=2)
+        return (None,) * len(ctx.needs_input_grad)
 
 
 @contextlib.contextmanager
@@ -52,15 +89,31 @@ class ReferenceNpuOps:
     output is NaN, so a caller relying on it fails loudly.
     """
 
+    def __init__(self, release: str = NEWEST) -> None:
+        self.release, self.rules = release, RELEASES[release]
+
+    def _no_grad_on_old_releases(self, fn, *tensors):
+        if self.rules.token_autograd:
+            return fn(*tensors)
+        return _NoAutograd.apply(fn, *tensors)
+
     # -- npu_moe_token_permute
     def npu_moe_token_permute(self, tokens, indices, num_out_tokens=None, padded_mode=False):
+        self._check_permute(tokens, indices, num_out_tokens, padded_mode)
+        return self._no_grad_on_old_releases(lambda t: self._permute(t, indices, num_out_tokens), tokens)
+
+    def _check_permute(self, tokens, indices, num_out_tokens, padded_mode) -> None:
         _require(
             isinstance(tokens, torch.Tensor) and isinstance(indices, torch.Tensor),
             "tokens and indices must be tensors",
             TypeError,
         )
         _require(tokens.dim() == 2, f"tokens must be 2-D (num_tokens, hidden_size), got {tuple(tokens.shape)}")
-        _require(tokens.dtype in _FLOATS, f"tokens dtype {tokens.dtype} not float16/bfloat16/float32", TypeError)
+        _require(
+            tokens.dtype in self.rules.token_dtypes,
+            f"tokens dtype {tokens.dtype}: torch_npu {self.release} takes {self.rules.token_dtypes}",
+            TypeError,
+        )
         _require(
             indices.dtype in (torch.int32, torch.int64), f"indices dtype {indices.dtype} not int32/int64", TypeError
         )
@@ -77,12 +130,16 @@ class ReferenceNpuOps:
         if padded_mode:
             raise NotImplementedError("npu_moe_token_permute: padded_mode=True is not supported yet (doc)")
         _require(indices.numel() < _INDEX_LIMIT, f"indices has {indices.numel()} elements, limit {_INDEX_LIMIT}")
-        topk = 1 if indices.dim() == 1 else indices.shape[1]
         flat = indices.reshape(-1)
         if flat.numel():
             with _device_side():
                 lo, hi = int(flat.min()), int(flat.max())
             _require(0 <= lo and hi < _INDEX_LIMIT, f"indices values must lie in [0, {_INDEX_LIMIT}), got [{lo}, {hi}]")
+
+    @staticmethod
+    def _permute(tokens, indices, num_out_tokens):
+        topk = 1 if indices.dim() == 1 else indices.shape[1]
+        flat = indices.reshape(-1)
         first = torch.sort(flat, stable=True).indices  # sortedIndicesFirst (stable: the doc's example)
         sorted_indices = torch.empty_like(first).scatter_(0, first, torch.arange(flat.numel()))  # argSort(first)
         permuted = tokens.index_select(0, torch.div(first, topk, rounding_mode="floor"))
@@ -103,7 +160,9 @@ class ReferenceNpuOps:
             raise NotImplementedError("npu_moe_token_unpermute: only padded_mode=False, restore_shape=None (doc)")
         _require(permuted_tokens.dim() == 2, f"permuted_tokens must be 2-D, got {tuple(permuted_tokens.shape)}")
         _require(
-            permuted_tokens.dtype in _FLOATS, f"permuted_tokens dtype {permuted_tokens.dtype} not a float", TypeError
+            permuted_tokens.dtype in self.rules.token_dtypes,
+            f"permuted_tokens dtype {permuted_tokens.dtype}: torch_npu {self.release} takes {self.rules.token_dtypes}",
+            TypeError,
         )
         _require(
             sorted_indices.dtype == torch.int32, f"sorted_indices must be int32, got {sorted_indices.dtype}", TypeError
@@ -133,6 +192,14 @@ class ReferenceNpuOps:
             with _device_side():
                 ok = bool(torch.equal(torch.sort(sorted_indices.long()).values, torch.arange(n)))
             _require(ok, f"sorted_indices must be a permutation of [0, {n}) (no repeats, in range)")
+        if probs is None:
+            return self._no_grad_on_old_releases(lambda t: self._unpermute(t, sorted_indices, None, 1), permuted_tokens)
+        return self._no_grad_on_old_releases(
+            lambda t, p: self._unpermute(t, sorted_indices, p, topk), permuted_tokens, probs
+        )
+
+    @staticmethod
+    def _unpermute(permuted_tokens, sorted_indices, probs, topk):
         rows = permuted_tokens.index_select(0, sorted_indices.long())  # T[k] = T[S[k]]
         if probs is not None:
             rows = rows * probs.reshape(-1, 1)  # T[k] *= P[i][j]
@@ -157,6 +224,10 @@ class ReferenceNpuOps:
         if group_type == -1:
             return self._gmm_ungrouped(x, weight, group_list, split_item)
         _require(group_type in (0, 2), f"group_type {group_type!r}: -1, 0 or 2 on A2/A3 (1 unsupported)")
+        _require(
+            group_type in self.rules.eager_group_types,
+            f"group_type currently only support {self.rules.eager_group_types} (torch_npu {self.release})",
+        )
         _require(split_item in (2, 3), f"grouped single-tensor x needs split_item 2 or 3, got {split_item}")
         _require(len(x) == 1, f"grouped x must be a single tensor (list of 1), got {len(x)}")
         sizes = self._group_sizes(group_list, group_list_type)
@@ -185,6 +256,7 @@ class ReferenceNpuOps:
         values = _host_ints(group_list)
         _require(min(values) >= 0, f"group_list must be non-negative, got {values}")
         if group_list_type == 1:
+            _require(len(values) != 1, "group_list_type=1: group_list must not have length 1 (doc)")
             return values
         _require(
             all(a <= b for a, b in itertools.pairwise(values)),
@@ -280,3 +352,55 @@ class ReferenceNpuOps:
             self._check_weight_layout(wi)
             out.append(xi @ wi)
         return out
+
+
+def fake_torch_npu(release: str = NEWEST) -> types.SimpleNamespace:
+    """A torch_npu module whose kernels have the documented signatures and the stand-in's semantics."""
+    ref, calls = ReferenceNpuOps(release), []
+
+    def npu_moe_token_permute(tokens, indices, num_out_tokens=None, padded_mode=False):
+        calls.append("permute")
+        return ref.npu_moe_token_permute(tokens, indices, num_out_tokens, padded_mode)
+
+    def npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
+        calls.append("unpermute")
+        return ref.npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs, padded_mode, restore_shape)
+
+    def npu_grouped_matmul(
+        x,
+        weight,
+        *,
+        bias=None,
+        scale=None,
+        offset=None,
+        antiquant_scale=None,
+        antiquant_offset=None,
+        per_token_scale=None,
+        group_list=None,
+        activation_input=None,
+        activation_quant_scale=None,
+        activation_quant_offset=None,
+        split_item=0,
+        group_type=-1,
+        group_list_type=0,
+        act_type=0,
+        output_dtype=None,
+        tuning_config=None,
+    ):
+        calls.append(f"gmm{group_type}")
+        return ref.npu_grouped_matmul(
+            x,
+            weight,
+            group_list=group_list,
+            split_item=split_item,
+            group_type=group_type,
+            group_list_type=group_list_type,
+        )
+
+    return types.SimpleNamespace(
+        npu_moe_token_permute=npu_moe_token_permute,
+        npu_grouped_matmul=npu_grouped_matmul,
+        npu_moe_token_unpermute=npu_moe_token_unpermute,
+        calls=calls,
+        __version__=f"{release}+stand-in",
+    )

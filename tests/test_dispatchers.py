@@ -1,7 +1,5 @@
 """The Dispatcher registry and its resolution at conversion; the MoE block's route -> dispatch -> combine contract."""
 
-import types
-
 import pytest
 import torch
 from torch import nn
@@ -10,6 +8,7 @@ import npu_parallel
 from npu_parallel.convert.conversion import conversion_info
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.dispatchers import Dispatcher, Routed, base, choices, implementations, resolve_dispatcher
+from npu_parallel.moe.dispatchers import npu as npu_dispatcher
 from npu_parallel.moe.dispatchers.grouped import GroupedDispatcher
 from npu_parallel.moe.dispatchers.masked import MaskedDispatcher
 from npu_parallel.moe.dispatchers.npu import NpuDispatcher
@@ -17,9 +16,11 @@ from npu_parallel.moe.dispatchers.static import StaticDispatcher
 from npu_parallel.moe.experts import LocalExperts
 from npu_parallel.moe.router import router_outputs
 from npu_parallel.parallel import device
+from npu_parallel.parallel.probe import probe_results, reset_probes
 from npu_parallel.parallel.state import Group
 
 from .models import load_reference
+from .npu_reference import fake_torch_npu
 
 CAPACITY_ERROR = (
     r"capacity_factor={} needs moe_impl='static' and a value > 0 \(e.g. 1.25\); "
@@ -35,9 +36,26 @@ def test_every_module_registers_in_listing_order():
 def test_auto_picks_per_device(monkeypatch):
     assert type(resolve_dispatcher("auto", "cpu")) is GroupedDispatcher
     assert type(resolve_dispatcher("auto", "cuda")) is GroupedDispatcher
-    fake = types.SimpleNamespace(npu_moe_token_permute=None, npu_moe_token_unpermute=None, npu_grouped_matmul=None)
-    monkeypatch.setattr(device, "torch_npu_module", lambda: fake)
+    monkeypatch.setattr(device, "torch_npu_module", lambda: fake_torch_npu("2.14.0"))
+    monkeypatch.setattr(npu_dispatcher, "probe_device", lambda kind: torch.device("cpu"))  # the "device" here
+    reset_probes()
     assert type(resolve_dispatcher("auto", "npu")) is NpuDispatcher
+    assert probe_results() == {npu_dispatcher.PROBE_NAME: "ok"}
+
+
+def test_auto_falls_back_to_grouped_when_the_kernels_fail_the_probe(monkeypatch):
+    """torch_npu 2.5.1: the kernels exist (hasattr passes) but permute/unpermute have no autograd."""
+    monkeypatch.setattr(device, "torch_npu_module", lambda: fake_torch_npu("2.5.1"))
+    monkeypatch.setattr(npu_dispatcher, "probe_device", lambda kind: torch.device("cpu"))
+    reset_probes()
+    with pytest.warns(RuntimeWarning, match=r"failed its capability probe on npu with torch_npu 2\.5\.1") as caught:
+        assert type(resolve_dispatcher("auto", "npu")) is GroupedDispatcher
+        assert type(resolve_dispatcher("auto", "npu")) is GroupedDispatcher  # cached: no second probe or warning
+    assert len([w for w in caught if "capability probe" in str(w.message)]) == 1
+    assert probe_results()[npu_dispatcher.PROBE_NAME].startswith("failed: ")
+    with pytest.raises(ValueError, match=r"moe_impl='npu': torch_npu 2\.5\.1.*failed the capability probe.*'grouped'"):
+        resolve_dispatcher("npu", "npu")  # asked for by name: an error, never a silent wrong gradient
+    reset_probes()
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,21 @@ from torch import nn
 
 import npu_parallel.parallel.device as device
 from npu_parallel.moe.dispatchers.grouped import GroupedDispatcher
-from npu_parallel.moe.dispatchers.npu import NpuDispatcher
+from npu_parallel.moe.dispatchers.npu import PROBE_NAME, NpuDispatcher, kernels_work
 from npu_parallel.moe.experts import LocalExperts
 from npu_parallel.moe.npu_ops import NpuOps, npu_ops
+from npu_parallel.parallel.probe import probe_results, reset_probes
 from npu_parallel.tools.audit import OpAudit
 
-from .npu_reference import ReferenceNpuOps
+from .npu_reference import RELEASES, ReferenceNpuOps, fake_torch_npu
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probes():
+    reset_probes()  # each test sees its own fake torch_npu: the per-process verdict must not leak between them
+    yield
+    reset_probes()
+
 
 H, I = 8, 6  # noqa: E741 (hidden, expert intermediate: the shape legend)
 
@@ -59,6 +68,7 @@ CASES = {
     "empty_local_experts": (8, 4, 4, 2, 10, [0, 1, 2, 3, 4, 6]),  # local experts 5 and 7 get nothing
     "rank_gets_no_tokens": (8, 2, 4, 2, 9, [0, 1, 2, 3, 6, 7]),
     "all_local_empty_expert": (4, 4, 0, 2, 6, [0, 2, 3]),
+    "one_local_expert": (8, 1, 3, 2, 10, None),  # E/ep = 1: a plain matmul (length-1 group lists are forbidden)
 }
 
 
@@ -83,6 +93,41 @@ def test_matches_grouped_forward_and_gradients(case):
         for local in range(e_local):
             if start + local not in allowed:
                 assert grads[2][local].abs().max() == 0 and grads[3][local].abs().max() == 0
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+def test_each_release_in_bfloat16(release):
+    """2.6+: the grouped path's gradients; 2.5.1 (no autograd for permute/unpermute): none, and the probe says so."""
+    experts = _experts(8, 4, 4, dtype=torch.bfloat16)
+    idx, w = _routing(12, 2, list(range(8)))
+    x, grad = torch.randn(12, H).to(torch.bfloat16), torch.randn(12, H).to(torch.bfloat16)
+    ops = ReferenceNpuOps(release)
+    if RELEASES[release].token_autograd:
+        got = _run(NpuDispatcher(ops=ops), x, idx, w, experts, grad)
+        ref = _run(GroupedDispatcher(), x, idx, w, experts, grad)
+        for a, b in zip(got[1], ref[1], strict=True):
+            torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
+    else:
+        out = NpuDispatcher(ops=ops)(x.requires_grad_(True), idx, w.requires_grad_(True), experts)
+        with pytest.raises(ValueError, match="group_type currently only support"):  # the expert weight gradient
+            out.float().sum().backward()
+        experts.requires_grad_(False)
+        out = NpuDispatcher(ops=ops)(x, idx, w, experts)
+        with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+            out.float().sum().backward()
+        assert x.grad is None and w.grad is None  # what 2.5.1 does: no gradient for the tokens nor the router
+        with pytest.raises(TypeError, match=r"torch_npu 2\.5\.1 takes"):  # fp32 tokens: bf16 only on 2.5.1
+            NpuDispatcher(ops=ops)(x.float(), idx, w, _experts(8, 4, 4))
+    assert kernels_work(NpuOps(fake_torch_npu(release)), "cpu") == RELEASES[release].token_autograd
+
+
+def test_probe_catches_wrong_numerics():
+    class Wrong(ReferenceNpuOps):
+        def npu_moe_token_unpermute(self, permuted_tokens, sorted_indices, probs=None, **kw):
+            return super().npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs=probs.flip(-1), **kw)
+
+    with pytest.warns(RuntimeWarning, match="differs from 'grouped'"):
+        assert not kernels_work(Wrong(), "cpu")
 
 
 def test_bfloat16_close_to_grouped():
@@ -276,6 +321,7 @@ class _Tampered(ReferenceNpuOps):
     """The dispatcher's calls with one argument changed: each must make the stand-in raise."""
 
     def __init__(self, change):
+        super().__init__()
         self.change = change
 
     def npu_grouped_matmul(self, x, weight, **kw):
@@ -330,62 +376,13 @@ def test_npu_ops_names_missing_kernels(monkeypatch):
         NpuDispatcher()
 
 
-def _fake_torch_npu():
-    """A module whose kernels have torch_npu's documented signatures and the stand-in's semantics."""
-    ref, calls = ReferenceNpuOps(), []
-
-    def npu_moe_token_permute(tokens, indices, num_out_tokens=None, padded_mode=False):
-        calls.append("permute")
-        return ref.npu_moe_token_permute(tokens, indices, num_out_tokens, padded_mode)
-
-    def npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
-        calls.append("unpermute")
-        return ref.npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs, padded_mode, restore_shape)
-
-    def npu_grouped_matmul(
-        x,
-        weight,
-        *,
-        bias=None,
-        scale=None,
-        offset=None,
-        antiquant_scale=None,
-        antiquant_offset=None,
-        per_token_scale=None,
-        group_list=None,
-        activation_input=None,
-        activation_quant_scale=None,
-        activation_quant_offset=None,
-        split_item=0,
-        group_type=-1,
-        group_list_type=0,
-        act_type=0,
-        output_dtype=None,
-        tuning_config=None,
-    ):
-        calls.append(f"gmm{group_type}")
-        return ref.npu_grouped_matmul(
-            x,
-            weight,
-            group_list=group_list,
-            split_item=split_item,
-            group_type=group_type,
-            group_list_type=group_list_type,
-        )
-
-    return types.SimpleNamespace(
-        npu_moe_token_permute=npu_moe_token_permute,
-        npu_grouped_matmul=npu_grouped_matmul,
-        npu_moe_token_unpermute=npu_moe_token_unpermute,
-        calls=calls,
-    )
-
-
 def test_adapter_forwards_documented_argument_names(monkeypatch):
-    fake = _fake_torch_npu()
+    fake = fake_torch_npu()
     monkeypatch.setattr(device, "torch_npu_module", lambda: fake)
-    dispatcher = NpuDispatcher()  # the default ops: npu_ops() -> the fake module
+    dispatcher = NpuDispatcher()  # the default ops: npu_ops() -> the fake module, proved by the probe first
     assert isinstance(dispatcher.ops, NpuOps)
+    assert probe_results() == {PROBE_NAME: "ok"} and len(fake.calls) == 16  # 2 tiny layers, forward + backward
+    fake.calls.clear()
     assert dispatcher.copy().ops is dispatcher.ops  # a block's copy shares the (stateless) kernels
     experts = _experts(8, 4, 4)
     idx, w = _routing(10, 2, list(range(8)))

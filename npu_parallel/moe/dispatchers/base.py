@@ -88,6 +88,11 @@ class Dispatcher(abc.ABC):
         routed = self.dispatch(x, indices, weights, experts)
         return self.combine(experts(routed.rows, routed.matmul), routed)
 
+    @classmethod
+    def usable(cls, device_type: str) -> bool:
+        """Whether ``moe_impl="auto"`` may pick this implementation on ``device_type`` (a capability probe)."""
+        return True
+
     def copy(self) -> Dispatcher:
         """An independent copy (each MoE block keeps its own statistics)."""
         return copy.deepcopy(self)
@@ -129,7 +134,7 @@ def option_names(impl: str | type[Dispatcher]) -> set[str]:
 def _auto(device_type: str) -> str:
     for wanted in (device_type, ANY_DEVICE):
         for name in implementations():
-            if wanted in _REGISTRY[name].auto_for:
+            if wanted in _REGISTRY[name].auto_for and _REGISTRY[name].usable(device_type):
                 return name
     raise ValueError(f"no MoE implementation claims device type {device_type!r}; use one of {implementations()}")
 
