@@ -128,5 +128,5 @@ def test_token_kernels_autograd_matches_the_stand_in(release):
 def test_argument_names_are_checked_by_the_schema(release):
     """A keyword the release does not have is refused: the schemas, not our adapter, decide."""
     x = torch.empty(4, H, device=META, dtype=torch.bfloat16)
-    with pytest.raises((RuntimeError, TypeError), match="group_lists|unexpected keyword"):
+    with pytest.raises((RuntimeError, TypeError), match=r"group_lists|unexpected keyword"):
         release.ops.npu_grouped_matmul([x], [x.t()], group_lists=None)
