@@ -12,7 +12,7 @@ Usage: [VAR=value ...] ./$PROG
 
 Run from the project root on the target machine, after ./sync_to_remote.sh and pip install -e '.[npu]'.
 Five stages, in order; the first that fails stops the run:
-  [1/5] environment            python, torch, torch_npu, device (npu / cuda / cpu) and count,
+  [1/5] environment            python, torch, torch_npu, CANN, device (npu / cuda / cpu) and count,
                                npu-parallel env, the HCCL_* / ASCEND_* variables that are set
   [2/5] install check          import npu_parallel (from this project) works
   [3/5] unit tests             python -m pytest -q \${UNIT_TESTS:-tests}
@@ -130,7 +130,11 @@ try:
     import torch
 except Exception as e:
     print(f"torch: cannot import ({type(e).__name__}: {e})")
-    print("hint: install torch (on Ascend: the torch / torch_npu pair that matches the CANN toolkit)")
+    if "torch_npu" in str(e):  # torch's backend entry point imports torch_npu, which needs CANN's libraries
+        print("torch_npu is installed but CANN is not sourced:"
+              " source /usr/local/Ascend/ascend-toolkit/set_env.sh (your CANN toolkit's set_env.sh) first")
+    else:
+        print("hint: install torch (on Ascend: the torch / torch_npu pair that matches the CANN toolkit)")
     sys.exit(1)
 print(f"torch: {torch.__version__}")
 
@@ -144,9 +148,14 @@ except ModuleNotFoundError as e:
         print("torch_npu: not installed")
 except Exception as e:  # typically the CANN libraries are not on the library path
     print(f"torch_npu: installed but import failed ({type(e).__name__}: {e})")
-    print("hint: load the CANN environment first: source /usr/local/Ascend/ascend-toolkit/set_env.sh")
+    print("torch_npu is installed but CANN is not sourced:"
+          " source /usr/local/Ascend/ascend-toolkit/set_env.sh (your CANN toolkit's set_env.sh) first")
 else:
     print(f"torch_npu: {getattr(torch_npu, '__version__', 'unknown version')}")
+    try:
+        print(f"CANN: {torch_npu.npu.utils.get_cann_version()}")
+    except Exception as e:  # older torch_npu releases have no get_cann_version
+        print(f"CANN: unknown ({type(e).__name__})")
     try:
         if torch.npu.is_available():
             device, count = "npu", torch.npu.device_count()
@@ -224,6 +233,8 @@ stage_unit_tests() {
 }
 
 stage_conversion() {
+    # a kernel that silently falls back to the CPU fails the smoke stages instead of only slowing them
+    export TORCH_NPU_FALLBACK_CPU_DISABLE=1
     local script=examples/test_deepseek_moe.py
     if [[ ! -f $script ]]; then
         echo "$script not found in $ROOT: sync the whole project (./sync_to_remote.sh)"
@@ -233,6 +244,7 @@ stage_conversion() {
 }
 
 stage_finetune() {
+    export TORCH_NPU_FALLBACK_CPU_DISABLE=1
     local script=examples/train_deepseek_v2_lite.py device=cpu count=0
     if [[ ! -f $script ]]; then
         echo "$script not found in $ROOT: sync the whole project (./sync_to_remote.sh)"

@@ -40,7 +40,16 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except Exception as exc:
+            from npu_parallel._cann import cann_not_sourced
+
+            hint = cann_not_sourced(exc)
+            if hint is None:
+                raise
+            raise ImportError(hint) from exc
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'npu_parallel' has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +20,14 @@ BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 HCCL_DEFAULTS: dict[str, str] = {
     "HCCL_CONNECT_TIMEOUT": "7200",
     "HCCL_EXEC_TIMEOUT": "7200",
-    # Caching allocator: smaller split blocks fragment less on long fine-tunes (torch_npu reads the
-    # PYTORCH_ spelling; older CANN stacks and the seed scripts use TORCH_NPU_ALLOC_CONF).
+    # Caching allocator: smaller split blocks fragment less on long fine-tunes. torch_npu reads only this
+    # spelling (no release reads TORCH_NPU_ALLOC_CONF); 2.13+ also read PYTORCH_ALLOC_CONF and refuse both set.
     "PYTORCH_NPU_ALLOC_CONF": "max_split_size_mb:128",
-    "TORCH_NPU_ALLOC_CONF": "max_split_size_mb:128",
 }
+# A default is not applied when the user exported one of these instead (torch_npu 2.13+ fails on both).
+CONFLICTING = {"PYTORCH_NPU_ALLOC_CONF": ("PYTORCH_ALLOC_CONF",)}
 HCCL_REPORTED = tuple(HCCL_DEFAULTS) + (
+    "PYTORCH_ALLOC_CONF",
     "HCCL_BUFFSIZE",
     "HCCL_IF_IP",
     "ASCEND_RT_VISIBLE_DEVICES",
@@ -46,7 +49,9 @@ def torch_npu_module():
 
                 _torch_npu = torch_npu
             except Exception as exc:  # a broken CANN install must not break CPU use
-                logger.warning("torch_npu is installed but failed to import: %s", exc)
+                from npu_parallel._cann import cann_not_sourced
+
+                logger.warning("%s", cann_not_sourced(exc) or f"torch_npu is installed but failed to import: {exc}")
     return _torch_npu
 
 
@@ -82,14 +87,21 @@ def local_device(kind: str, local_rank: int) -> torch.device:
     return dev
 
 
-def apply_hccl_defaults(environ: dict | None = None) -> dict[str, str]:
-    """Set HCCL_DEFAULTS that the user did not export; returns what was set."""
+def pending_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """The HCCL_DEFAULTS neither exported by the user nor in conflict with what they exported."""
     env = os.environ if environ is None else environ
-    applied = {}
-    for key, value in HCCL_DEFAULTS.items():
-        if key not in env:
-            env[key] = value
-            applied[key] = value
+    return {
+        key: value
+        for key, value in HCCL_DEFAULTS.items()
+        if key not in env and not any(other in env for other in CONFLICTING.get(key, ()))
+    }
+
+
+def apply_hccl_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set HCCL_DEFAULTS that the user did not export (nor a conflicting variable); returns what was set."""
+    env = os.environ if environ is None else environ
+    applied = pending_defaults(env)
+    env.update(applied)
     return applied
 
 

@@ -11,10 +11,18 @@ from npu_parallel.training.errors import EXIT_OK
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    """Device, backend, world/tp/dp sizes and the HCCL settings in force."""
-    import torch
+    """Device, backend, world/tp/dp sizes, the HCCL settings in force and the kernels' capability probes."""
+    try:
+        import torch
 
-    from npu_parallel.parallel import device
+        from npu_parallel.parallel import device
+    except Exception as exc:
+        from npu_parallel._cann import cann_not_sourced
+
+        hint = cann_not_sourced(exc)
+        if hint is None:
+            raise
+        raise UserError(hint) from None
     from npu_parallel.parallel.state import check_tp_size
 
     info = device.describe()
@@ -25,7 +33,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     hccl = device.hccl_settings()
-    would_apply = {k: v for k, v in device.HCCL_DEFAULTS.items() if hccl.get(k) is None}
+    would_apply = device.pending_defaults()
     report = {
         "torch": info.torch_version,
         "torch_npu": info.torch_npu_version,
@@ -41,6 +49,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         "hccl_defaults_applied_on_npu": would_apply if info.kind == "npu" else {},
         "threads": torch.get_num_threads(),
     }
+    probes = report["kernel_probes"] = _probes(info.kind)
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
@@ -62,4 +71,18 @@ def cmd_env(args: argparse.Namespace) -> int:
                 else f"  (default {would_apply[key]} on NPU)"
             )
         print(f"    {key:<28} {value if value is not None else '-'}{note}")
+    print("  kernel capability probes:" + ("" if probes else "  none run (no NPU here)"))
+    for name, verdict in probes.items():
+        print(f"    {name}: {verdict}")
     return EXIT_OK
+
+
+def _probes(kind: str) -> dict[str, str]:
+    """Run the torch_npu kernels' capability probes (only on an NPU) and return every verdict of this process."""
+    from npu_parallel.parallel.probe import probe_results
+
+    if kind == "npu":
+        from npu_parallel.moe.dispatchers.npu import NpuDispatcher
+
+        NpuDispatcher.usable(kind)
+    return probe_results()
