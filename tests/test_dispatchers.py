@@ -1,5 +1,7 @@
 """The Dispatcher registry and its resolution at conversion; the MoE block's route -> dispatch -> combine contract."""
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -55,6 +57,15 @@ def test_auto_falls_back_to_grouped_when_the_kernels_fail_the_probe(monkeypatch)
     assert probe_results()[npu_dispatcher.PROBE_NAME].startswith("failed: ")
     with pytest.raises(ValueError, match=r"moe_impl='npu': torch_npu 2\.5\.1.*failed the capability probe.*'grouped'"):
         resolve_dispatcher("npu", "npu")  # asked for by name: an error, never a silent wrong gradient
+    reset_probes()
+
+
+def test_auto_names_missing_kernels_once(monkeypatch):
+    """An old torch_npu without the MoE kernels: auto takes 'grouped' and the warning says which are missing."""
+    monkeypatch.setattr(device, "torch_npu_module", lambda: types.SimpleNamespace(__version__="2.1.0"))
+    reset_probes()
+    with pytest.warns(RuntimeWarning, match=r"torch_npu 2\.1\.0 .*npu_moe_token_permute"):
+        assert type(resolve_dispatcher("auto", "npu")) is GroupedDispatcher
     reset_probes()
 
 

@@ -100,13 +100,14 @@ def test_each_release_in_bfloat16(release):
     """2.6+: the grouped path's gradients; 2.5.1 (no autograd for permute/unpermute): none, and the probe says so."""
     experts = _experts(8, 4, 4, dtype=torch.bfloat16)
     idx, w = _routing(12, 2, list(range(8)))
-    x, grad = torch.randn(12, H).to(torch.bfloat16), torch.randn(12, H).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    x, grad = (torch.randn(12, H, generator=g).to(torch.bfloat16) for _ in range(2))
     ops = ReferenceNpuOps(release)
     if RELEASES[release].token_autograd:
         got = _run(NpuDispatcher(ops=ops), x, idx, w, experts, grad)
         ref = _run(GroupedDispatcher(), x, idx, w, experts, grad)
-        for a, b in zip(got[1], ref[1], strict=True):
-            torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
+        for a, b in zip(got[1], ref[1], strict=True):  # bf16 sums in another order: relative norm
+            assert (a.float() - b.float()).norm() <= 0.02 * b.float().norm()
     else:
         out = NpuDispatcher(ops=ops)(x.requires_grad_(True), idx, w.requires_grad_(True), experts)
         with pytest.raises(ValueError, match="group_type currently only support"):  # the expert weight gradient

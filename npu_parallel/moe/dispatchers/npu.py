@@ -56,11 +56,7 @@ class NpuDispatcher(Dispatcher, name="npu", order=30):
     @classmethod
     def usable(cls, device_type: str) -> bool:
         """``auto`` takes this implementation only where torch_npu's kernels pass the capability probe."""
-        try:
-            ops = npu_ops()
-        except RuntimeError:
-            return False
-        return kernels_work(ops, device_type)
+        return kernels_work(None, device_type)
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:
         n_local, slots = experts.num_local, indices.numel()
@@ -129,13 +125,17 @@ def probe_device(device_type: str) -> torch.device:
     return torch.device(device_type, getattr(torch, device_type).current_device())
 
 
-def kernels_work(ops: NpuOps, device_type: str) -> bool:
-    """Run the permute -> grouped matmul -> unpermute probe once per process (bf16, all-local and EP)."""
+def kernels_work(ops: NpuOps | None, device_type: str) -> bool:
+    """Run the permute -> grouped matmul -> unpermute probe once per process (bf16, all-local and EP).
+
+    ``ops`` None: torch_npu's, whose absence or missing kernels fail the probe with the reason.
+    """
 
     def check() -> None:
+        kernels = npu_ops() if ops is None else ops
         dev = probe_device(device_type)
         # bf16: what training computes in on Ascend (bf16 compute, fp32 master weights)
-        _probe_case(ops, dev, torch.bfloat16, start=0, n_local=4)  # every expert local: no sentinel rows
-        _probe_case(ops, dev, torch.bfloat16, start=1, n_local=2)  # expert parallelism: sentinel rows, one sync
+        _probe_case(kernels, dev, torch.bfloat16, start=0, n_local=4)  # every expert local: no sentinel rows
+        _probe_case(kernels, dev, torch.bfloat16, start=1, n_local=2)  # expert parallelism: sentinel rows, one sync
 
     return probe(PROBE_NAME, check, device_type=device_type)
