@@ -5,7 +5,9 @@ the venv (``<venv>/cache/torch_npu``) once; :func:`registered` defines every ``n
 ``npu_native_functions_by_codegen.yaml`` with ``torch.library`` and runs the wheel's
 ``op_plugin/meta/_meta_registrations.py`` against it (its ``torch_npu`` imports served by a shim), so
 ``torch.ops.npu.<kernel>`` checks argument names, keywords and defaults as that release does and computes
-shapes on meta tensors with that release's own meta kernels.
+shapes on meta tensors with that release's own meta kernels. Where the schema has the token kernels' ``_grad``
+ops (2.6+), their autograd is registered as torch_npu's C++ does it (backward = the ``_grad`` op), so a
+backward runs through that release's grad meta kernels; 2.5.1 has none, and gets none.
 """
 
 from __future__ import annotations
@@ -98,6 +100,63 @@ def _shim_torch_npu() -> dict[str, types.ModuleType]:
             "torch_npu.npu._backends": backends, "torch_npu.npu": npu}  # fmt: skip
 
 
+class _Permute(torch.autograd.Function):
+    """torch_npu's autograd for the permute (2.6+): the backward is its ``npu_moe_token_permute_grad``."""
+
+    @staticmethod
+    def forward(ctx, tokens, indices, num_out_tokens, padded_mode):
+        with torch._C._AutoDispatchBelowAutograd():
+            permuted, sorted_indices = torch.ops.npu.npu_moe_token_permute(tokens, indices, num_out_tokens, padded_mode)
+        ctx.save_for_backward(tokens, indices, sorted_indices)
+        ctx.padded_mode = padded_mode
+        ctx.mark_non_differentiable(sorted_indices)
+        return permuted, sorted_indices
+
+    @staticmethod
+    def backward(ctx, grad_permuted, _grad_sorted):
+        tokens, indices, sorted_indices = ctx.saved_tensors
+        grad = torch.ops.npu.npu_moe_token_permute_grad(tokens, grad_permuted, indices, sorted_indices, ctx.padded_mode)
+        return grad, None, None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    """torch_npu's autograd for the unpermute (2.6+): the backward is its ``npu_moe_token_unpermute_grad``."""
+
+    @staticmethod
+    def forward(ctx, permuted_tokens, sorted_indices, probs, padded_mode, restore_shape):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = torch.ops.npu.npu_moe_token_unpermute(
+                permuted_tokens, sorted_indices, probs, padded_mode, restore_shape
+            )
+        ctx.save_for_backward(permuted_tokens, sorted_indices, probs)
+        ctx.rest = (padded_mode, restore_shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        permuted_tokens, sorted_indices, probs = ctx.saved_tensors
+        grad_permuted, grad_probs = torch.ops.npu.npu_moe_token_unpermute_grad(
+            permuted_tokens, grad_out, sorted_indices, probs, *ctx.rest
+        )
+        return grad_permuted, None, grad_probs if probs is not None else None, None, None
+
+
+def _autograd_kernels(lib: Library, defined: set[str]) -> bool:
+    """Register the release's autograd for the token kernels where its schema has their _grad ops."""
+    if not {"npu_moe_token_permute_grad", "npu_moe_token_unpermute_grad"} <= defined:
+        return False  # 2.5.1: PyTorch's autograd fallback, as on the device (a warning, no gradient)
+
+    def permute(tokens, indices, num_out_tokens=None, padded_mode=False):
+        return _Permute.apply(tokens, indices, num_out_tokens, padded_mode)
+
+    def unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
+        return _Unpermute.apply(permuted_tokens, sorted_indices, probs, padded_mode, restore_shape)
+
+    lib.impl("npu_moe_token_permute", permute, "Autograd")
+    lib.impl("npu_moe_token_unpermute", unpermute, "Autograd")
+    return True
+
+
 class Release(types.SimpleNamespace):
     """One release registered: ``ops`` (a torch_npu-like module of ``torch.ops.npu`` kernels), what was defined."""
 
@@ -148,11 +207,14 @@ def registered(version: str, path: Path) -> Iterator[Release]:
     scope = {"__name__": f"torch_npu_{version}_meta", "__builtins__": {**vars(builtins), "__import__": shim_import}}
     try:
         exec(compile(meta, f"torch_npu-{version}/{META}", "exec"), scope)
+        libs.append(Library("npu", "IMPL"))
+        token_autograd = _autograd_kernels(libs[-1], defined)
         names = ("npu_moe_token_permute", "npu_moe_token_unpermute", "npu_grouped_matmul")
         ops = types.SimpleNamespace(
             __version__=version, **{n: getattr(torch.ops.npu, n) for n in names if n in defined}
         )
-        yield Release(version=version, ops=ops, defined=defined, meta=meta_ok, meta_failed=meta_failed, funcs=funcs)
+        yield Release(version=version, ops=ops, defined=defined, meta=meta_ok, meta_failed=meta_failed,
+                      token_autograd=token_autograd)  # fmt: skip
     finally:
         for lib in reversed(libs):
             lib._destroy()
