@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import subprocess
 import sys
 import types
@@ -65,6 +66,29 @@ def read(path: Path) -> tuple[list[str], str]:
     for section in ("custom", "quant"):  # "supported"/"autograd" list aten ops, "symint" repeats custom ones
         funcs += [entry["func"] for entry in schemas.get(section) or [] if isinstance(entry, dict) and "func" in entry]
     return funcs, meta
+
+
+# strings of the release's libtorch_npu.so: its eager kernels' own rules, which no schema or meta kernel states
+LIBRARY = "torch_npu/lib/libtorch_npu.so"
+BINARY_FACTS = {
+    "eager_rejects_group_type_2": b"group_type currently only support -1 and 0",
+    "permute_backward": b"NpuMoeTokenPermuteBackward0",
+    "unpermute_backward": b"NpuMoeTokenUnpermuteBackward0",
+}
+
+
+def binary_facts(path: Path) -> dict[str, bool]:
+    """Which of :data:`BINARY_FACTS` the wheel's ``libtorch_npu.so`` contains (cached beside the wheel)."""
+    cache = path.with_suffix(".facts.json")
+    if cache.exists():
+        facts = json.loads(cache.read_text())
+        if set(facts) == set(BINARY_FACTS):
+            return facts
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read(LIBRARY)
+    facts = {name: marker in data for name, marker in BINARY_FACTS.items()}
+    cache.write_text(json.dumps(facts))
+    return facts
 
 
 class _Anything(types.ModuleType):

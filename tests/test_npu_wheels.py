@@ -18,7 +18,7 @@ from npu_parallel.moe.experts import LocalExperts
 from npu_parallel.moe.npu_ops import NpuOps
 
 from . import npu_reference
-from .npu_wheels import VERSIONS, registered, wheel
+from .npu_wheels import VERSIONS, binary_facts, registered, wheel
 
 # 2.5.1's token kernels have no autograd: PyTorch's fallback warns (the tests assert what it leaves)
 pytestmark = pytest.mark.filterwarnings("ignore:npu..npu_moe_token_.*autograd kernel was not registered")
@@ -144,6 +144,14 @@ def test_backward_shapes_through_the_releases_grad_kernels(release):
     out.float().sum().backward()
     assert x.grad.shape == x.shape and x.grad.dtype == torch.bfloat16
     assert weights.grad.shape == weights.shape and weights.grad.dtype == torch.float32  # back through the cast
+
+
+def test_stand_in_rules_match_the_releases_library(release, wheels):
+    """The eager rules only the compiled library states: autograd nodes for the token kernels, group_type=2."""
+    facts = binary_facts(wheels[release.version])
+    rules = _stand_in_rules(release.version)
+    assert facts["permute_backward"] == facts["unpermute_backward"] == rules.token_autograd == release.token_autograd
+    assert facts["eager_rejects_group_type_2"] == (2 not in rules.eager_group_types)
 
 
 def test_argument_names_are_checked_by_the_schema(release):
