@@ -404,3 +404,17 @@ def fake_torch_npu(release: str = NEWEST) -> types.SimpleNamespace:
         calls=calls,
         __version__=f"{release}+stand-in",
     )
+
+
+CANN_ERROR = "libhccl.so: cannot open shared object file: No such file or directory"
+
+
+def plant_broken_torch_npu(site) -> None:
+    """In folder ``site``: a torch_npu that fails to import as the real one does without CANN's environment,
+    with the ``torch.backends`` entry point through which ``import torch`` loads it."""
+    (site / "torch_npu").mkdir(parents=True)
+    (site / "torch_npu" / "__init__.py").write_text(f"raise ImportError({CANN_ERROR!r})\n")
+    info = site / "torch_npu-2.14.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.14.0\n")
+    (info / "entry_points.txt").write_text("[torch.backends]\ntorch_npu = torch_npu:_autoload\n")

@@ -11,19 +11,15 @@ import pytest
 
 from npu_parallel.parallel import device
 
+from .npu_reference import CANN_ERROR, plant_broken_torch_npu
+
 ROOT = Path(__file__).resolve().parents[1]
-CANN_ERROR = "libhccl.so: cannot open shared object file: No such file or directory"
 
 
 @pytest.fixture
 def broken_torch_npu(tmp_path):
     """A torch_npu that imports like the real one without CANN, with its ``torch.backends`` entry point."""
-    (tmp_path / "torch_npu").mkdir()
-    (tmp_path / "torch_npu" / "__init__.py").write_text(f"raise ImportError({CANN_ERROR!r})\n")
-    info = tmp_path / "torch_npu-2.14.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.14.0\n")
-    (info / "entry_points.txt").write_text("[torch.backends]\ntorch_npu = torch_npu:_autoload\n")
+    plant_broken_torch_npu(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     env.pop("TORCH_DEVICE_BACKEND_AUTOLOAD", None)
     return env

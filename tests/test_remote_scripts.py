@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from .npu_reference import plant_broken_torch_npu
 from .repo import ROOT, repo_files
 
 SYNC = "sync_to_remote.sh"
@@ -318,7 +319,10 @@ def test_remote_test_rejects_bad_settings(project, tmp_path):
 def test_remote_test_stops_at_the_first_failing_stage(project, tmp_path):
     examples = project / "examples"
     examples.mkdir(exist_ok=True)
-    (examples / "test_deepseek_moe.py").write_text('import sys\nprint("[1/4] pretending to convert")\nsys.exit(3)\n')
+    (examples / "test_deepseek_moe.py").write_text(
+        'import os, sys\nprint("[1/4] pretending to convert", os.environ.get("TORCH_NPU_FALLBACK_CPU_DISABLE"))\n'
+        "sys.exit(3)\n"
+    )
     marker = tmp_path / "stage5-ran"
     (examples / "train_deepseek_v2_lite.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     logs = tmp_path / "logs"
@@ -344,10 +348,21 @@ def test_remote_test_stops_at_the_first_failing_stage(project, tmp_path):
         "3-unit-tests.log",
         "4-conversion.log",
     ]
-    assert "pretending to convert" in (logs / "4-conversion.log").read_text()
+    assert "pretending to convert 1" in (logs / "4-conversion.log").read_text()  # a silent CPU fallback fails
     assert (logs / "1-environment.log").read_text().startswith("[1/5] environment\n")
     assert "FAILED (exit code 3" in (logs / "summary.txt").read_text()
     assert not (project / "logs").exists()
+
+
+def test_remote_test_says_cann_is_not_sourced(project, tmp_path):
+    """torch_npu installed, CANN not sourced: torch's backend entry point fails; stage 1 says exactly that."""
+    fake = tmp_path / "site"
+    plant_broken_torch_npu(fake)
+    env = _env(PYTHON=sys.executable, PYTHONPATH=f"{fake}{os.pathsep}{project}", LOG_DIR=str(tmp_path / "logs"))
+    result = _run([project / REMOTE_TEST], tmp_path, env)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "FAILED at stage 1 (environment)" in out, out
+    assert "torch_npu is installed but CANN is not sourced" in out and "install torch" not in out
 
 
 @pytest.mark.skipif(
