@@ -60,6 +60,19 @@ def test_auto_falls_back_to_grouped_when_the_kernels_fail_the_probe(monkeypatch)
     reset_probes()
 
 
+def test_env_runs_and_prints_the_probe_only_on_an_npu(monkeypatch):
+    from npu_parallel.tools import cli_env
+
+    reset_probes()
+    assert cli_env._probes("cpu") == {}  # no NPU: nothing run
+    monkeypatch.setattr(device, "torch_npu_module", lambda: fake_torch_npu("2.5.1"))
+    monkeypatch.setattr(npu_dispatcher, "probe_device", lambda kind: torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="capability probe"):
+        verdicts = cli_env._probes("npu")
+    assert verdicts[npu_dispatcher.PROBE_NAME].startswith("failed: ValueError: group_type currently only support")
+    reset_probes()
+
+
 def test_auto_names_missing_kernels_once(monkeypatch):
     """An old torch_npu without the MoE kernels: auto takes 'grouped' and the warning says which are missing."""
     monkeypatch.setattr(device, "torch_npu_module", lambda: types.SimpleNamespace(__version__="2.1.0"))
