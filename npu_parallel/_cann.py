@@ -8,7 +8,11 @@ torch_npu"), and transformers' ``is_torch_npu_available()`` imports it unguarded
 from __future__ import annotations
 
 SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
-_MARKERS = ("torch_npu", "libhccl", "libascend", "libacl", "libge_runner", "libgraph", "libruntime", "ascend")
+BACKEND_FAILED = "Failed to load the backend extension: torch_npu"  # torch's own message
+# shared libraries of CANN (and torch_npu's, which links them) that an import fails to load without set_env.sh
+_LIBRARIES = (
+    "libhccl", "libascend", "libacl", "libge_", "libgraph", "libruntime", "libopapi", "libtorch_npu", "libc_sec"
+)  # fmt: skip
 
 
 def _chain(exc: BaseException):
@@ -22,9 +26,9 @@ def _chain(exc: BaseException):
 def cann_not_sourced(exc: BaseException) -> str | None:
     """The one-line explanation when ``exc`` is torch_npu failing to load for want of CANN, else None."""
     chain = list(_chain(exc))
-    text = " | ".join(str(e) for e in chain).lower()
-    names = " ".join(getattr(e, "name", None) or "" for e in chain)
-    if not any(m in text for m in _MARKERS) and "torch_npu" not in names:
+    backend = any(BACKEND_FAILED in str(e) for e in chain)
+    library = any(isinstance(e, (ImportError, OSError)) and any(m in str(e) for m in _LIBRARIES) for e in chain)
+    if not (backend or library):
         return None
     root = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
     return (

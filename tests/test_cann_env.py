@@ -43,6 +43,22 @@ def test_env_says_cann_is_not_sourced_in_one_line(broken_torch_npu):
     assert "torch_npu is installed but CANN is not sourced" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_every_cli_verb_says_it_in_one_line(broken_torch_npu, tmp_path):
+    run = _run(broken_torch_npu, "-m", "npu_parallel", "inspect", str(tmp_path))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "npu-parallel inspect: error: torch_npu is installed but CANN is not sourced" in run.stderr
+
+
+def test_other_errors_are_not_mistaken_for_it():
+    from npu_parallel._cann import cann_not_sourced
+
+    assert cann_not_sourced(RuntimeError("ACL stream synchronize failed on the ascend device")) is None
+    assert cann_not_sourced(ImportError("No module named 'safetensors'")) is None
+    wrapped = RuntimeError("Failed to load the backend extension: torch_npu. You can disable ...")
+    wrapped.__cause__ = ImportError("libascendcl.so: cannot open shared object file")
+    assert "libascendcl.so" in cann_not_sourced(wrapped)
+
+
 def test_torch_npu_failing_after_torch_is_reported_the_same_way(broken_torch_npu):
     """With torch's autoload off, torch imports; our own guarded import of torch_npu names the cause."""
     env = {**broken_torch_npu, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}

@@ -179,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"npu-parallel {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (ImportError, RuntimeError) as exc:  # torch (or transformers) loading a torch_npu without CANN
+        from npu_parallel._cann import cann_not_sourced
+
+        hint = cann_not_sourced(exc)
+        if hint is None:
+            raise
+        print(f"npu-parallel {args.command}: error: {hint}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -91,16 +91,16 @@ def _probe_case(ops: NpuOps, dev: torch.device, dtype: torch.dtype, start: int, 
     g = torch.Generator().manual_seed(0)
     t, k, h, i, e = 8, 2, 16, 8, 4
     experts = LocalExperts(
-        torch.nn.Parameter((torch.randn(n_local, 2 * i, h, generator=g) / 4).to(dev, dtype)),
-        torch.nn.Parameter((torch.randn(n_local, h, i, generator=g) / 4).to(dev, dtype)),
+        torch.nn.Parameter((torch.randn(n_local, 2 * i, h, generator=g, device="cpu") / 4).to(dev, dtype)),
+        torch.nn.Parameter((torch.randn(n_local, h, i, generator=g, device="cpu") / 4).to(dev, dtype)),
         torch.nn.SiLU(),
         num_experts=e,
         expert_start=start,
     )
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(dev)  # [T, k]
-    w0 = torch.rand(t, k, generator=g).softmax(-1).to(dev)  # [T, k] fp32, as the routers give them
-    x0 = torch.randn(t, h, generator=g).to(dev, dtype)
-    grad = torch.randn(t, h, generator=g).to(dev, dtype)
+    idx = torch.stack([torch.randperm(e, generator=g, device="cpu")[:k] for _ in range(t)]).to(dev)  # [T, k]
+    w0 = torch.rand(t, k, generator=g, device="cpu").softmax(-1).to(dev)  # [T, k] fp32, as the routers give them
+    x0 = torch.randn(t, h, generator=g, device="cpu").to(dev, dtype)
+    grad = torch.randn(t, h, generator=g, device="cpu").to(dev, dtype)
     results = []
     for dispatcher in (NpuDispatcher(ops=ops), GroupedDispatcher()):
         x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
