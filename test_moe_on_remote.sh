@@ -23,6 +23,7 @@ Five stages, in order; the first that fails stops the run:
                                  [--model_path \$MODEL_PATH] [--tp_size \$TP_SIZE]
 Each stage is shown on the console and logged to its own file under LOG_DIR; a summary ends the run.
 Without an NPU or GPU, stages 4-5 run on the CPU (gloo); the example scripts skip device-only parts.
+Stages 4-5 run with TORCH_NPU_FALLBACK_CPU_DISABLE=1: an operator that silently falls back to the CPU fails.
 
 Environment variables:
   PYTHON           interpreter to use (default: the active venv's python, else python3, else python)
