@@ -5,6 +5,7 @@ Shapes: T tokens, k top-k, E experts (global), E_local this rank's experts, R lo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ class NpuDispatcher(Dispatcher, name="npu", order=30):
 
     def __init__(self, *, ops: NpuOps | None = None) -> None:
         super().__init__()
+        self._check_dtype = ops is None  # torch_npu's own kernels: their documented dtypes
         if ops is None:
             if _device.torch_npu_module() is None:
                 raise ValueError(
@@ -60,6 +62,15 @@ class NpuDispatcher(Dispatcher, name="npu", order=30):
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:
         n_local, slots = experts.num_local, indices.numel()
+        if self._check_dtype and x.dtype != torch.bfloat16:
+            self._check_dtype = False
+            warnings.warn(
+                f"moe_impl='npu' on {x.dtype} tokens: torch_npu documents npu_moe_token_permute/unpermute for "
+                "bfloat16 only (and the capability probe ran bfloat16); compare with moe_impl='grouped' or train "
+                "in bfloat16",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         keys = local_keys(indices, experts)  # [T, k], E_local for other ranks' slots
         permuted, sorted_indices = self.ops.npu_moe_token_permute(x, keys.to(torch.int32))  # [T*k, H], [T*k]
         counts = slot_counts(keys.reshape(-1), n_local)[:n_local]  # [E_local]
