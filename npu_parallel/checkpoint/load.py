@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from npu_parallel.checkpoint.materialize import (
     plan_tensors,
     resolve_dtype,
 )
+from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, mtp_count
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.source import TensorSource
@@ -34,7 +36,8 @@ def _build(
     """The converted model on the meta device and what it needs from ``source``; no byte read yet."""
     plan = source.plan
     target = resolve_dtype(dtype, source.config, source.first_float_dtype())
-    model = empty_model(source.config, target)
+    mtp = mtp_count(source)
+    model = empty_model(source.config, target, mtp=mtp)
     info = apply_plan(
         model,
         state.tp,
@@ -44,6 +47,7 @@ def _build(
         capacity_factor=capacity_factor,
         world_size=state.world_size,
     )  # checks tp, same on every rank
+    check_mtp_complete(model, source, mtp)
     return model, info, plan_tensors(model, source, target)
 
 
@@ -85,6 +89,23 @@ def load_pretrained(
     _record(info, source, state, started, len(items))
     info.source_path = str(Path(path).resolve())
     return model.eval()  # as from_pretrained returns it
+
+
+def load_unconverted(path: str | Path, dtype) -> PreTrainedModel:
+    """The plain Hugging Face model (no plan, no MTP), every weight read through HFSource: fp8 dequantized.
+
+    What ``from_pretrained`` gives for an unquantized checkpoint; the reference for a quantized one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with HFSource(path) as source:
+        config = copy.deepcopy(source.config)
+        config.quantization_config = None
+        del config.quantization_config
+        target = resolve_dtype(dtype, config, source.first_float_dtype())
+        model = AutoModelForCausalLM.from_config(config, dtype=target)
+        materialize(plan_tensors(model, source, target), source, CopyInto())
+    return model.eval()
 
 
 def load_sharded(
