@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +58,7 @@ def mtp_loss(
 
     ``hidden``: the main model's final normed hidden states [B, T, H]; embedding and head are the main model's.
     """
-    head = model.get_output_embeddings()
+    head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (nn.Module types it as a Tensor)
     losses = []
     for k, states in enumerate(mtp_states(model, hidden, input_ids), start=1):
         logits = head(states)[:, :-1]  # [B, T-k-1, V or V/tp]: position i predicts token i+k+1
@@ -81,7 +83,11 @@ def causal_lm_loss(
     """
     module = unwrap(model)
     captured: list[torch.Tensor] = []
-    hook = module.model.norm.register_forward_hook(lambda m, i, o: captured.append(o)) if mtp_weight else None
+    hook = None
+    if mtp_weight:  # the main model's final normed hidden states h^0, as its forward computes them
+        base: Any = module.model
+        final_norm: nn.Module = base.norm
+        hook = final_norm.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
         if not vocab_parallel:
             out = model(input_ids=input_ids, labels=labels)
