@@ -206,3 +206,20 @@ def test_unknown_quant_method_is_exit_2(published, tmp_path, capsys):
         assert main(verb) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "quant_method='gptq' is not supported; supported:" in err[0], err
+
+
+def test_mtp_loss_is_npu_safe(published):
+    """The MTP forward and backward (static MoE path): no banned op and no host sync."""
+    from npu_parallel import init_distributed, load_pretrained
+    from npu_parallel.tools.audit import OpAudit
+    from npu_parallel.training.losses import causal_lm_loss
+
+    state = init_distributed(1)
+    model = load_pretrained(published["plain"], state, dtype=torch.float32, moe_impl="static", progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    parts: dict = {}
+    with OpAudit(model) as audit:
+        loss, _ = causal_lm_loss(model.train(), ids, ids, vocab_parallel=False, mtp_weight=0.3, parts=parts)
+        loss.backward()
+    assert "mtp_loss" in parts and model.model.layers[3].eh_proj.weight.grad is not None
+    assert audit.banned() == [] and [e for e in audit.events if e.kind == "host_sync"] == []

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from npu_parallel.checkpoint.fp8 import is_quantized
 from npu_parallel.checkpoint.hf_source import HFSource
 from npu_parallel.checkpoint.materialize import (
     CopyInto,
@@ -91,19 +92,21 @@ def load_pretrained(
     return model.eval()  # as from_pretrained returns it
 
 
-def load_unconverted(path: str | Path, dtype) -> PreTrainedModel:
-    """The plain Hugging Face model (no plan, no MTP), every weight read through HFSource: fp8 dequantized.
+def load_unconverted(path: str | Path, dtype, **kwargs) -> PreTrainedModel:
+    """The plain Hugging Face model (no plan, no MTP): ``from_pretrained``, or for an fp8 checkpoint (which
+    transformers cannot load on a device without fp8) every weight read dequantized through HFSource.
 
-    What ``from_pretrained`` gives for an unquantized checkpoint; the reference for a quantized one.
+    ``kwargs`` go to ``from_pretrained`` / ``from_config`` (e.g. ``experts_implementation``).
     """
     from transformers import AutoModelForCausalLM
 
+    if not is_quantized(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     with HFSource(path) as source:
         config = copy.deepcopy(source.config)
-        config.quantization_config = None
         del config.quantization_config
         target = resolve_dtype(dtype, config, source.first_float_dtype())
-        model = AutoModelForCausalLM.from_config(config, dtype=target)
+        model = AutoModelForCausalLM.from_config(config, dtype=target, **kwargs)
         materialize(plan_tensors(model, source, target), source, CopyInto())
     return model.eval()
 

@@ -205,9 +205,7 @@ def verify_rank(
     perturb: str | None = None,
 ) -> dict | None:
     """One tp size on this rank: rank 0 returns the raw differences, the others None."""
-    from transformers import AutoModelForCausalLM
 
-    from npu_parallel.checkpoint.fp8 import is_quantized
     from npu_parallel.checkpoint.load import load_pretrained, load_unconverted
 
     quiet()
@@ -222,10 +220,7 @@ def verify_rank(
     del model
     if state.rank != 0:
         return None
-    if is_quantized(path):  # the reference is the dequantized model (transformers would need an fp8 device)
-        ref = load_unconverted(path, torch_dtype)
-    else:
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    ref = load_unconverted(path, torch_dtype)  # from_pretrained; the dequantized model for fp8
     cast(nn.Module, ref).to(state.device)  # cast: transformers' decorated `to` confuses mypy
     ref_cap, ref_outs = _forward(ref, ids, backward)
     ref_grads = (
