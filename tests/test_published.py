@@ -223,3 +223,16 @@ def test_mtp_loss_is_npu_safe(published):
         loss.backward()
     assert "mtp_loss" in parts and model.model.layers[3].eh_proj.weight.grad is not None
     assert audit.banned() == [] and [e for e in audit.events if e.kind == "host_sync"] == []
+
+
+def test_differing_copy_of_shared_head_warns(published, tmp_path, caplog):
+    """A published copy that is not the shared tensor: one warning naming both; merge writes the shared one."""
+    odd = tmp_path / "odd"
+    shutil.copytree(published["plain"], odd)
+    tensors = load_file(str(odd / "model.safetensors"))
+    tensors["model.layers.3.shared_head.head.weight"][0] += 1
+    save_file(tensors, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        assert main(["convert", str(odd), "--tp", "2", "--out", str(tmp_path / "conv"), "-q"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "differs from lm_head.weight" in r.getMessage()]
+    assert len(warned) == 1 and "model.layers.3.shared_head.head.weight" in warned[0]

@@ -21,7 +21,7 @@ from npu_parallel.checkpoint.materialize import (
     plan_tensors,
     resolve_dtype,
 )
-from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, mtp_count
+from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, check_shared_copies, mtp_count
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.source import TensorSource
@@ -49,6 +49,8 @@ def _build(
         world_size=state.world_size,
     )  # checks tp, same on every rank
     check_mtp_complete(model, source, mtp)
+    if state.rank == 0:
+        check_shared_copies(source, mtp)
     return model, info, plan_tensors(model, source, target)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from npu_parallel.checkpoint.materialize import tensors_to_load
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.source import TensorSource
 from npu_parallel.convert.mtp import MTP_ATTR, SHARED_COPIES, mtp_indices, mtp_prefixes, num_mtp_layers
+from npu_parallel.parallel.shard_spec import ShardSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +50,33 @@ def check_mtp_complete(model: nn.Module, source: TensorSource, count: int) -> No
         )
 
 
-def shared_copies(config: object, stored: set[str]) -> list[tuple[str, str]]:
+SAMPLE_ROWS = 16  # rows of each published copy compared with the shared tensor at load
+
+
+def check_shared_copies(source: TensorSource, count: int) -> None:
+    """Warn when a stored copy of the shared embedding or head differs from it (its first rows compared): the
+    MTP layer uses the shared tensors, and merge writes the copies from them."""
+    stored = set(source.names())
+    for key, main in shared_copies(source.config, stored, count):
+        if key not in stored or main not in stored:
+            continue
+        rows = min(SAMPLE_ROWS, source.global_shape(main)[0])  # type: ignore[index]
+        spec = ShardSpec(0, 0, rows, rows, rows)
+        if not torch.equal(source.read(key, spec), source.read(main, spec)):
+            logger.warning(
+                "%s: %s differs from %s; the MTP layer uses %s (shared, as in DeepSeek-V3), and merge writes the "
+                "copy from it",
+                source.path,
+                key,
+                main,
+                main,
+            )
+
+
+def shared_copies(config: object, stored: set[str], count: int | None = None) -> list[tuple[str, str]]:
     """(published key, stored tensor it copies) of every MTP layer's ``embed_tokens``/``shared_head.head``."""
     out = []
-    for i in mtp_indices(config):
+    for i in mtp_indices(config, count):
         if f"model.layers.{i}.eh_proj.weight" not in stored:
             continue
         for leaf, main in SHARED_COPIES:

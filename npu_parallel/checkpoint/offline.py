@@ -46,7 +46,7 @@ from npu_parallel.checkpoint.materialize import (
     materialize,
     plan_tensors,
 )
-from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, mtp_count, shared_copies
+from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, check_shared_copies, mtp_count, shared_copies
 from npu_parallel.checkpoint.safetensors_io import (
     CheckpointError,
     SafetensorsWriter,
@@ -70,6 +70,7 @@ def rank_items(source: HFSource, tp: int, dtype: torch.dtype | None) -> list[lis
         apply_plan(model, Group.offline(r, tp), device_type="meta", plan=source.plan)
         check_mtp_complete(model, source, mtp)
         out.append([i for i in plan_tensors(model, source, dtype) if i.spec is not None or r == 0])
+    check_shared_copies(source, mtp)
     return out
 
 
