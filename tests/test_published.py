@@ -236,3 +236,15 @@ def test_differing_copy_of_shared_head_warns(published, tmp_path, caplog):
         assert main(["convert", str(odd), "--tp", "2", "--out", str(tmp_path / "conv"), "-q"]) == 0
     warned = [r.getMessage() for r in caplog.records if "differs from lm_head.weight" in r.getMessage()]
     assert len(warned) == 1 and "model.layers.3.shared_head.head.weight" in warned[0]
+
+
+def test_mtp_weight_needs_mtp_layers(published, tmp_path):
+    from npu_parallel.training.errors import ConfigError
+
+    plain = tmp_path / "no_mtp"
+    shutil.copytree(published["plain"], plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 0
+    (plain / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"--mtp_loss_weight 0.5: .* has no MTP layers"):
+        _train(plain, tmp_path / "run", 0.5)
