@@ -125,6 +125,12 @@ def test_mtp_roundtrip_bit_exact(published, tmp_path):
     assert main(["merge", str(conv), "--out", str(merged), "-q"]) == 0
     src, out = _tensors(published["plain"]), _tensors(merged)
     assert set(out) == set(src) and all(torch.equal(out[k], src[k]) for k in src)
+    from npu_parallel import init_distributed, load_sharded
+
+    model = load_sharded(conv, init_distributed(1))  # resharded 4 -> 1, the MTP layer with it
+    layer = model.model.layers[3]
+    assert torch.equal(layer.eh_proj.weight, src["model.layers.3.eh_proj.weight"])
+    assert torch.equal(layer.mlp.experts.down_proj[5], src["model.layers.3.mlp.experts.5.down_proj.weight"])
 
 
 def test_mtp_gradient_matches_reference_tp_1_2_4(published):
