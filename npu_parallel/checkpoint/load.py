@@ -80,7 +80,8 @@ def load_pretrained(
 ) -> PreTrainedModel:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
-    Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``.
+    Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``,
+    plus the MTP layers the checkpoint stores (which transformers drops); fp8 weights come dequantized.
     """
     started = time.perf_counter()
     with HFSource(path) as source:
