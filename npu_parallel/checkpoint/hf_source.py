@@ -15,6 +15,14 @@ from typing import Any
 
 import torch
 
+from npu_parallel.checkpoint.fp8 import (
+    DEQUANT_DTYPE,
+    FP8_DTYPES,
+    SCALE_SUFFIX,
+    check_scale,
+    dequantize_rows,
+    quantization_of,
+)
 from npu_parallel.checkpoint.keys import KeyMap
 from npu_parallel.checkpoint.safetensors_io import (
     CheckpointError,
@@ -60,6 +68,7 @@ class HFSource(TensorSource):
     def __init__(self, path: str | Path):
         super().__init__(path)
         self.config  # noqa: B018 (read now: a missing or broken config.json is the first error to report)
+        self.quant = quantization_of(self.config, str(self.path / "config.json"))
         self.file_of = self._index()
         self._handles: dict[str, SafetensorsFile] = {}
         self._where: dict[str, tuple[str, str] | None] = {}
@@ -101,17 +110,47 @@ class HFSource(TensorSource):
     def files(self) -> list[str]:
         return sorted(set(self.file_of.values()))
 
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
     def disk_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in self.files())
 
     def key_info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self.handle(self.file_of[key]).info(key)
 
-    def _read(self, key: str, dim=None, start=0, stop=None, out=None) -> torch.Tensor:
+    def _raw(self, key: str, dim=None, start=0, stop=None, out=None) -> torch.Tensor:
         return self._count(self.handle(self.file_of[key]).read(key, dim, start, stop, out), key)
 
+    def is_fp8(self, key: str) -> bool:
+        """Whether ``key`` is a quantized weight (read dequantized, in float32); checks its scale once."""
+        dtype, shape = self.key_info(key)
+        if dtype not in FP8_DTYPES:
+            return False
+        where = str(self.path)
+        if self.quant is None:
+            raise CheckpointError(
+                f"{where}: tensor {key} is {dtype} but config.json has no quantization_config, so its scales are "
+                f"unknown; add the checkpoint's original quantization_config (fp8 weights are never cast as they are)"
+            )
+        scale = key + SCALE_SUFFIX
+        check_scale(key, shape, self.key_info(scale)[1] if scale in self.file_of else None, self.quant, where)
+        return True
+
+    def _read(self, key: str, dim=None, start=0, stop=None, out=None) -> torch.Tensor:
+        """Rows of ``key`` as stored, or dequantized (fp8.float() * scale, float32) for an fp8 weight."""
+        if not self.is_fp8(key):
+            return self._raw(key, dim, start, stop, out)
+        assert self.quant is not None  # is_fp8 refuses fp8 without a quantization_config
+        data = dequantize_rows(self._raw, key, self.key_info(key)[1], self.quant.block, dim, start, stop)
+        return data if out is None else out.copy_(data)
+
     def first_float_dtype(self) -> torch.dtype | None:
-        return next((d for k in self.file_of if (d := self.key_info(k)[0]).is_floating_point), None)
+        for k in self.file_of:
+            d = self.key_info(k)[0]
+            if d.is_floating_point and not k.endswith(SCALE_SUFFIX):
+                return DEQUANT_DTYPE if d in FP8_DTYPES else d
+        return None
 
     def expert_layout(self) -> dict | None:
         return self.keys.expert_layout(self.file_of)
@@ -159,8 +198,10 @@ class HFSource(TensorSource):
         return where
 
     def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype; bfloat16 for an fp8 weight (what it is dequantized to unless asked otherwise)."""
         kind, key = self._located(name)
-        return self.key_info(self.keys.expert_keys(key, 0)[0] if kind == "experts" else key)[0]
+        key = self.keys.expert_keys(key, 0)[0] if kind == "experts" else key
+        return DEQUANT_DTYPE if self.is_fp8(key) else self.key_info(key)[0]
 
     def read(self, name: str, spec: ShardSpec | None) -> torch.Tensor:
         kind, key = self._located(name)
@@ -171,7 +212,8 @@ class HFSource(TensorSource):
         first, last = (0, self._num_experts(key)) if spec is None else (spec.start, spec.stop)
         shape = self.global_shape(name)
         assert shape is not None  # _located found the experts' keys
-        out = torch.empty((last - first, *shape[1:]), dtype=self.dtype(name))
+        fp8 = self.is_fp8(self.keys.expert_keys(key, 0)[0])
+        out = torch.empty((last - first, *shape[1:]), dtype=torch.float32 if fp8 else self.dtype(name))
         for i, e in enumerate(range(first, last)):  # each expert's matrices straight into their rows of out
             row = 0
             for part in self.keys.expert_keys(key, e):

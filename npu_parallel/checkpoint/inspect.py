@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+from npu_parallel.checkpoint.fp8 import as_dequantized
 from npu_parallel.checkpoint.hf_source import INDEX_FILE, HFSource
 from npu_parallel.checkpoint.keys import FUSED_EXPERT_PARAMS
 from npu_parallel.checkpoint.manifest import FORMAT, MANIFEST
@@ -334,7 +335,7 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
         def is_split(name: str) -> bool:
             return any(p in name for p in SPLIT_PATTERNS)
 
-    report["per_rank_bytes_estimate"] = _per_rank_bytes(tensors, is_split, valid)
+    report["per_rank_bytes_estimate"] = _per_rank_bytes(as_dequantized(tensors), is_split, valid)  # as loaded
     return report
 
 
@@ -429,7 +430,7 @@ def format_report(report: dict) -> str:
         line("tp sizes", r["plan_error"])
         return "\n".join(lines)
     line("plan", r["plan"])
-    lines.append("tp sizes       (per-rank weights: an estimate, split tensors / tp + replicated tensors, as stored)")
+    lines.append("tp sizes       (per-rank weights: an estimate, split tensors / tp + replicated tensors, fp8 as bf16)")
     est = {int(k): v for k, v in r["per_rank_bytes_estimate"].items()}  # int keys, or str after a JSON round trip
     rows = []
     for tp in r["tp"]["valid"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from npu_parallel.checkpoint.fp8 import is_quantized
 from npu_parallel.checkpoint.hf_source import HFSource
 from npu_parallel.checkpoint.materialize import (
     CopyInto,
@@ -19,6 +21,7 @@ from npu_parallel.checkpoint.materialize import (
     plan_tensors,
     resolve_dtype,
 )
+from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, check_shared_copies, mtp_count
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.source import TensorSource
@@ -34,7 +37,8 @@ def _build(
     """The converted model on the meta device and what it needs from ``source``; no byte read yet."""
     plan = source.plan
     target = resolve_dtype(dtype, source.config, source.first_float_dtype())
-    model = empty_model(source.config, target)
+    mtp = mtp_count(source)
+    model = empty_model(source.config, target, mtp=mtp)
     info = apply_plan(
         model,
         state.tp,
@@ -44,6 +48,9 @@ def _build(
         capacity_factor=capacity_factor,
         world_size=state.world_size,
     )  # checks tp, same on every rank
+    check_mtp_complete(model, source, mtp)
+    if state.rank == 0:
+        check_shared_copies(source, mtp)
     return model, info, plan_tensors(model, source, target)
 
 
@@ -73,7 +80,8 @@ def load_pretrained(
 ) -> PreTrainedModel:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
-    Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``.
+    Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``,
+    plus the MTP layers the checkpoint stores (which transformers drops); fp8 weights come dequantized.
     """
     started = time.perf_counter()
     with HFSource(path) as source:
@@ -85,6 +93,25 @@ def load_pretrained(
     _record(info, source, state, started, len(items))
     info.source_path = str(Path(path).resolve())
     return model.eval()  # as from_pretrained returns it
+
+
+def load_unconverted(path: str | Path, dtype, **kwargs) -> PreTrainedModel:
+    """The plain Hugging Face model (no plan, no MTP): ``from_pretrained``, or for an fp8 checkpoint (which
+    transformers cannot load on a device without fp8) every weight read dequantized through HFSource.
+
+    ``kwargs`` go to ``from_pretrained`` / ``from_config`` (e.g. ``experts_implementation``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not is_quantized(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    with HFSource(path) as source:
+        config = copy.deepcopy(source.config)
+        del config.quantization_config
+        target = resolve_dtype(dtype, config, source.first_float_dtype())
+        model = AutoModelForCausalLM.from_config(config, dtype=target, **kwargs)
+        materialize(plan_tensors(model, source, target), source, CopyInto())
+    return model.eval()
 
 
 def load_sharded(

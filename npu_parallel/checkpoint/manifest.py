@@ -97,8 +97,12 @@ def build_manifest(
     key_aliases=(),
     source_path: str | None = None,
 ) -> dict:
-    """The manifest.json object; field order and names are the on-disk format."""
+    """The manifest.json object; field order and names are the on-disk format.
+
+    The config loses any ``quantization_config``: rank files always hold dequantized weights.
+    """
     cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

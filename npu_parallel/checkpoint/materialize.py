@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.source import TensorSource
+from npu_parallel.convert.mtp import add_mtp_layers
 from npu_parallel.parallel.shard_spec import ShardSpec, mark, pad_to_spec, spec_of
 
 
@@ -71,14 +72,17 @@ def resolve_dtype(dtype, config, first_float: torch.dtype | None) -> torch.dtype
     return cfg or first_float or torch.get_default_dtype()
 
 
-def empty_model(config, dtype: torch.dtype, *, meta_buffers: bool = False) -> PreTrainedModel:
+def empty_model(config, dtype: torch.dtype, *, meta_buffers: bool = False, mtp: int = 0) -> PreTrainedModel:
     """The HF model with parameters on the meta device; buffers real (rotary caches computed as usual) unless
-    ``meta_buffers`` (offline planning, where nothing is computed)."""
+    ``meta_buffers`` (offline planning, where nothing is computed). ``mtp``: MTP layers to append."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=meta_buffers):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if mtp:
+            add_mtp_layers(model, mtp, dtype)
+        return model
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from npu_parallel.checkpoint.materialize import (
     materialize,
     plan_tensors,
 )
+from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, check_shared_copies, mtp_count, shared_copies
 from npu_parallel.checkpoint.safetensors_io import (
     CheckpointError,
     SafetensorsWriter,
@@ -63,10 +64,13 @@ ST_METADATA = {"format": "pt"}  # transformers refuses safetensors files without
 def rank_items(source: HFSource, tp: int, dtype: torch.dtype | None) -> list[list[Item]]:
     """Per tp rank, the tensors its file holds (split ones; rank 0 also the replicated), shapes checked."""
     out = []
+    mtp = mtp_count(source)
     for r in range(tp):
-        model = empty_model(source.config, dtype or torch.get_default_dtype(), meta_buffers=True)
+        model = empty_model(source.config, dtype or torch.get_default_dtype(), meta_buffers=True, mtp=mtp)
         apply_plan(model, Group.offline(r, tp), device_type="meta", plan=source.plan)
+        check_mtp_complete(model, source, mtp)
         out.append([i for i in plan_tensors(model, source, dtype) if i.spec is not None or r == 0])
+    check_shared_copies(source, mtp)
     return out
 
 
@@ -152,11 +156,17 @@ def hf_entries(source: ShardedSource) -> Iterator[Entry]:
     """(HF key, dtype, shape, read) for every tensor, in the key layout the original checkpoint used."""
     keys = source.keys
     per_expert = (source.expert_layout() or {}).get("kind") == "per_expert"
+    copies: dict[str, list[str]] = {}
+    for key, main in shared_copies(source.config, set(source.tensors)):
+        copies.setdefault(main, []).append(key)
     for name, info in source.tensors.items():
         dtype, shape = source.dtype(name), tuple(info["shape"])
         parts = keys.expert_parts(name) if per_expert else None
         if not parts:
             yield keys.to_checkpoint(name), dtype, shape, partial(source.read, name, None)
+            if name in copies:  # the MTP layers' published copies of the shared embedding and head
+                for key in copies[name]:
+                    yield key, dtype, shape, partial(source.read, name, None)
             continue
         if len(parts) == 1:
             continue  # down_proj: emitted with gate_up_proj, expert by expert

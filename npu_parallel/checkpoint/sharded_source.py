@@ -99,6 +99,9 @@ class ShardedSource(TensorSource):
         """The key mapping this checkpoint's HF source used: how ``merge`` writes HF keys back."""
         return KeyMap.from_manifest(self.manifest)
 
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
     def files(self) -> list[str]:
         return [rank_file(r, self.tp) for r in range(self.tp)]
 

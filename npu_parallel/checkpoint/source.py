@@ -62,6 +62,10 @@ class TensorSource(ABC):
         """How the routed experts are stored: {"kind": "fused"}, {"kind": "per_expert", "names": [...]}, or None."""
 
     @abstractmethod
+    def names(self) -> list[str]:
+        """Every tensor name the checkpoint stores (its own keys)."""
+
+    @abstractmethod
     def first_float_dtype(self) -> torch.dtype | None:
         """The first floating dtype stored: the weights' own dtype for transformers' "auto" rule."""
 

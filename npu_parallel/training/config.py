@@ -58,6 +58,7 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     vocab_parallel_loss: bool = False
+    mtp_loss_weight: float = 0.0
     moe_impl: str = "auto"
     jit_warmup_steps: int = 2
     timeout_s: float | None = None
@@ -89,6 +90,7 @@ HELP = {
     "precision": "auto (bf16 where the device supports it, else fp32), bf16 or fp32",
     "gradient_checkpointing": "recompute activations in backward",
     "vocab_parallel_loss": "cross-entropy on vocab-sharded logits, never gathering them",
+    "mtp_loss_weight": "weight of DeepSeek-V3's multi-token-prediction loss (0: MTP layers kept but frozen)",
     "moe_impl": f"MoE implementation: {', '.join(moe_impl_choices())}",
     "jit_warmup_steps": "forward+backward passes on a small batch before the first real step (compiles kernels)",
     "timeout_s": "process-group timeout in seconds",
@@ -143,7 +145,7 @@ def check_args(cfg: TrainConfig) -> None:
         0 <= cfg.warmup_steps <= cfg.steps,
         f"--warmup_steps {cfg.warmup_steps}: must be within [0, --steps {cfg.steps}]; lower it or raise --steps",
     )
-    for name in ("weight_decay", "grad_clip"):
+    for name in ("weight_decay", "grad_clip", "mtp_loss_weight"):
         value = getattr(cfg, name)
         _need(math.isfinite(value) and value >= 0, f"--{name} {value}: must be a finite number >= 0")
     _need(

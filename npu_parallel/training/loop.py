@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from npu_parallel.checkpoint.load import load_pretrained, load_sharded
 from npu_parallel.checkpoint.save import load_training_state, save_sharded
+from npu_parallel.convert.mtp import MTP_ATTR, mtp_layers
 from npu_parallel.parallel import device as _device
 from npu_parallel.parallel.state import ParallelState, init_distributed
 from npu_parallel.training.config import TrainConfig, add_train_args, check_args, check_inputs, config_from_args
@@ -78,6 +79,19 @@ def _check_loaded_weights(cfg: TrainConfig, model_path: str, model) -> None:
         raise ConfigError(f"{flag} {path}: {name} holds NaN or Inf; restore the checkpoint's weights")
 
 
+def _use_mtp(cfg: TrainConfig, model) -> None:
+    """MTP layers train with --mtp_loss_weight > 0 (which needs them) and stay frozen, untouched, at 0."""
+    layers = mtp_layers(model)
+    if cfg.mtp_loss_weight and not layers:
+        source = cfg.resume or cfg.model_path
+        raise ConfigError(
+            f"--mtp_loss_weight {cfg.mtp_loss_weight}: {source} has no MTP layers ({MTP_ATTR} unset, or their "
+            f"tensors not stored); pass --mtp_loss_weight 0 or a checkpoint that keeps them (DeepSeek-V3's)"
+        )
+    for layer in layers:
+        layer.requires_grad_(bool(cfg.mtp_loss_weight))
+
+
 def _save(cfg: TrainConfig, model, opt, sched, state: ParallelState, step: int, position: int) -> Path:
     """A step-N checkpoint, never of non-finite weights (then NonFiniteError on every rank, nothing written)."""
     if not weights_are_finite(model, state):
@@ -125,6 +139,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model = load_pretrained(inputs.model_path, state, dtype=dtype, moe_impl=cfg.moe_impl, progress=main)
     agree(lambda: _check_loaded_weights(cfg, inputs.model_path, model), state)
+    agree(lambda: _use_mtp(cfg, model), state)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.vocab_parallel_loss:
@@ -151,7 +166,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         for step in range(start, last):
             t0 = time.perf_counter()
-            total, aux_total = 0.0, None
+            total, aux_total, mtp_total = 0.0, None, None
             for micro in range(cfg.grad_accum):
                 batch = data.next().to(state.device)
                 if step == start and micro == 0:
@@ -160,13 +175,23 @@ def train(cfg: TrainConfig) -> dict:
                 if isinstance(net, DistributedDataParallel) and micro < cfg.grad_accum - 1:
                     sync = net.no_sync()  # accumulate locally: DDP reduces on the last micro-batch only
                 with sync:
-                    loss, aux = causal_lm_loss(net, batch, batch, vocab_parallel=cfg.vocab_parallel_loss)
+                    parts: dict = {}
+                    loss, aux = causal_lm_loss(
+                        net,
+                        batch,
+                        batch,
+                        vocab_parallel=cfg.vocab_parallel_loss,
+                        mtp_weight=cfg.mtp_loss_weight,
+                        parts=parts,
+                    )
                     (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
+                if "mtp_loss" in parts:
+                    mtp_total = (mtp_total or 0.0) + parts["mtp_loss"].item() / cfg.grad_accum
                 if aux is not None:
                     aux_total = (aux_total or 0.0) + aux.item() / cfg.grad_accum
             if state.dp_size > 1:  # log the global batch's loss, not this replica's share
-                total, aux_total = _dp_mean([total, aux_total], state)
+                total, aux_total, mtp_total = _dp_mean([total, aux_total, mtp_total], state)
             norm = clip_grad_norm_(model, cfg.grad_clip, state)
             lr = sched.get_last_lr()[0]
             finite = step_is_finite(total, norm, state)
@@ -183,6 +208,7 @@ def train(cfg: TrainConfig) -> dict:
                     "step": step + 1,
                     "loss": total,
                     "aux_loss": aux_total,
+                    "mtp_loss": mtp_total,
                     "lr": lr,
                     "grad_norm": norm.item(),
                     "tokens_per_s": tokens_per_step / seconds,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from npu_parallel.convert.mtp import mtp_states
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
 
@@ -38,22 +42,69 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack([v.float() for v in values]).sum() if values else None
 
 
+def token_loss(logits: torch.Tensor, target: torch.Tensor, head: nn.Module, vocab_parallel: bool) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` [B, L, V or V/tp] against ``target`` [B, L] over non-ignored tokens."""
+    if vocab_parallel:
+        assert isinstance(head, ParallelLMHead)
+        per_token = vocab_parallel_cross_entropy(logits, target, head.vocab_start, head.vocab_stop, head.tp, IGNORE)
+        return per_token.sum() / (target != IGNORE).sum().clamp(min=1)
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+
+
+def mtp_loss(
+    model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_parallel: bool
+) -> torch.Tensor:
+    """DeepSeek-V3's L_MTP / lambda: the mean over depths k of the cross-entropy of predicting token i+k+1.
+
+    ``hidden``: the main model's final normed hidden states [B, T, H]; embedding and head are the main model's.
+    """
+    head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (nn.Module types it as a Tensor)
+    losses = []
+    for k, states in enumerate(mtp_states(model, hidden, input_ids), start=1):
+        logits = head(states)[:, :-1]  # [B, T-k-1, V or V/tp]: position i predicts token i+k+1
+        losses.append(token_loss(logits, labels[:, k + 1 :], head, vocab_parallel))
+    return torch.stack(losses).mean()
+
+
 def causal_lm_loss(
-    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_parallel: bool, group=None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_parallel: bool,
+    group=None,
+    mtp_weight: float = 0.0,
+    parts: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(loss, aux_loss) for one batch; the same value either way, vocab-parallel never gathers the logits."""
+    """(loss, aux_loss) for one batch; the same value either way, vocab-parallel never gathers the logits.
+
+    ``mtp_weight`` > 0 adds DeepSeek-V3's MTP loss times it (the model must have MTP layers); its value goes
+    into ``parts["mtp_loss"]`` when ``parts`` is given.
+    """
     module = unwrap(model)
-    if not vocab_parallel:
-        out = model(input_ids=input_ids, labels=labels)
-        aux = getattr(out, "aux_loss", None)
-        return out.loss, (aux if aux is not None else moe_aux_loss(module))
-    head = lm_head_of(module)
-    out = model(input_ids=input_ids)
-    local = out.logits[:, :-1]
-    target = labels[:, 1:]
-    per_token = vocab_parallel_cross_entropy(local, target, head.vocab_start, head.vocab_stop, head.tp, IGNORE)
-    loss = per_token.sum() / (target != IGNORE).sum().clamp(min=1)
+    captured: list[torch.Tensor] = []
+    hook = None
+    if mtp_weight:  # the main model's final normed hidden states h^0, as its forward computes them
+        base: Any = module.model
+        final_norm: nn.Module = base.norm
+        hook = final_norm.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        if not vocab_parallel:
+            out = model(input_ids=input_ids, labels=labels)
+            loss = out.loss
+        else:
+            head = lm_head_of(module)
+            out = model(input_ids=input_ids)
+            loss = token_loss(out.logits[:, :-1], labels[:, 1:], head, True)
+            if getattr(out, "aux_loss", None) is not None:  # transformers adds coef * aux to its own loss
+                loss = loss + getattr(getattr(module, "config", None), "router_aux_loss_coef", 0.0) * out.aux_loss
+    finally:
+        if hook is not None:
+            hook.remove()
+    if mtp_weight:
+        mtp = mtp_loss(module, captured[-1], input_ids, labels, vocab_parallel=vocab_parallel)
+        loss = loss + mtp_weight * mtp
+        if parts is not None:
+            parts["mtp_loss"] = mtp.detach()
     aux = getattr(out, "aux_loss", None)
-    if aux is not None:  # transformers adds coef * aux to its own loss; do the same here
-        loss = loss + getattr(getattr(module, "config", None), "router_aux_loss_coef", 0.0) * aux
     return loss, (aux if aux is not None else moe_aux_loss(module))

@@ -90,6 +90,7 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         aux = f" aux {record['aux_loss']:.4f}" if record.get("aux_loss") is not None else ""
+        aux += f" mtp {record['mtp_loss']:.4f}" if record.get("mtp_loss") is not None else ""
         skipped = " | skipped (non-finite)" if record.get("skipped") else ""
         self.bar.write(
             f"step {record['step']:>5} | loss {record['loss']:.4f}{aux} | lr {record['lr']:.2e} | "
