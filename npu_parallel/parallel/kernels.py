@@ -214,7 +214,7 @@ def _compare(fused_fn: Callable, twin_fn: Callable, inputs: list[torch.Tensor], 
         grads.append([t.grad for t in leaves if t.requires_grad])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4, msg=lambda m: f"{what} output: {m}")
     for i, (a, b) in enumerate(zip(grads[0], grads[1], strict=True)):
-        if a is None:
+        if a is None or b is None:
             raise RuntimeError(f"{what}: no gradient for input {i} (no autograd formula)")
         diff = (a - b).abs().max().item() if a.shape == b.shape else float("nan")
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"{what} grad of input {i}: max diff {diff}")
