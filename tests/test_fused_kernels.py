@@ -14,7 +14,7 @@ from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds2
 
 import npu_parallel
 from npu_parallel.convert.attention import padded_value_sdpa
-from npu_parallel.convert.fused import InterleavedRotaryEmbedding, RMSNorm
+from npu_parallel.convert.fused import InterleavedRotaryEmbedding, RMSNorm, use_fused_kernels
 from npu_parallel.moe.dispatchers.grouped import GroupedDispatcher
 from npu_parallel.moe.dispatchers.npu import NpuDispatcher
 from npu_parallel.moe.experts import LocalExperts
@@ -88,6 +88,29 @@ def test_rotary_module_matches_transformers_rotary():
     # torch.cos/sin against polar's sincos: at most one float32 ulp apart
     torch.testing.assert_close(real_table[0], complex_table.real, atol=2e-7, rtol=0)
     torch.testing.assert_close(real_table[1], complex_table.imag, atol=2e-7, rtol=0)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 1.3])  # 1.3: tables past the kernel's [-1, 1] get the third plane
+def test_converted_rotary_path_matches_transformers_complex_path(scaling):
+    config_cls, model_cls, kw = VARIANTS["deepseek_v2"]
+    model = model_cls(config_cls(**kw))
+    source = copy.deepcopy(model.model.rotary_emb)
+    source.attention_scaling = model.model.rotary_emb.attention_scaling = scaling
+    use_fused_kernels(model)
+    assert isinstance(model.model.rotary_emb, InterleavedRotaryEmbedding)
+    x, pos = torch.randn(1, 9, 4), torch.arange(9)[None]
+    table = model.model.rotary_emb(x, pos)
+    assert table.shape[0] == (2 if scaling <= 1 else 3)
+    q, k = torch.randn(1, 8, 9, 16), torch.randn(1, 1, 9, 16)
+    got = ds2.apply_rotary_emb(q, k, table)  # conversion taught transformers' function the real tables
+    want = ds2.apply_rotary_emb(q, k, source(x, pos))  # complex tables: the original function
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    stand_in = Recording()
+    with kernels.use_kernels(stand_in):
+        fused_q, _ = ds2.apply_rotary_emb(q, k, table)
+    torch.testing.assert_close(fused_q, want[0], atol=1e-6, rtol=0)
+    assert ("npu_rotary_mul" in stand_in.calls) == (scaling <= 1)  # the kernel only on tables within [-1, 1]
 
 
 def test_swiglu_and_rms_norm_twins_are_the_transformers_formulas():

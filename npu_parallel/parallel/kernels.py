@@ -136,11 +136,13 @@ def rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     r1 = cos.unsqueeze(1).repeat_interleave(2, dim=-1)  # [B or 1, 1, S, D]
     r2 = sin.unsqueeze(1).repeat_interleave(2, dim=-1)
     xf = x.float()
-    # the interleave mode takes 11SD tables for BNSD input only, and tables in [-1, 1]
-    kernels = fused("npu_rotary_mul", x.device.type) if r1.shape[0] == 1 and bounded else None
+    # the interleave mode (jit_compile=False): 11SD tables for BNSD input, tables in [-1, 1], B*N < 1000, D < 896
+    b, n, _, d = x.shape
+    ok = r1.shape[0] == 1 and bounded and b * n < 1000 and d < 896
+    kernels = fused("npu_rotary_mul", x.device.type) if ok else None
     if kernels is None:
         return rotary_interleaved_twin(xf, r1, r2).type_as(x)
-    return kernels.npu_rotary_mul(xf, r1, r2, rotary_mode="interleave").type_as(x)
+    return kernels.npu_rotary_mul(xf.contiguous(), r1, r2, rotary_mode="interleave").type_as(x)
 
 
 _CAUSAL_SIDE = 2048  # sparse_mode=2 takes this compressed upper-triangle mask whatever the sequence length
@@ -183,9 +185,9 @@ def fusion_attention(
     else:
         mask, sparse_mode = None, 0
     return kernels.npu_fusion_attention(
-        query,
-        key,
-        value,
+        query.contiguous(),
+        key.contiguous(),
+        value.contiguous(),  # MLA's values are a split view of kv_b_proj's output
         query.shape[1],
         "BNSD",
         atten_mask=mask,
