@@ -140,7 +140,8 @@ class ReferenceNpuOps:
     def _permute(tokens, indices, num_out_tokens):
         topk = 1 if indices.dim() == 1 else indices.shape[1]
         flat = indices.reshape(-1)
-        first = torch.sort(flat, stable=True).indices  # sortedIndicesFirst (stable: the doc's example)
+        with _device_side():  # the kernel's own integer sort, not one of the caller's (the op audit bans those)
+            first = torch.sort(flat, stable=True).indices  # sortedIndicesFirst (stable: the doc's example)
         sorted_indices = torch.empty_like(first).scatter_(0, first, torch.arange(flat.numel()))  # argSort(first)
         permuted = tokens.index_select(0, torch.div(first, topk, rounding_mode="floor"))
         if num_out_tokens:  # None or 0 keeps every row; negative: a negative slice end
@@ -418,3 +419,122 @@ def plant_broken_torch_npu(site) -> None:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.14.0\n")
     (info / "entry_points.txt").write_text("[torch.backends]\ntorch_npu = torch_npu:_autoload\n")
+
+
+# -- the fused dense kernels and the fp32 weight-gradient accumulation (npu_parallel/parallel/kernels.py) ------------
+
+
+class ReferenceKernels(ReferenceNpuOps):
+    """The documented semantics of ``npu_swiglu``, ``npu_rms_norm``, ``npu_rotary_mul``, ``npu_fusion_attention``
+    and ``npu_grouped_matmul_add_`` (torch_npu 2.6 schemas, ``_op_plugin_docs.py``), strict like the MoE kernels;
+    installed with ``npu_parallel.parallel.kernels.use_kernels`` they run the fused paths on CPU."""
+
+    def npu_swiglu(self, input, dim=-1):
+        _require(input.dtype in _FLOATS, f"npu_swiglu: dtype {input.dtype} not float16/bfloat16/float32", TypeError)
+        _require(1 <= input.dim() <= 8 and input.numel() > 0, "npu_swiglu: 1-8 dims, not empty")
+        _require(input.is_contiguous(), "npu_swiglu: non-contiguous input is not supported")
+        _require(input.shape[dim] % 2 == 0, f"npu_swiglu: dim {dim} of {tuple(input.shape)} must be even")
+        a, b = input.chunk(2, dim=dim)
+        return torch.nn.functional.silu(a) * b
+
+    def npu_rms_norm(self, input, gamma, epsilon=1e-06):
+        _require(input.dtype in _FLOATS, f"npu_rms_norm: dtype {input.dtype} not a float", TypeError)
+        _require(gamma.dtype == input.dtype, f"npu_rms_norm: gamma {gamma.dtype} != input {input.dtype}", TypeError)
+        _require(
+            tuple(input.shape[input.dim() - gamma.dim() :]) == tuple(gamma.shape),
+            f"npu_rms_norm: gamma {tuple(gamma.shape)} is not the trailing shape of {tuple(input.shape)}",
+        )
+        dims = tuple(range(input.dim() - gamma.dim(), input.dim()))
+        x = input.float()
+        rstd = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + epsilon)  # [..., 1]: float32, as the doc's output
+        return (x * rstd).to(input.dtype) * gamma, rstd
+
+    def npu_rotary_mul(self, input, r1, r2, rotary_mode="half"):
+        _require(rotary_mode in ("half", "interleave"), f"npu_rotary_mul: rotary_mode {rotary_mode!r}")
+        _require(all(t.dim() == 4 for t in (input, r1, r2)), "npu_rotary_mul: input, r1, r2 must be 4-D")
+        _require(
+            input.dtype in _FLOATS and r1.dtype == r2.dtype == input.dtype,
+            f"npu_rotary_mul: dtypes {input.dtype}, {r1.dtype}, {r2.dtype}",
+            TypeError,
+        )
+        _require(r1.shape == r2.shape, "npu_rotary_mul: r1 and r2 shapes differ")
+        b, n, s, d = input.shape
+        _require(d % 2 == 0 and d < 896, f"npu_rotary_mul: D={d} must be even and < 896")
+        if rotary_mode == "interleave":
+            _require(b * n < 1000, f"npu_rotary_mul(interleave): B*N = {b * n} must be < 1000")
+            # BNSD input takes 11SD tables, BSND 1S1D, SBND S11D (the doc's jit_compile=False table)
+            _require(
+                tuple(r1.shape) in ((1, 1, s, d), (1, n, 1, d), (b, 1, 1, d)),
+                f"npu_rotary_mul(interleave): r1 {tuple(r1.shape)} fits no layout of input {tuple(input.shape)}",
+            )
+            x1, x2 = input[..., ::2], input[..., 1::2]
+            rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        else:
+            x1, x2 = input.chunk(2, dim=-1)
+            rotated = torch.cat((-x2, x1), dim=-1)
+        return r1 * input + r2 * rotated
+
+    def npu_fusion_attention(
+        self, query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None, scale=1.0,
+        keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0, prefix=None,
+        actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
+    ):  # fmt: skip
+        if input_layout != "BNSD" or pse is not None or padding_mask is not None or prefix is not None:
+            raise NotImplementedError("stand-in: BNSD layout without pse/padding_mask/prefix only")
+        _require(keep_prob == 1.0, "stand-in: no dropout (keep_prob must be 1)")
+        _require(
+            query.dtype in _FLOATS and key.dtype == value.dtype == query.dtype, "q/k/v dtypes must agree", TypeError
+        )
+        (b, n, sq, dq), (_, nkv, skv, dk), dv = query.shape, key.shape, value.shape[-1]
+        _require(head_num == n, f"head_num {head_num} != query heads {n}")
+        _require(key.shape[:3] == value.shape[:3], "key and value must agree but for D")
+        _require(dq == dk and dk >= dv and dk <= 768, f"the doc wants Dq = Dk >= Dv, <= 768; got {dq}, {dk}, {dv}")
+        _require(n % nkv == 0, f"query heads {n} not a multiple of key/value heads {nkv}")
+        mask = None
+        if atten_mask is not None:
+            _require(atten_mask.dtype in (torch.bool, torch.uint8), "atten_mask must be bool/uint8", TypeError)
+            if sparse_mode == 2:  # leftUpCausal: the compressed 2048x2048 upper triangle
+                _require(tuple(atten_mask.shape) == (2048, 2048), "sparse_mode=2 wants the 2048x2048 mask")
+                mask = torch.ones(sq, skv, dtype=torch.bool).triu(1)
+            elif sparse_mode == 0:
+                _require(
+                    atten_mask.dim() == 2 or (atten_mask.dim() == 4 and atten_mask.shape[1] in (1, n)),
+                    f"atten_mask shape {tuple(atten_mask.shape)}: BNSS, B1SS, 11SS or SS",
+                )
+                _require(tuple(atten_mask.shape[-2:]) == (sq, skv), "atten_mask must be [.., Sq, Skv]")
+                mask = atten_mask.bool()
+            else:
+                raise NotImplementedError(f"stand-in: sparse_mode {sparse_mode}")
+        k = key.repeat_interleave(n // nkv, dim=1)
+        v = value.repeat_interleave(n // nkv, dim=1)
+        scores = (query.float() @ k.float().transpose(-1, -2)) * scale  # [B, N, Sq, Skv]
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        out = (scores.softmax(-1) @ v.float()).to(query.dtype)  # [B, N, Sq, Dv]
+        stats = scores.amax(-1, keepdim=True).expand(b, n, sq, 8).detach()  # softmax_max's documented [B, N, S, 8]
+        return out, stats, stats, query.new_empty(0), 0, 0, 0
+
+    def npu_grouped_matmul_add_(self, y, x, weight, group_list, *, transpose_x=True, transpose_weight=False,
+                                group_type=2):  # fmt: skip
+        _require(transpose_x is True and transpose_weight is False, "only transpose_x=True, transpose_weight=False")
+        _require(group_type == 2, f"group_type must be 2 (k-axis), got {group_type}")
+        _require(y.dtype == torch.float32, f"y (self) must be float32, got {y.dtype}", TypeError)
+        _require(
+            x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype,
+            f"x/weight must share float16 or bfloat16, got {x.dtype}/{weight.dtype}",
+            TypeError,
+        )
+        _require(x.dim() == 2 and weight.dim() == 2 and x.shape[0] == weight.shape[0], "x [K, M], weight [K, N]")
+        _require(group_list.dtype == torch.int64 and group_list.dim() == 1, "group_list: 1-D int64", TypeError)
+        _require(group_list.numel() <= _MAX_GROUPS, f"{group_list.numel()} groups > {_MAX_GROUPS}")
+        ends = _host_ints(group_list)
+        _require(
+            all(a <= b for a, b in itertools.pairwise([0, *ends])) and ends[-1] <= x.shape[0],
+            f"group_list must be non-decreasing cumulative ends <= {x.shape[0]}, got {ends}",
+        )
+        _require(tuple(y.shape) == (len(ends), x.shape[1], weight.shape[1]), f"y [g, M, N], got {tuple(y.shape)}")
+        with torch.no_grad():
+            for g, (a, b) in enumerate(itertools.pairwise([0, *ends])):
+                if b > a:
+                    y[g] += x[a:b].float().t() @ weight[a:b].float()
+        return y

@@ -254,3 +254,50 @@ def test_data_sized_ops_are_host_syncs_and_nonzero_static_is_allowed():
         torch.nonzero_static(keys, size=4)
     assert audit.host_syncs() == 2
     assert audit.banned() == []
+
+
+class _BadDtypes(nn.Module):
+    """One NPU-hostile dtype per case, in the forward (and, through autograd, the backward)."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.w
+        if self.case == "complex":
+            z = torch.view_as_complex(h.reshape(2, 2))  # complex
+            return torch.view_as_real(z * z).sum()
+        if self.case == "float64":
+            return (h.double() * 2).sum().float()  # float64
+        if self.case == "int_sort":
+            order = torch.sort(x.to(torch.int64)).indices  # int_sort
+            return h.index_select(0, order).sum()
+        if self.case == "int_argsort":
+            order = torch.argsort(x.to(torch.int32), stable=True)  # int_argsort
+            return h.index_select(0, order).sum()
+        order = torch.sort(x).indices  # float keys, real dtypes: clean
+        return (h.index_select(0, order) * torch.arange(4).topk(2).values.sum()).sum()
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    [("complex", "complex64"), ("float64", "float64"), ("int_sort", "int64 keys"), ("int_argsort", "int32 keys")],
+)
+def test_npu_hostile_dtypes_are_banned_with_their_line(case: str, dtype: str) -> None:
+    model = _BadDtypes(case)
+    with OpAudit() as audit:
+        model(torch.tensor([3.0, 1.0, 2.0, 0.0])).backward()
+    banned = audit.banned()
+    assert banned and all(e.op.endswith(f"[{dtype}]") for e in banned), audit.table()
+    assert banned[0].where == _at(case) and banned[0].phase == "forward"
+    if case in ("complex", "float64"):  # their backward runs the same dtype
+        assert any(e.phase == "backward" for e in banned), audit.table()
+
+
+def test_float_sort_integer_topk_and_real_dtypes_are_clean() -> None:
+    model = _BadDtypes("clean")
+    with OpAudit() as audit:
+        model(torch.tensor([3.0, 1.0, 2.0, 0.0])).backward()
+    assert audit.events == [], audit.table()

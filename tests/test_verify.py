@@ -196,8 +196,15 @@ def test_audit_unconverted_eager_reports_nonzero_line(checkpoints, capsys, tmp_p
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_audit_unconverted_fused_implementations(checkpoints, capsys, impl):
-    assert cli.main(["audit", str(checkpoints / "deepseek_v2"), "--unconverted", "--experts-implementation", impl]) == 0
-    assert f"experts_implementation={impl}" in capsys.readouterr().out
+    """transformers' fused experts: no nonzero, no host sync; what the audit bans is DeepSeek-V2's complex64 rotary
+    and grouped_mm's sort of int64 expert ids (transformers/integrations/moe.py)."""
+    assert cli.main(["audit", str(checkpoints / "deepseek_v2"), "--unconverted", "--experts-implementation", impl]) == 1
+    out = capsys.readouterr().out
+    assert f"experts_implementation={impl}" in out and "0 host syncs" in out
+    banned = [line for line in out.splitlines() if " banned " in line and "banned ops" not in line]
+    assert banned and all("[complex64]" in line or "[int64 keys]" in line for line in banned), out
+    assert any("aten.polar.default [complex64]" in line and "modeling_deepseek_v2.py" in line for line in banned)
+    assert any("aten.sort" in line and "integrations/moe.py" in line for line in banned) == (impl == "grouped_mm")
 
 
 def test_audit_bad_input(checkpoints, tmp_path, capsys):

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from npu_parallel.convert.attention import use_fused_attention
+from npu_parallel.convert.fused import use_fused_kernels
 from npu_parallel.convert.plan import Plan, matches, plan_for
 from npu_parallel.convert.styles import Context
 from npu_parallel.moe.dispatchers import Dispatcher, resolve_dispatcher
@@ -94,6 +95,7 @@ def apply_plan(
     if unused and tp.rank == 0:
         logger.warning("%s plan: rules that matched no module of %s: %s", plan.name, type(model).__name__, unused)
     use_fused_attention(model)
+    use_fused_kernels(model)
     info = ConversionInfo(plan, tp, dispatcher.name)
     setattr(model, INFO_ATTR, info)
     experts = plan.num_experts(config)

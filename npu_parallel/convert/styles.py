@@ -6,13 +6,15 @@ subtree converts the children itself; otherwise conversion continues into the ch
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.dispatchers import Dispatcher
-from npu_parallel.moe.experts import LocalExperts
+from npu_parallel.moe.experts import LocalExperts, is_silu
+from npu_parallel.parallel import kernels
 from npu_parallel.parallel.collectives import copy_to_tp
 from npu_parallel.parallel.linear import (
     ColumnParallelLinear,
@@ -133,6 +135,18 @@ def _input_to_tp_region(tp: Group):
     return hook
 
 
+def _swiglu_forward(gate: str, up: str, down: str):
+    """A gated MLP's forward, ``down(silu(gate(x)) * up(x))``, with the activation on ``kernels.swiglu_pair``.
+
+    Bound to the module as its own ``forward`` (a closure over names only: a deepcopy rebinds it to the copy).
+    """
+
+    def forward(self, x):
+        return getattr(self, down)(kernels.swiglu_pair(getattr(self, gate)(x), getattr(self, up)(x)))
+
+    return forward
+
+
 @dataclass
 class MLP(Style):
     """Gated MLP: f once on the input, gate/up column-parallel, down row-parallel."""
@@ -157,6 +171,8 @@ class MLP(Style):
                 setattr(module, attr, getattr(module, attr) // ctx.tp.size)
         if self.reduce_output:  # a partial MLP (shared experts) sits behind its block's own f
             module.register_forward_pre_hook(_input_to_tp_region(ctx.tp), with_kwargs=True)
+        if is_silu(getattr(module, "act_fn", None)):  # npu_swiglu on an NPU
+            module.forward = types.MethodType(_swiglu_forward(self.gate, self.up, self.down), module)
         return module
 
 

@@ -10,12 +10,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from npu_parallel.parallel import kernels
 from npu_parallel.parallel.shard_spec import ShardedModule, ShardSpec, even_range, mark, shard_tensor
 from npu_parallel.parallel.state import Group
 
 # ``matmul(rows, w)``: each expert e's group of rows times ``w[e]``, ``w [E_local, K, N]`` -> rows of width N.
 # The dispatcher supplies it with the rows (grouped GEMM with counts, bmm on capacity buffers, ...).
 ExpertMatmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def is_silu(act_fn: object) -> bool:
+    """Whether an activation module is SiLU (torch's or transformers'), the gate of a SwiGLU."""
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
 
 
 def _linear(module: nn.Module, name: str) -> nn.Linear:
@@ -78,8 +84,13 @@ class LocalExperts(ShardedModule):
     def forward(self, rows: torch.Tensor, matmul: ExpertMatmul) -> torch.Tensor:
         """Each local expert's gated MLP, ``down(act(x @ gate) * (x @ up))``, on its group of ``rows``."""
         # rows [..., H] grouped by expert as the dispatcher laid them out; gate_up_proj [E_local, 2I, H]
-        gate, up = matmul(rows, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [..., I] each
-        return matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2))  # [..., H]
+        h = matmul(rows, self.gate_up_proj.transpose(1, 2))  # [..., 2I]: gate | up
+        if is_silu(self.act_fn):
+            act = kernels.swiglu(h)  # [..., I], npu_swiglu's layout exactly
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = self.act_fn(gate) * up
+        return matmul(act, self.down_proj.transpose(1, 2))  # [..., H]
 
     def extra_repr(self) -> str:
         return (

@@ -7,11 +7,15 @@ stand-in with the same three methods as :class:`NpuOps`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from npu_parallel.parallel import device as _device
+from npu_parallel.parallel.probe import probe
 
-__all__ = ["NpuOps", "npu_grouped_mm", "npu_ops"]
+__all__ = ["NpuOps", "accumulate_wgrad", "enable_main_grad", "npu_grouped_mm", "npu_ops"]
 
 _REQUIRED = ("npu_moe_token_permute", "npu_moe_token_unpermute", "npu_grouped_matmul")
 
@@ -46,6 +50,13 @@ class NpuOps:
             split_item=split_item,
             group_type=group_type,
             group_list_type=group_list_type,
+        )
+
+    def npu_grouped_matmul_add_(self, y, x, weight, group_list, *, transpose_x=True, transpose_weight=False,
+                                group_type=2):  # fmt: skip
+        # the 2.5/2.6 schema has no group_list_type: group_list is cumulative ends, the kernel's default
+        return self.module.npu_grouped_matmul_add_(
+            y, x, weight, group_list, transpose_x=transpose_x, transpose_weight=transpose_weight, group_type=group_type
         )
 
 
@@ -101,12 +112,79 @@ class _GroupedMatmul(torch.autograd.Function):
             if x.shape[0] == 0:
                 gw = torch.zeros_like(w)
             else:
-                gw = ops.npu_grouped_matmul(
-                    [x.t()], [grad], group_list=counts, split_item=3, group_type=2, group_list_type=1
-                )[0]
-                # what k-axis grouping writes for an empty group is undocumented: zero it (where, not *0: NaN)
-                gw = torch.where((counts > 0).view(-1, 1, 1), gw, gw.new_zeros(()))
+                main_grad = _main_grad(w)
+                if main_grad is not None:
+                    accumulate_wgrad(ops, main_grad, x, grad, counts)
+                    return None, gx, None, None  # the gradient lives in main_grad, in float32
+                gw = _wgrad(ops, x, grad, counts)
         return None, gx, gw, None
+
+
+def _wgrad(ops, x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[G, K, N]``: group g's ``x[rows].t() @ grad[rows]``, by k-axis grouping; zero for empty groups."""
+    gw = ops.npu_grouped_matmul([x.t()], [grad], group_list=counts, split_item=3, group_type=2, group_list_type=1)[0]
+    # what k-axis grouping writes for an empty group is undocumented: zero it (where, not *0: NaN)
+    return torch.where((counts > 0).view(-1, 1, 1), gw, gw.new_zeros(()))
+
+
+def _main_grad(w: torch.Tensor) -> torch.Tensor | None:
+    """The float32 ``main_grad`` buffer of the parameter ``w`` is (a transposed view of), if it has one."""
+    base = w._base if w._base is not None else w
+    return getattr(base, "main_grad", None)
+
+
+def enable_main_grad(*params: torch.nn.Parameter) -> None:
+    """Give expert weights ``[E, N, K]`` a float32 ``main_grad`` buffer that the ``"npu"`` backward accumulates
+    into (``npu_grouped_matmul_add_`` on bf16/fp16 compute), instead of setting ``.grad``: fp32 master weights
+    read their gradient from there; zero it (``main_grad.zero_()``) where ``.grad`` would be set to None."""
+    for p in params:
+        if getattr(p, "main_grad", None) is None:
+            p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)  # type: ignore[attr-defined]
+
+
+def accumulate_wgrad(
+    ops, main_grad: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """``main_grad[g] += grad[rows of g].t() @ x[rows of g]`` in float32: ``x [R, K]``, ``grad [R, N]``,
+    ``main_grad [G, N, K]`` (the parameter's layout), ``counts`` per-group rows (int64, device).
+
+    ``npu_grouped_matmul_add_`` (k-axis grouping straight into the fp32 buffer) for bf16/fp16 rows where its
+    probe passed; else the twin: the k-axis grouped matmul, then ``add_`` in float32.
+    """
+    if x.dtype in (torch.bfloat16, torch.float16) and _gmm_add_ok(ops, x.device.type):
+        # transpose_x: the kernel reads grad [R, N] as its transposed x [N, R]; group_list: cumulative ends
+        ops.npu_grouped_matmul_add_(main_grad, grad, x, counts.cumsum(0), transpose_x=True, transpose_weight=False,
+                                    group_type=2)  # fmt: skip
+        return main_grad
+    return main_grad.add_(_wgrad(ops, grad, x, counts).float())
+
+
+def _gmm_add_ok(ops, device_type: str) -> bool:
+    if not hasattr(ops, "npu_grouped_matmul_add_"):
+        return False
+    module = getattr(ops, "module", ops)
+    label = (
+        "npu_grouped_matmul_add_"
+        if module is _device.torch_npu_module()
+        else f"npu_grouped_matmul_add_ ({type(module).__name__})"
+    )
+    return probe(label, functools.partial(_check_gmm_add, ops, device_type), device_type=device_type)
+
+
+def _check_gmm_add(ops, device_type: str) -> None:
+    """Two groups (one empty) of bf16 rows into a non-zero fp32 buffer, against the twin."""
+    with _disable_current_modes():
+        g = torch.Generator().manual_seed(0)
+        x, grad = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
+        counts = torch.tensor([2, 0, 3], device=device_type)
+        x, grad = x.to(device_type, torch.bfloat16), grad.to(device_type, torch.bfloat16)
+        got = torch.full((3, 3, 4), 0.5, device=device_type)
+        ops.npu_grouped_matmul_add_(got, grad, x, counts.cumsum(0), transpose_x=True, transpose_weight=False,
+                                    group_type=2)  # fmt: skip
+        want = torch.full((3, 3, 4), 0.5, device=device_type)
+        want[0] += grad[:2].float().t() @ x[:2].float()
+        want[2] += grad[2:].float().t() @ x[2:].float()
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
 def npu_grouped_mm(ops: NpuOps, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

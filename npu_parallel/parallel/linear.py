@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import Self
 
+from npu_parallel.parallel import kernels
 from npu_parallel.parallel.collectives import copy_to_tp, reduce_from_tp, reduce_grad_columns
 from npu_parallel.parallel.shard_spec import ShardedModule, ShardSpec, even_range, mark, shard_tensor
 from npu_parallel.parallel.state import Group
@@ -125,11 +126,7 @@ class GradSummedRMSNorm(ShardedModule):
         self.tp = tp
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return copy_to_tp(self.weight, self.tp) * hidden_states.to(input_dtype)
+        return kernels.rms_norm(hidden_states, copy_to_tp(self.weight, self.tp), self.variance_epsilon)
 
 
 class ReplicatedLinear(ShardedModule):

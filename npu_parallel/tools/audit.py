@@ -12,6 +12,10 @@ Every ATen op dispatched inside the ``with`` (forward and autograd backward) pas
 ``.cpu()``, printing a tensor) are caught by temporarily wrapping those ``torch.Tensor`` methods, which
 is process-global while the audit is active.
 
+Banned as well, whatever the op: any op that takes or makes a complex or float64 tensor (torch_npu runs complex
+ops only with ``jit_compile=False``, and float64 barely at all), and a sort of integer keys (``sort``/``argsort``
+fall back to the AI-CPU on Ascend); such an event is named ``op [dtype]``, e.g. ``aten.mul.Tensor [complex64]``.
+
 Ops whose output size is read from the data (``bincount``, ``repeat_interleave`` with tensor repeats
 and no ``output_size``) sync the host on a device though on CPU they dispatch no
 ``_local_scalar_dense``: they are counted as host syncs by name. Blind spot: ``.to("cpu")`` / ``copy_``
@@ -57,6 +61,7 @@ _INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 # output shape depends on the values: the device must tell the host before allocating
 _DATA_SIZED_OPS = {"bincount"}
 _MASK_DTYPES = (torch.bool, torch.uint8)  # uint8 indices are (deprecated) masks too
+_SORT_OPS = {"sort", "argsort", "msort"}  # argsort reaches dispatch as sort; listed for the other spellings
 
 # Tensor methods that copy device memory to the host without dispatching anything on CPU; ``item`` is
 # left out because it dispatches ``aten._local_scalar_dense``. ``__repr__`` is here because printing
@@ -131,6 +136,18 @@ def _static_kind(func: Any) -> tuple[str, str] | None:
         return BANNED, str(func)
     if opname in _INDEX_OPS:
         return "index", str(func)
+    return None
+
+
+def _bad_dtype(func: Any, args: tuple, kwargs: dict, out: Any) -> str | None:
+    """The dtype that makes this op NPU-hostile: complex or float64 anywhere, integer sort keys; else None."""
+    for t in tree_leaves((args, kwargs, out)):
+        if isinstance(t, torch.Tensor) and (t.is_complex() or t.dtype == torch.float64):
+            return str(t.dtype).removeprefix("torch.")
+    if getattr(func, "_opname", "") in _SORT_OPS and getattr(func, "namespace", None) == "aten":
+        keys = args[0] if args else kwargs.get("self")
+        if isinstance(keys, torch.Tensor) and not (keys.is_floating_point() or keys.is_complex()):
+            return f"{str(keys.dtype).removeprefix('torch.')} keys"
     return None
 
 
@@ -218,7 +235,12 @@ class OpAudit(TorchDispatchMode):
                         self._record(kind[1], HOST_SYNC)
                 else:
                     self._record(kind[1], kind[0])
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not self._suppress:
+            bad = _bad_dtype(func, args, kwargs, out)
+            if bad is not None:
+                self._record(f"{func} [{bad}]", BANNED)
+        return out
 
     def _record(self, op: str, kind: str) -> None:
         backward = _in_backward()
