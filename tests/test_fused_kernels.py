@@ -38,6 +38,7 @@ class Recording(ReferenceKernels):
     """The stand-in, counting calls per kernel name."""
 
     def __init__(self):
+        super().__init__()
         self.calls: dict[str, int] = {}
 
     def __deepcopy__(self, memo):
