@@ -8,13 +8,13 @@ import pytest
 
 pytest.importorskip("peft")
 
-import torch  # noqa: E402
-from peft import PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from npu_parallel.tools.cli import main  # noqa: E402
+from npu_parallel.tools.cli import main
 
-from .dist import run_ranks  # noqa: E402
+from .dist import run_ranks
 
 BASE = dict(batch_size=1, max_length=32, steps=5, lr=1e-2, warmup_steps=1, jit_warmup_steps=1, seed=5, lora_r=4)
 
@@ -23,7 +23,7 @@ def test_lora_run_resumes_exactly_and_merges(checkpoints, tmp_path):
     path = str(checkpoints / "deepseek_v2")
     cfg = dict(BASE, model_path=path)
     ckpt = tmp_path / "ckpt"
-    full, interrupted, resumed = run_ranks(
+    full, _, resumed = run_ranks(
         2,
         "tests.train_worker:run_many",
         [
