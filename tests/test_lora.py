@@ -34,3 +34,40 @@ def test_lora_matches_peft(lora_results, case):
     assert r["reload_logits"] < TOL, f"save_lora's folder loaded by PeftModel.from_pretrained: logits differ {r}"
     assert r["merged"] < TOL, f"merge_lora differs from PEFT's merge_and_unload {r}"
     assert r["fresh_keys_equal"] and r["fresh_adapter"] == 0.0, f"a new adapter from a LoraConfig differs {r}"
+
+
+def test_lora_refuses_what_it_cannot_do(checkpoints, tmp_path):
+    """Each unsupported request is a LoraError naming the value and the fix, before anything changes."""
+    from peft import LoraConfig
+
+    import npu_parallel
+    from npu_parallel.convert.lora import LoraError
+
+    from .models import load_reference
+
+    state = npu_parallel.init_distributed()
+    path = checkpoints / "deepseek_v2"
+    bad = [
+        (LoraConfig(r=4, target_modules=["embed_tokens"]), "only linear layers"),
+        (LoraConfig(r=4, target_modules=["q_b_proj"], lora_dropout=0.1, target_parameters=PARAMS), "lora_dropout"),
+        (LoraConfig(r=4, target_modules=["q_b_proj"], use_dora=True), "DoRA"),
+        (LoraConfig(r=4, target_modules=["nothing_here"]), "match no weight"),
+        (LoraConfig(r=4, target_modules=["o_proj"], target_parameters=["o_proj.weight"]), "targeted twice"),
+        (str(tmp_path), "not a PEFT adapter folder"),
+    ]
+    for adapter, message in bad:
+        model = npu_parallel.convert_model(load_reference("deepseek_v2", path), state)
+        with pytest.raises(LoraError, match=message):
+            npu_parallel.apply_lora(model, state, adapter)
+    # an adapter folder of another model: the missing tensor is named
+    other = tmp_path / "other"
+    qwen = npu_parallel.convert_model(load_reference("qwen3_moe", checkpoints / "qwen3_moe"), state)
+    npu_parallel.apply_lora(qwen, state, LoraConfig(r=4, target_modules=["q_proj"]))
+    npu_parallel.save_lora(qwen, other, state)
+    lite = checkpoints / "deepseek_v2_lite"  # q_proj of 8 heads x 32 dims, Qwen's 8 x 16
+    model = npu_parallel.convert_model(load_reference("deepseek_v2_lite", lite), state)
+    with pytest.raises(LoraError, match="shape"):
+        npu_parallel.apply_lora(model, state, other)
+
+
+PARAMS = ["mlp.experts.gate_up_proj"]

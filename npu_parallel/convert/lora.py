@@ -296,6 +296,8 @@ def attach(target: LoraTarget, read: Read, dropout: float, tp: Group) -> nn.Modu
             target.module.add_module("lora", lora)
         lora[str(target.param)] = adapter
         return adapter
+    if "lora" in target.module._modules:
+        raise LoraError(f"{target.path} is targeted twice (target_modules and target_parameters); name it once")
     whole_a, whole_b = ("lora_A", 0, 0, r), ("lora_B", 0, 0, target.out_features)
     a_spec = b_spec = None
     if target.kind == "column" and spec is not None:
