@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -48,13 +47,6 @@ def _sgd_step(model, ids) -> tuple[torch.Tensor, torch.Tensor, float]:
                 p.grad = None
         after = model(input_ids=ids, labels=ids).loss.item()
     return out.logits.detach(), out.loss.detach(), after
-
-
-def _shared_dir(state) -> Path:
-    names = [tempfile.mkdtemp(prefix="lora-") if state.rank == 0 else None]
-    if state.world_size > 1:
-        dist.broadcast_object_list(names, src=0)
-    return Path(names[0])
 
 
 def _barrier(state) -> None:
@@ -137,14 +129,12 @@ def compare_variant(name: str, path: Path, state, work: Path, moe_impl: str = "a
     }
 
 
-def compare(ckpt_root: str, names: list[str], tps: list[int], impls: dict[str, list[str]]) -> dict:
+def compare(ckpt_root: str, names: list[str], tps: list[int], impls: dict[str, list[str]], work_dir: str) -> dict:
     """{(tp, moe_impl, variant): metrics}; every tp size in this one launch (the groups are rebuilt per size)."""
     results = {}
-    work = None
+    work = Path(work_dir)
     for tp in tps:
         state = npu_parallel.init_distributed(tp)
-        if work is None:
-            work = _shared_dir(state)
         for impl in impls.get(str(tp), ["auto"]):
             for name in names if impl == "auto" else names[:1]:
                 results[f"{tp}/{impl}/{name}"] = compare_variant(name, Path(ckpt_root) / name, state, work, impl)

@@ -13,10 +13,11 @@ TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def lora_results(checkpoints):
+def lora_results(checkpoints, tmp_path_factory):
     # one world-4 launch: tp 1, 2 and 4 in turn; at tp 2 also the static and masked dispatchers (first variant)
     impls = {"2": ["auto", "static", "masked"]}
-    return run_ranks(4, "tests.lora_worker:compare", str(checkpoints), VARIANTS, [1, 2, 4], impls, timeout=900)
+    work = str(tmp_path_factory.mktemp("lora"))
+    return run_ranks(4, "tests.lora_worker:compare", str(checkpoints), VARIANTS, [1, 2, 4], impls, work, timeout=900)
 
 
 CASES = [f"{tp}/auto/{v}" for tp in (1, 2, 4) for v in VARIANTS] + ["2/static/deepseek_v2", "2/masked/deepseek_v2"]
