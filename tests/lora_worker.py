@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import npu_parallel
 from npu_parallel.parallel.shard_spec import spec_of
+from npu_parallel.tools.audit import OpAudit
 
 from .models import load_reference
 
@@ -89,6 +90,9 @@ def compare_variant(name: str, path: Path, state, work: Path, moe_impl: str = "a
     model = npu_parallel.convert_model(load_reference(name, path), state, moe_impl=moe_impl)
     npu_parallel.apply_lora(model, state, adapter)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with OpAudit(model=model) as audit:  # the adapters add no banned op and no host sync
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
     logits, loss, after = _sgd_step(model, ids)
     ours = work / f"{name}-ours-{state.tp_size}-{moe_impl}"
     npu_parallel.save_lora(model, ours, state)
@@ -126,6 +130,9 @@ def compare_variant(name: str, path: Path, state, work: Path, moe_impl: str = "a
         "fresh_adapter": max((fresh_saved[k] - original[k]).abs().max().item() for k in original),
         "trainable_only_lora": all(".lora." in n for n in trainable) and len(trainable) > 0,
         "experts_adapted": any("experts.lora" in n for n in trainable),
+        "banned_ops": [(e.op, e.where) for e in audit.banned()],
+        "host_syncs_forward": audit.host_syncs(phase="forward"),
+        "moe_layers": sum(hasattr(layer.mlp, "experts") for layer in model.model.layers),
     }
 
 

@@ -35,6 +35,9 @@ def test_lora_matches_peft(lora_results, case):
     assert r["reload_logits"] < TOL, f"save_lora's folder loaded by PeftModel.from_pretrained: logits differ {r}"
     assert r["merged"] < TOL, f"merge_lora differs from PEFT's merge_and_unload {r}"
     assert r["fresh_keys_equal"] and r["fresh_adapter"] == 0.0, f"a new adapter from a LoraConfig differs {r}"
+    assert r["banned_ops"] == [], r["banned_ops"]
+    # the dispatcher's own syncs only (grouped: one per MoE layer, static and masked: none)
+    assert r["host_syncs_forward"] <= r["moe_layers"] * (case.split("/")[1] == "auto")
 
 
 def test_lora_refuses_what_it_cannot_do(checkpoints, tmp_path):
