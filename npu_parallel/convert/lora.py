@@ -139,8 +139,6 @@ def _add_adapter_output(module: nn.Module, args: tuple, output: torch.Tensor) ->
 
 def prepare_config(config: Any, model: nn.Module) -> Any:
     """A copy of ``config`` as PEFT would use it on this model (transformers 5 MoE target renames included)."""
-    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-
     for attr, what in _UNSUPPORTED.items():
         if getattr(config, attr, None):
             raise LoraError(f"LoraConfig({attr}={getattr(config, attr)!r}): {what} is not supported; leave it unset")
@@ -153,7 +151,12 @@ def prepare_config(config: Any, model: nn.Module) -> Any:
             "(e.g. ['q_proj', 'o_proj']) and expert parameters in target_parameters"
         )
     config = copy.deepcopy(config)
-    convert_peft_config_for_transformers(config, model=model, conversions=None)
+    try:  # peft >= 0.18 with transformers 5: MoE target renames; older peft (transformers 4) renames nothing
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        pass
+    else:
+        convert_peft_config_for_transformers(config, model=model, conversions=None)
     if not config.target_modules and not config.target_parameters:
         raise LoraError("LoraConfig has no target_modules and no target_parameters; name the weights to adapt")
     return config
