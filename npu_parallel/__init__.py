@@ -12,28 +12,36 @@ from npu_parallel._version import __version__
 
 if TYPE_CHECKING:
     from npu_parallel.checkpoint.load import load_pretrained, load_sharded
+    from npu_parallel.checkpoint.peft_adapter import apply_lora, save_lora
     from npu_parallel.checkpoint.save import load_training_state, save_sharded
     from npu_parallel.convert.conversion import convert_model
+    from npu_parallel.convert.lora import merge_lora
     from npu_parallel.parallel.state import ParallelState, init_distributed
 
 _LAZY = {
     "ParallelState": "npu_parallel.parallel.state",
+    "apply_lora": "npu_parallel.checkpoint.peft_adapter",
     "convert_model": "npu_parallel.convert.conversion",
     "init_distributed": "npu_parallel.parallel.state",
     "load_pretrained": "npu_parallel.checkpoint.load",
     "load_sharded": "npu_parallel.checkpoint.load",
     "load_training_state": "npu_parallel.checkpoint.save",
+    "merge_lora": "npu_parallel.convert.lora",
+    "save_lora": "npu_parallel.checkpoint.peft_adapter",
     "save_sharded": "npu_parallel.checkpoint.save",
 }
 
 __all__ = [
     "ParallelState",
     "__version__",
+    "apply_lora",
     "convert_model",
     "init_distributed",
     "load_pretrained",
     "load_sharded",
     "load_training_state",
+    "merge_lora",
+    "save_lora",
     "save_sharded",
 ]
 

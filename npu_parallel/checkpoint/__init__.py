@@ -6,4 +6,6 @@ and the offline ``convert`` use. ``keys`` maps memory names to checkpoint keys b
 the sharded format's files and which output folders may be replaced, ``save`` writes it from a live model
 (``train_state``: optimizer, scheduler and RNG as safetensors plus JSON, never a pickle), ``offline``
 converts and merges without a process group, ``inspect`` reports on any checkpoint from headers alone.
+``peft_adapter`` reads and writes PEFT LoRA adapter folders (``apply_lora``/``save_lora``), ``lora_checkpoint``
+the adapter-only step folders of a LoRA run.
 """

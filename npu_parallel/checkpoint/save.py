@@ -73,12 +73,14 @@ def save_sharded(
     scheduler=None,
     extra: dict | None = None,
     overwrite: bool = True,
+    trainable_only: bool = False,
 ) -> Path:
     """Write this model's shards (tp ranks of dp replica 0) and, with an optimizer, every rank's training state.
 
     Collective: every rank calls it. ``extra`` (JSON: step, data position...) goes into the manifest. A failed
     write (disk full, read-only) on any rank raises the same one-line CheckpointError on every rank and
-    removes the ``.partial`` folder; an earlier checkpoint in ``out_dir`` is left as it was.
+    removes the ``.partial`` folder; an earlier checkpoint in ``out_dir`` is left as it was. ``trainable_only``:
+    only the parameters that train (LoRA adapters).
     """
     out = Path(out_dir)
     conv = conversion_info(model)
@@ -102,6 +104,8 @@ def save_sharded(
     tmp = partial_dir(out)
 
     local = named_tensors(model)
+    if trainable_only:  # a LoRA run's checkpoint: the adapters, not the frozen base (checkpoint/lora_checkpoint.py)
+        local = [(n, t, s) for n, t, s in local if t.requires_grad]
     files: dict = {}
     current = tmp
     try:

@@ -84,13 +84,21 @@ class LocalExperts(ShardedModule):
     def forward(self, rows: torch.Tensor, matmul: ExpertMatmul) -> torch.Tensor:
         """Each local expert's gated MLP, ``down(act(x @ gate) * (x @ up))``, on its group of ``rows``."""
         # rows [..., H] grouped by expert as the dispatcher laid them out; gate_up_proj [E_local, 2I, H]
-        h = matmul(rows, self.gate_up_proj.transpose(1, 2))  # [..., 2I]: gate | up
+        h = self.project(rows, "gate_up_proj", matmul)  # [..., 2I]: gate | up
         if is_silu(self.act_fn):
             act = kernels.swiglu(h)  # [..., I], npu_swiglu's layout exactly
         else:
             gate, up = h.chunk(2, dim=-1)
             act = self.act_fn(gate) * up
-        return matmul(act, self.down_proj.transpose(1, 2))  # [..., H]
+        return self.project(act, "down_proj", matmul)  # [..., H]
+
+    def project(self, rows: torch.Tensor, name: str, matmul: ExpertMatmul) -> torch.Tensor:
+        """``rows`` times the fused weight ``name`` ``[E_local, N, K]``, plus its LoRA adapter's output if any."""
+        y = matmul(rows, getattr(self, name).transpose(1, 2))  # [..., N]
+        lora = self._modules.get("lora")  # convert/lora.py: a ModuleDict of ExpertLora by weight name
+        if isinstance(lora, nn.ModuleDict) and name in lora:
+            y = y + lora[name](rows, matmul)
+        return y
 
     def extra_repr(self) -> str:
         return (

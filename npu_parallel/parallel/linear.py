@@ -15,6 +15,15 @@ from npu_parallel.parallel.shard_spec import ShardedModule, ShardSpec, even_rang
 from npu_parallel.parallel.state import Group
 
 
+def with_adapter(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus the output of an adapter attached as ``module.lora`` (LoRA, convert/lora.py) on ``x``.
+
+    The sum in the adapter's dtype (fp32 adapters on a bf16 layer, as PEFT), returned in ``y``'s.
+    """
+    lora = module._modules.get("lora")
+    return y if lora is None else (y + lora(x)).to(y.dtype)
+
+
 def sharded_param(t: torch.Tensor, requires_grad: bool, spec: ShardSpec | None = None) -> nn.Parameter:
     """A new parameter over ``t`` carrying its shard spec (None: replicated)."""
     param = nn.Parameter(t, requires_grad=requires_grad)
@@ -63,7 +72,7 @@ class ColumnParallelLinear(_SplitLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_grad_reduce:
             x = copy_to_tp(x, self.tp)
-        return F.linear(x, self.weight, self.bias)
+        return with_adapter(self, x, F.linear(x, self.weight, self.bias))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out_local={self.out_features}, bias={self.bias is not None}"
@@ -83,7 +92,7 @@ class RowParallelLinear(_SplitLinear):
         self.reduce_output = reduce_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = with_adapter(self, x, F.linear(x, self.weight))  # an adapter's partial sum joins the layer's
         if not self.reduce_output:
             return y
         y = reduce_from_tp(y, self.tp)
@@ -108,7 +117,7 @@ class HeadSelectLinear(ShardedModule):
         self.start, self.stop, self.tp = start, stop, tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_grad_columns(F.linear(x, self.weight, self.bias), 0, self.tp)
+        y = reduce_grad_columns(with_adapter(self, x, F.linear(x, self.weight, self.bias)), 0, self.tp)
         return y[..., self.start : self.stop]
 
     def extra_repr(self) -> str:
@@ -143,7 +152,8 @@ class ReplicatedLinear(ShardedModule):
         self.grad_sum_from, self.tp = grad_sum_from, tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_grad_columns(F.linear(x, self.weight, self.bias), self.grad_sum_from, self.tp)
+        y = with_adapter(self, x, F.linear(x, self.weight, self.bias))
+        return reduce_grad_columns(y, self.grad_sum_from, self.tp)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, grad_sum_from={self.grad_sum_from}"

@@ -44,18 +44,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
 @checkpoint_errors
 def cmd_merge(args: argparse.Namespace) -> int:
     """tp rank files -> a Hugging Face checkpoint that from_pretrained loads."""
+    from npu_parallel.checkpoint.lora_checkpoint import checkpoint_lora, export_lora_checkpoint
     from npu_parallel.checkpoint.manifest import MARKER
     from npu_parallel.checkpoint.offline import merge_checkpoint
 
-    out = merge_checkpoint(
-        args.path,
-        args.out,
-        overwrite=args.overwrite,
-        max_shard_bytes=int(args.max_shard_gb * 1e9),
-        progress=not args.quiet,
-        tokenizer=args.tokenizer,
-        keep_others=not args.clean,
-    )
+    if args.merge_lora or checkpoint_lora(args.path) is not None:  # a LoRA run: adapters only
+        out = export_lora_checkpoint(
+            args.path, args.out, merge=args.merge_lora, base=args.base, overwrite=args.overwrite
+        )
+        if not args.merge_lora:
+            print(f"wrote {out}: a PEFT adapter folder (peft.PeftModel.from_pretrained loads it)")
+            return EXIT_OK
+    else:
+        out = merge_checkpoint(
+            args.path,
+            args.out,
+            overwrite=args.overwrite,
+            max_shard_bytes=int(args.max_shard_gb * 1e9),
+            progress=not args.quiet,
+            tokenizer=args.tokenizer,
+            keep_others=not args.clean,
+        )
     mark = json.loads((out / MARKER).read_text())
     tok = mark["tokenizer"]
     got = [f"{', '.join(tok['files'])} from {tok['from']}"] if tok["files"] else []
@@ -126,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--clean", action="store_true", help="with --overwrite: also delete files merge did not write")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--merge_lora", action="store_true", help="a LoRA run: the base model with the adapters folded in (HF folder)"
+    )
+    p.add_argument("--base", default=None, metavar="DIR", help="a LoRA run's base model (default: the one it trained)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("audit", help="op audit of one forward+backward: banned ops, host syncs, collectives")

@@ -23,6 +23,7 @@ from npu_parallel.moe.dispatchers import choices as moe_impl_choices
 from npu_parallel.parallel.state import ParallelState
 from npu_parallel.training.data import PackedData, build_data
 from npu_parallel.training.errors import ConfigError
+from npu_parallel.training.lora import DEFAULT_TARGETS, check_lora_args
 from npu_parallel.training.metrics import METRICS_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ class TrainConfig:
     moe_impl: str = "auto"
     jit_warmup_steps: int = 2
     timeout_s: float | None = None
+    lora_r: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = DEFAULT_TARGETS
+    lora_adapter: str | None = None
 
 
 HELP = {
@@ -94,6 +100,11 @@ HELP = {
     "moe_impl": f"MoE implementation: {', '.join(moe_impl_choices())}",
     "jit_warmup_steps": "forward+backward passes on a small batch before the first real step (compiles kernels)",
     "timeout_s": "process-group timeout in seconds",
+    "lora_r": "LoRA rank: train adapters only, the base frozen (0: full fine-tuning)",
+    "lora_alpha": "LoRA alpha (scaling = alpha / r)",
+    "lora_dropout": "dropout on the LoRA input of target modules (0 with expert targets, as PEFT)",
+    "lora_targets": "comma-separated module names and expert parameters (mlp.experts.gate_up_proj) to adapt",
+    "lora_adapter": "a PEFT adapter folder to continue training (its config sets rank and targets)",
 }
 
 
@@ -176,6 +187,7 @@ def check_args(cfg: TrainConfig) -> None:
         "--resume and --overwrite together: --resume continues the run in --save_dir/--log_dir, --overwrite "
         "replaces it; pass one",
     )
+    check_lora_args(cfg)
 
 
 # -- what the values name --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from npu_parallel.checkpoint.load import load_pretrained, load_sharded
+from npu_parallel.checkpoint.lora_checkpoint import lora_extra
 from npu_parallel.checkpoint.save import load_training_state, save_sharded
 from npu_parallel.convert.mtp import MTP_ATTR, mtp_layers
 from npu_parallel.parallel import device as _device
@@ -27,6 +28,7 @@ from npu_parallel.training.guards import (
     step_is_finite,
     weights_are_finite,
 )
+from npu_parallel.training.lora import add_lora, resumes_lora
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
 from npu_parallel.training.metrics import MetricsLog, peak_memory_mb
 from npu_parallel.training.optim import build_optimizer, clip_grad_norm_, warmup_cosine
@@ -106,8 +108,9 @@ def _save(cfg: TrainConfig, model, opt, sched, state: ParallelState, step: int, 
         state,
         optimizer=opt,
         scheduler=sched,
-        extra={"step": step, "data_position": position, "config": asdict(cfg)},
+        extra={"step": step, "data_position": position, "config": asdict(cfg), **lora_extra(model)},
         overwrite=bool(cfg.resume or cfg.overwrite),
+        trainable_only=bool(lora_extra(model)),  # a LoRA run saves its adapters and their optimizer state
     )
 
 
@@ -134,10 +137,11 @@ def train(cfg: TrainConfig) -> dict:
             logger.warning("--overwrite: removing %s of an earlier run", path)
             shutil.rmtree(path)
 
-    if cfg.resume:
+    if cfg.resume and not resumes_lora(cfg):
         model = load_sharded(cfg.resume, state, moe_impl=cfg.moe_impl, dtype=dtype)
     else:
         model = load_pretrained(inputs.model_path, state, dtype=dtype, moe_impl=cfg.moe_impl, progress=main)
+    agree(lambda: add_lora(cfg, model, state), state)  # LoRA: adapters only train (training/lora.py)
     agree(lambda: _check_loaded_weights(cfg, inputs.model_path, model), state)
     agree(lambda: _use_mtp(cfg, model), state)
     if cfg.gradient_checkpointing:
