@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from npu_parallel.moe.block import MoEBlock
+from npu_parallel.moe.load import balance_loss
 from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
 
 IGNORE = -100
@@ -32,28 +32,25 @@ def set_vocab_parallel_logits(model: nn.Module, enabled: bool) -> None:
     lm_head_of(model).gather_output = not enabled
 
 
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary losses the MoE routers computed in the last forward (remote-code MoEGate)."""
-    values = [m.last_aux_loss for m in model.modules() if isinstance(m, MoEBlock) and m.last_aux_loss is not None]
-    return torch.stack([v.float() for v in values]).sum() if values else None
-
-
 def causal_lm_loss(
     model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, vocab_parallel: bool, group=None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(loss, aux_loss) for one batch; the same value either way, vocab-parallel never gathers the logits."""
+    """(loss, aux_loss) for one batch; the same value either way, vocab-parallel never gathers the logits.
+
+    In train mode ``loss`` holds the weighted load-balancing loss once (the converted model adds it to its own
+    loss; here it is added to the vocab-parallel one) and ``aux_loss`` is that term (None when the model has none).
+    """
     module = unwrap(model)
     if not vocab_parallel:
         out = model(input_ids=input_ids, labels=labels)
-        aux = getattr(out, "aux_loss", None)
-        return out.loss, (aux if aux is not None else moe_aux_loss(module))
+        return out.loss, balance_loss(module) if module.training else None
     head = lm_head_of(module)
     out = model(input_ids=input_ids)
     local = out.logits[:, :-1]
     target = labels[:, 1:]
     per_token = vocab_parallel_cross_entropy(local, target, head.vocab_start, head.vocab_stop, head.tp, IGNORE)
     loss = per_token.sum() / (target != IGNORE).sum().clamp(min=1)
-    aux = getattr(out, "aux_loss", None)
-    if aux is not None:  # transformers adds coef * aux to its own loss; do the same here
-        loss = loss + getattr(getattr(module, "config", None), "router_aux_loss_coef", 0.0) * aux
-    return loss, (aux if aux is not None else moe_aux_loss(module))
+    aux = balance_loss(module) if module.training else None
+    if aux is not None:  # the weighted term, which the model adds to its own loss when given labels
+        loss = loss + aux.to(loss.dtype)
+    return loss, aux
