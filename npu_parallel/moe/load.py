@@ -136,11 +136,11 @@ def read_load(model: nn.Module, state, *, bias_update_rate: float = 0.0, update:
     """The load since the last read (one int64 all-reduce on the device, one host read), counters reset; with
     ``bias_update_rate`` > 0 and ``update``, each router's balancing bias moves against its experts' load."""
     blocks = [(p, b) for p, b in moe_blocks(model) if b.expert_load is not None]
-    if not blocks:
+    counted = [b.expert_load for _, b in blocks if b.expert_load is not None]  # the same blocks, for mypy
+    if not counted:
         return None
-    device = blocks[0][1].expert_load.device
-    zero = torch.zeros((), dtype=torch.int64, device=device)
-    loads = torch.stack([b.expert_load for _, b in blocks])  # [L, E]
+    zero = torch.zeros((), dtype=torch.int64, device=counted[0].device)
+    loads = torch.stack(counted)  # [L, E]
     dropped = torch.stack([zero if b.dropped is None else b.dropped for _, b in blocks])  # [L]
     packed = torch.cat([loads, dropped[:, None]], dim=1)  # [L, E + 1] int64
     if dist.is_initialized() and dist.get_world_size() > 1:
