@@ -160,3 +160,19 @@ def test_training_run_reports_load_and_resumes_the_bias(checkpoints, tmp_path):
     for key, b in start.items():
         moved = (saved[key] - b) / 0.05  # two steps of +-0.05 each: -2, 0 or 2 per expert
         assert torch.allclose(moved, moved.round(), atol=1e-4) and moved.abs().max() > 1
+
+
+def test_static_dispatcher_drops_are_counted(checkpoints):
+    """moe_impl="static" with a capacity factor: the slots it drops reach the load reading, summed per layer."""
+    import npu_parallel
+    from npu_parallel.moe.load import moe_blocks, read_load
+
+    model = _converted(checkpoints, "deepseek_v2", moe_impl="static", capacity_factor=0.5)
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids)
+    expected = [int(b.dispatcher.stats["dropped"]) for _, b in moe_blocks(model)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    reading = read_load(model, npu_parallel.init_distributed())
+    assert reading.dropped == [2 * d for d in expected] and min(expected) > 0

@@ -27,7 +27,6 @@ Shapes: B batch, S sequence, T = B*S tokens, k top-k, E routed experts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -152,9 +151,6 @@ class Balance:
         return value, value
 
 
-Scoring = Callable[[object], str]
-
-
 @dataclass(frozen=True)
 class BalanceRule:
     """A family's load-balancing loss and the config keys that set it (declared in the family's Plan)."""
@@ -162,7 +158,9 @@ class BalanceRule:
     loss: str  # one of LOSSES
     coef_key: str  # the coefficient: "router_aux_loss_coef", "aux_loss_alpha"
     seq_key: str | None = None  # switches the sequence-wise form (DeepSeek "seq_aux")
-    scoring: str | Scoring = "softmax"  # how logits become scores, or fn(config) -> that
+    scoring: str = "softmax"  # how logits become scores ...
+    scoring_key: str | None = None  # ... unless the config names it here ("scoring_func") ...
+    sigmoid_types: tuple[str, ...] = ()  # ... or its model_type scores by sigmoid (transformers' DeepSeek-V3)
     router_coef_attr: str | None = None  # a remote-code router that computes its own loss keeps its coefficient here
     bias_attr: str | None = None  # the router's auxiliary-loss-free balancing bias (DeepSeek-V3)
     # the causal-LM attribute with which transformers adds its own loss (output_router_logits): 0 in train mode,
@@ -191,7 +189,9 @@ class BalanceRule:
                 setattr(router, self.router_coef_attr, coef)
             coef = float(getattr(router, self.router_coef_attr) or 0.0)
             return Balance("router", coef, num_experts, bias_attr=bias)
-        scoring = self.scoring(config) if callable(self.scoring) else self.scoring
+        scoring = _config_value(config, self.scoring_key) or (
+            "sigmoid" if _config_value(config, "model_type") in self.sigmoid_types else self.scoring
+        )
         if scoring not in SCORINGS:
             raise ValueError(f"scoring {scoring!r}: the load-balancing loss knows {SCORINGS}")
         seq = bool(_config_value(config, self.seq_key))

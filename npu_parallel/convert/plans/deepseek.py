@@ -1,15 +1,8 @@
 """DeepSeek-V2, V2-Lite, V3: MLA attention split by heads, routed experts split E/tp, shared experts sharded."""
 
-from npu_parallel.convert.plan import EMBEDDING, LM_HEAD, Plan, config_value
+from npu_parallel.convert.plan import EMBEDDING, LM_HEAD, Plan
 from npu_parallel.convert.styles import MLP, Colwise, MoE, ReplicatedSumGradFrom, Rowwise, ShardHeads
 from npu_parallel.moe.balance import BalanceRule
-
-
-def _scoring(config: object) -> str:
-    """V2 scores by softmax, V3 by sigmoid (transformers' classes hard-code it; remote-code configs say it)."""
-    given = config_value(config, "scoring_func")
-    return given or ("sigmoid" if config_value(config, "model_type") == "deepseek_v3" else "softmax")
-
 
 PLAN = Plan(
     name="DeepSeek-V2/V2-Lite/V3",
@@ -31,15 +24,14 @@ PLAN = Plan(
         LM_HEAD,
     ),
     experts_attr="n_routed_experts",
-    # DeepSeek's MoEGate loss (published configs: aux_loss_alpha 0.001, seq_aux true; transformers' classes compute
-    # none); remote-code MoEGate computes it itself with `alpha`; V3's routing bias for the loss-free balancing
-    balance=BalanceRule(
+    balance=BalanceRule(  # DeepSeek's MoEGate loss; transformers' classes compute none
         "deepseek",
-        coef_key="aux_loss_alpha",
+        coef_key="aux_loss_alpha",  # published configs: 0.001, with seq_aux true
         seq_key="seq_aux",
-        scoring=_scoring,
-        router_coef_attr="alpha",
-        bias_attr="e_score_correction_bias",
+        scoring_key="scoring_func",  # remote-code configs name it; transformers' V3 scores by sigmoid
+        sigmoid_types=("deepseek_v3",),
+        router_coef_attr="alpha",  # remote-code MoEGate computes its own loss with this coefficient
+        bias_attr="e_score_correction_bias",  # V3's routing bias: --bias_update_rate moves it
     ),
     # q_proj without q LoRA (V2-Lite), q_b_proj with it
     optional=("model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.q_b_proj"),
