@@ -54,6 +54,7 @@ class BalanceHook:
     def __init__(self, model_coef: tuple[str, float] | None = None) -> None:
         self.model_coef = model_coef
         self.last: torch.Tensor | None = None  # the weighted term of the last train-mode forward (with its graph)
+        self.warned = False
 
     def before(self, model: nn.Module, args) -> None:
         self.last = None
@@ -82,6 +83,14 @@ class BalanceHook:
         if total is None or out is None or not hasattr(out, "logits"):
             return None
         reported, self.last = total
+        if torch.is_grad_enabled() and not self.last.requires_grad and not self.warned:
+            if any(p.requires_grad for block, _ in terms for p in block.gate.parameters()):
+                self.warned = True  # numerics never silently degraded: said once
+                logger.warning(
+                    "the load-balancing loss has no gradient although the routers train: reentrant gradient "
+                    "checkpointing runs the layers without autograd; pass gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False}"
+                )
         loss = getattr(out, "loss", None)
         if loss is not None:
             out["loss"] = loss + self.last.to(loss.dtype)
