@@ -20,19 +20,37 @@ def _batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 16), generator=g)
 
 
-def _step(model, ids):
-    """Loss and logits, then one SGD step and the loss after it."""
+def _gate_losses(model) -> list:
+    """Hooks collecting what remote-code MoEGates return as their auxiliary loss (their model puts it in the
+    gradient only; the converted model adds it to ``out.loss`` as well)."""
+    seen: list = []
+
+    def hook(module, args, out):
+        if isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], torch.Tensor) and out[2].numel() == 1:
+            seen.append(out[2].detach())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if hasattr(m, "alpha") and hasattr(m, "top_k")]
+    return seen, handles
+
+
+def _step(model, ids, reference: bool = False):
+    """Loss and logits, then one SGD step and the loss after it (a reference's MoEGate losses added to its loss)."""
+    seen, handles = _gate_losses(model) if reference else ([], [])
     model.train()
     out = model(input_ids=ids, labels=ids)
+    loss = out.loss.detach() + sum(seen)
     out.loss.backward()
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
                 p -= SGD_LR * p.grad
     model.zero_grad(set_to_none=True)
+    seen.clear()
     with torch.no_grad():
-        after = model(input_ids=ids, labels=ids).loss
-    return out.loss.detach(), out.logits.detach(), after
+        after = model(input_ids=ids, labels=ids).loss + sum(seen)
+    for h in handles:
+        h.remove()
+    return loss, out.logits.detach(), after
 
 
 def _numel(model) -> int:
@@ -47,7 +65,7 @@ def compare(ckpt_root: str, names: list[str], tp: int, moe_impl: str = "auto") -
         ref = load_reference(name, path)
         ids = _batch(ref.config.vocab_size)
         full = _numel(ref)
-        ref_loss, ref_logits, ref_after = _step(ref, ids)
+        ref_loss, ref_logits, ref_after = _step(ref, ids, reference=True)
         del ref
 
         model = npu_parallel.convert_model(load_reference(name, path), state, moe_impl=moe_impl)

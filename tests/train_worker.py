@@ -14,7 +14,7 @@ from npu_parallel.training.optim import global_grad_norm
 
 def run_train(kwargs: dict) -> dict:
     result = train(TrainConfig(**kwargs))
-    keys = ("losses", "steps", "checkpoint", "metrics", "plot", "plotted_steps", "state", "records")
+    keys = ("losses", "steps", "checkpoint", "metrics", "plot", "load_plot", "plotted_steps", "state", "records")
     return {k: result[k] for k in keys}
 
 

@@ -32,7 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 def _build(
-    source: TensorSource, state: ParallelState, dtype, moe_impl: str, capacity_factor: float | None
+    source: TensorSource,
+    state: ParallelState,
+    dtype,
+    moe_impl: str,
+    capacity_factor: float | None,
+    aux_loss_coef: float | None = None,
 ) -> tuple[PreTrainedModel, ConversionInfo, list[Item]]:
     """The converted model on the meta device and what it needs from ``source``; no byte read yet."""
     plan = source.plan
@@ -47,6 +52,7 @@ def _build(
         moe_impl=moe_impl,
         capacity_factor=capacity_factor,
         world_size=state.world_size,
+        aux_loss_coef=aux_loss_coef,
     )  # checks tp, same on every rank
     check_mtp_complete(model, source, mtp)
     if state.rank == 0:
@@ -77,15 +83,17 @@ def load_pretrained(
     moe_impl: str = "auto",
     capacity_factor: float | None = None,
     progress: bool = True,
+    aux_loss_coef: float | None = None,
 ) -> PreTrainedModel:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
     Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``,
     plus the MTP layers the checkpoint stores (which transformers drops); fp8 weights come dequantized.
+    ``aux_loss_coef``: as in convert_model.
     """
     started = time.perf_counter()
     with HFSource(path) as source:
-        model, info, items = _build(source, state, dtype, moe_impl, capacity_factor)
+        model, info, items = _build(source, state, dtype, moe_impl, capacity_factor, aux_loss_coef)
         with tqdm(
             total=len(items), desc="loading", unit="tensor", disable=None if (progress and state.rank == 0) else True
         ) as bar:
@@ -122,15 +130,17 @@ def load_sharded(
     moe_impl: str = "auto",
     dtype=None,
     verify: bool = True,
+    aux_loss_coef: float | None = None,
 ) -> PreTrainedModel:
     """Restore a model saved by save_sharded or `npu-parallel convert`, at this tp size (resharded if it differs).
 
     With ``model``, weights are copied into its parameters in place (an optimizer built on them stays valid).
+    ``aux_loss_coef``: as in convert_model (a new model only).
     """
     started = time.perf_counter()
     with ShardedSource(path, verify=verify) as source:
         if model is None:
-            model, info, items = _build(source, state, dtype, moe_impl, None)
+            model, info, items = _build(source, state, dtype, moe_impl, None, aux_loss_coef)
             materialize(items, source, RebindInto(model, state.device, source))
             model.eval()
             recorded = source.manifest.get("source_path")

@@ -18,6 +18,7 @@ from npu_parallel.convert.fused import use_fused_kernels
 from npu_parallel.convert.plan import Plan, matches, plan_for
 from npu_parallel.convert.styles import Context
 from npu_parallel.moe.dispatchers import Dispatcher, resolve_dispatcher
+from npu_parallel.moe.load import install as install_balance
 from npu_parallel.parallel.state import Group, ParallelState
 
 logger = logging.getLogger(__name__)
@@ -78,17 +79,21 @@ def apply_plan(
     moe_impl: str | Dispatcher = "auto",
     capacity_factor: float | None = None,
     world_size: int | None = None,
+    aux_loss_coef: float | None = None,
 ) -> ConversionInfo:
     """Swap modules and slice weights per the plan, leaving tensors where they are (meta included).
 
     Checks every size against the plan first (before any collective), then converts; warns about rules
-    that matched no module, as transformers' ``verify_tp_plan`` does.
+    that matched no module, as transformers' ``verify_tp_plan`` does. ``aux_loss_coef`` overrides the
+    coefficient of the family's load-balancing loss (None: the config's; 0: off).
     """
     config = model.config
     plan = plan or plan_for(config)
     plan.check_tp(config, tp.size, world_size)
     dispatcher = resolve_dispatcher(moe_impl, device_type, capacity_factor=capacity_factor)
-    ctx = Context(tp, config, dispatcher)
+    if plan.balance is not None:
+        plan.balance.coefficient(config, aux_loss_coef)  # a bad value raises here, before anything changes
+    ctx = Context(tp, config, dispatcher, balance=plan.balance, aux_loss_coef=aux_loss_coef)
     used: dict[str, int] = {}
     _convert_children(model, "", plan, ctx, used)
     unused = sorted({p for p, _ in plan.rules} - set(used) - set(plan.optional))
@@ -96,6 +101,10 @@ def apply_plan(
         logger.warning("%s plan: rules that matched no module of %s: %s", plan.name, type(model).__name__, unused)
     use_fused_attention(model)
     use_fused_kernels(model)
+    if plan.balance is not None:  # the load-balancing loss into the output, once per forward
+        attr = plan.balance.model_coef_attr
+        own = (attr, plan.balance.coefficient(config, aux_loss_coef)) if attr and hasattr(model, attr) else None
+        install_balance(model, own)
     info = ConversionInfo(plan, tp, dispatcher.name)
     setattr(model, INFO_ATTR, info)
     experts = plan.num_experts(config)
@@ -117,12 +126,15 @@ def convert_model(
     *,
     moe_impl: str | Dispatcher = "auto",
     capacity_factor: float | None = None,
+    aux_loss_coef: float | None = None,
 ) -> PreTrainedModel:
     """Convert a loaded Hugging Face model to tensor/expert-parallel form in place and return it.
 
     The HF forward API is unchanged: ``model(input_ids=..., labels=...)`` gives the same loss and
     full-vocab logits as before conversion. ``moe_impl``: a name (``"auto"``, ``"grouped"``, ...) or a
     Dispatcher. ``capacity_factor`` applies to ``moe_impl="static"`` only (None: dropless).
+    In train mode ``out.loss`` holds the family's load-balancing loss once and ``out.aux_loss`` reports it
+    (weighted); ``aux_loss_coef`` overrides its coefficient (None: the config's, 0: off).
     """
     apply_plan(
         model,
@@ -131,6 +143,7 @@ def convert_model(
         moe_impl=moe_impl,
         capacity_factor=capacity_factor,
         world_size=state.world_size,
+        aux_loss_coef=aux_loss_coef,
     )
     cast(nn.Module, model).to(state.device)  # in place; cast: transformers' decorated `to` confuses mypy
     return model

@@ -14,6 +14,7 @@ from torch import nn
 
 from npu_parallel.convert.plan import Plan, config_value, matches, plan_for
 from npu_parallel.convert.styles import MoE
+from npu_parallel.moe.load import layer_index
 
 __all__ = ["MoEBlockInfo", "NoMoEBlockError", "find_moe_blocks", "layer_index"]
 
@@ -45,15 +46,6 @@ class MoEBlockInfo:
             f"{self.path}: router {self.router_path} ({type(self.router).__name__}), "
             f"{self.num_experts}{local} experts {self.layout} at {self.experts_path}, top_k {self.top_k}{shared}"
         )
-
-
-def layer_index(path: str) -> int | None:
-    """The decoder-layer index in a path like ``model.layers.3.mlp``."""
-    parts = path.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 def _experts_layout(experts: nn.Module, total: int | None) -> tuple[str, int, int] | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from npu_parallel.convert.styles import GQAttention, LMHead, MoE, Style, VocabParallel
+from npu_parallel.moe.balance import BalanceRule
 from npu_parallel.parallel.state import divisors
 
 SizeOf = Callable[[object], "int | None"]
@@ -50,6 +51,8 @@ class Plan:
     expert_key_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     # patterns that match only some variants of the family (no warning when they match nothing)
     optional: tuple[str, ...] = ()
+    # the family's load-balancing loss and its config keys (None: dense, or no such loss)
+    balance: BalanceRule | None = None
 
     def styles_for(self, path: str) -> Iterator[Style]:
         """Styles whose pattern matches ``path``, in rule order."""
@@ -122,6 +125,9 @@ EMBEDDING = ("model.embed_tokens", VocabParallel())
 LM_HEAD = ("lm_head", LMHead())
 # standard attention (MHA/GQA), per-head q_norm/k_norm when present (Qwen3)
 ATTENTION = ("model.layers.*.self_attn", GQAttention())
+# transformers' load_balancing_loss_func (Mixtral, Qwen-MoE): router_aux_loss_coef, which transformers itself
+# adds only with output_router_logits; the converted model adds it in train mode either way
+SWITCH_BALANCE = BalanceRule("switch", coef_key="router_aux_loss_coef", model_coef_attr="router_aux_loss_coef")
 
 
 # -- the registry -----------------------------------------------------------------------------------

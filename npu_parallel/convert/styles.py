@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from npu_parallel.moe.balance import BalanceRule
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.experts import LocalExperts, is_silu
@@ -35,6 +36,8 @@ class Context:
     config: object
     dispatcher: Dispatcher
     converted: dict = field(default_factory=dict)  # path -> new module, for styles that refer to others
+    balance: BalanceRule | None = None  # the family's load-balancing loss
+    aux_loss_coef: float | None = None  # its coefficient, overriding the config's (0: off)
 
 
 class Style:
@@ -196,6 +199,9 @@ class MoE(Style):
         shared = getattr(module, self.shared, None) if self.shared else None
         if shared is not None:
             shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
+        balance = None
+        if ctx.balance is not None:
+            balance = ctx.balance.resolve(ctx.config, gate, experts.num_experts, ctx.aux_loss_coef)
         new = MoEBlock(
             router=gate,
             experts=experts,
@@ -205,6 +211,7 @@ class MoE(Style):
             shared_name=self.shared or "shared_experts",
             shared_down=self.shared_mlp.down,
             shared_expert_gate=getattr(module, self.shared_gate, None) if self.shared_gate else None,
+            balance=balance,
         )
         if hasattr(module, "config"):
             new.config = module.config

@@ -8,25 +8,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from npu_parallel.moe.balance import Balance, LayerTerm
 from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.experts import LocalExperts
-from npu_parallel.moe.router import router_outputs
+from npu_parallel.moe.router import router_logits, router_outputs
 from npu_parallel.parallel.collectives import copy_to_tp, reduce_from_tp, reduce_grad
 from npu_parallel.parallel.shard_spec import ShardedModule
 from npu_parallel.parallel.state import Group
-
-
-class AddAuxiliaryLoss(torch.autograd.Function):
-    """Identity on ``x``; backward gives ``loss`` a gradient of one (DeepSeek's remote-code trick)."""
-
-    @staticmethod
-    def forward(ctx, x, loss):
-        ctx.dtype, ctx.needs = loss.dtype, loss.requires_grad
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, (torch.ones(1, dtype=ctx.dtype, device=grad.device) if ctx.needs else None)
 
 
 class MoEBlock(ShardedModule):
@@ -36,6 +24,10 @@ class MoEBlock(ShardedModule):
     Gradients: f on the expert input makes the hidden-state gradient whole; the routing weights pass
     through an all-reduce-in-backward so the router, which each rank holds whole, gets the full
     gradient (each rank alone only sees its own experts' share of it).
+
+    In train mode the block keeps its layer's load-balancing term and routed load (``balance_term``, see
+    :mod:`npu_parallel.moe.balance`); the model's forward hook (:mod:`npu_parallel.moe.load`) adds the layers'
+    terms to the loss once and accumulates the load.
     """
 
     def __init__(
@@ -49,6 +41,7 @@ class MoEBlock(ShardedModule):
         shared_name: str = "shared_experts",
         shared_down: str = "down_proj",
         shared_expert_gate: nn.Module | None = None,
+        balance: Balance | None = None,
     ):
         super().__init__()
         self.gate, self.experts = router, experts  # "gate": the source models' name, kept for parameter names
@@ -61,13 +54,16 @@ class MoEBlock(ShardedModule):
         self.tp = tp
         # a copy per block: a dispatcher may keep per-forward statistics (the static one's drop count)
         self.dispatcher = dispatcher.copy()
-        self.last_aux_loss: torch.Tensor | None = None  # for logging; its gradient flows through AddAuxiliaryLoss
+        self.balance = balance
+        self.balance_term: LayerTerm | None = None  # this forward's (train mode); taken by the model's hook
+        self.expert_load: torch.Tensor | None = None  # [E] int64 token-slots routed since the last read
+        self.dropped: torch.Tensor | None = None  # int64 slots the static dispatcher dropped since the last read
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape  # [B, S, H]
         tokens = hidden_states.reshape(-1, shape[-1])  # [T, H]
         # route: the replicated router on every rank; the routing weights' gradient is summed over the group
-        indices, weights, aux_loss = self.route(hidden_states)  # [T, k] each
+        indices, weights = self.route(hidden_states)  # [T, k] each
         weights = reduce_grad(weights, self.tp)
         x = copy_to_tp(tokens, self.tp)  # f: the expert input's gradient is summed over the group
         # dispatch -> compute -> combine: this rank's experts on their rows, weighted back into [T, H]
@@ -84,22 +80,23 @@ class MoEBlock(ShardedModule):
         bias = getattr(shared_experts, self.shared_down).bias if shared_experts is not None else None
         if bias is not None:
             y = y + bias
-        y = y.view(shape)
-        self.last_aux_loss = aux_loss.detach() if aux_loss is not None else None
-        if aux_loss is not None and self.training:
-            y = AddAuxiliaryLoss.apply(y, aux_loss)
-        return y
+        return y.view(shape)
 
-    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(indices [T, k], weights [T, k], aux_loss or None)`` from the router."""
-        indices, weights, aux_loss = router_outputs(self.gate(hidden_states))
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices [T, k], weights [T, k])`` from the router; in train mode also this layer's balance term."""
+        output = self.gate(hidden_states)
+        indices, weights, aux_loss = router_outputs(output)
         if indices is None or weights is None:
             raise TypeError(
                 f"{type(self.gate).__name__} returned no top-k indices and weights (logits only?); the "
                 f"MoE block needs a router that does the top-k (transformers >= 5, remote-code MoEGate)"
             )
         t = hidden_states.numel() // hidden_states.shape[-1]
-        return indices.reshape(t, -1), weights.reshape(t, -1), aux_loss
+        indices, weights = indices.reshape(t, -1), weights.reshape(t, -1)
+        if self.training and self.balance is not None:
+            logits = router_logits(output, self.experts.num_experts, weights)
+            self.balance_term = self.balance.layer(logits, indices, tuple(hidden_states.shape[:-1]), aux_loss)
+        return indices, weights
 
     def shared_module(self) -> nn.Module | None:
         return getattr(self, self.shared_name, None)

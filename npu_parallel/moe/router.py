@@ -25,3 +25,20 @@ def router_outputs(output: object) -> tuple[torch.Tensor | None, torch.Tensor | 
         weights = tensors[min(same, key=lambda i: abs(i - at))] if same else None
     aux = next((t for t in tensors if t.is_floating_point() and t.numel() == 1 and t is not weights), None)
     return indices, weights, aux
+
+
+def router_logits(output: object, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The router logits ``[T, E]`` in a router's output (transformers 5.x: its first tensor), or None.
+
+    The first floating tensor whose last dimension is ``num_experts`` that is not the routing ``weights``
+    (with every expert picked, k == E, both have that shape; transformers puts the logits first).
+    """
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() and output.shape[-1] == num_experts else None
+    if not isinstance(output, (tuple, list)):
+        return None
+    for t in output:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2 and t is not weights:
+            if t.shape[-1] == num_experts:
+                return t
+    return None

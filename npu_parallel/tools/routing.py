@@ -107,25 +107,14 @@ def format_routing(rows: list[dict], source: str, show_counts: int = 16) -> str:
 
 def plot_routing(rows: list[dict], out: str | Path, source: str) -> Path:
     """Heat map, layer x expert, of token-slots per expert."""
-    import matplotlib
+    from npu_parallel.training.plots import plot_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    width = max(len(r["counts"]) for r in rows)
-    grid = torch.full((len(rows), width), float("nan"))
-    for i, r in enumerate(rows):
-        grid[i, : len(r["counts"])] = torch.tensor(r["counts"], dtype=torch.float32)
-    fig, ax = plt.subplots(figsize=(min(16, 3 + width * 0.15), 1.5 + 0.35 * len(rows)))
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(rows)), [str(r["layer"]) for r in rows])
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_title(f"token-slots per expert ({source})", fontsize=9)
-    fig.colorbar(im, ax=ax)
-    from npu_parallel.training.metrics import save_figure
-
-    return save_figure(fig, out)
+    plot = plot_heatmap(
+        [r["counts"] for r in rows], [str(r["layer"]) for r in rows], out, f"token-slots per expert ({source})"
+    )
+    if plot is None:
+        raise ImportError("the routing heat map needs matplotlib: pip install npu_parallel[plot]")
+    return plot
 
 
 def inspect_routing(

@@ -210,7 +210,9 @@ def verify_rank(
 
     quiet()
     torch_dtype = getattr(torch, dtype)
-    model = load_pretrained(path, state, dtype=torch_dtype, moe_impl=moe_impl, progress=False)
+    # the conversion is what is verified: the load-balancing loss the converted model adds in train mode (which
+    # transformers' DeepSeek classes lack) is off on both sides; tests/test_balance.py proves it on its own
+    model = load_pretrained(path, state, dtype=torch_dtype, moe_impl=moe_impl, progress=False, aux_loss_coef=0.0)
     if perturb:
         _perturb(model, perturb, state)
     ids = random_batch(model.config.vocab_size, batch, seq, seed).to(state.device)
@@ -222,6 +224,9 @@ def verify_rank(
         return None
     ref = load_unconverted(path, torch_dtype)  # from_pretrained; the dequantized model for fp8
     cast(nn.Module, ref).to(state.device)  # cast: transformers' decorated `to` confuses mypy
+    rule = plan_for(ref.config).balance
+    if rule is not None and rule.model_coef_attr and hasattr(ref, rule.model_coef_attr):
+        setattr(ref, rule.model_coef_attr, 0.0)  # transformers' own (output_router_logits): off, as above
     ref_cap, ref_outs = _forward(ref, ids, backward)
     ref_grads = (
         {

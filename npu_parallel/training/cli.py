@@ -24,13 +24,14 @@ __all__ = ["run", "summary"]
 
 
 def summary(result: dict) -> str:
-    """The run's closing line: first and last loss, the checkpoint, the metrics and the loss curve."""
+    """The run's closing line: first and last loss, the checkpoint, the metrics, the loss curve, the load map."""
     losses = result["losses"]
     return (
         f"== done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps"
         + (f"; checkpoint {result['checkpoint']}" if result["checkpoint"] else "")
         + (f"; metrics {result['metrics']}" if result["metrics"] else "")
         + (f"; loss curve {result['plot']}" if result["plot"] else "")
+        + (f"; expert load {result['load_plot']}" if result.get("load_plot") else "")
     )
 
 

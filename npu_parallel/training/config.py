@@ -68,6 +68,10 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = DEFAULT_TARGETS
     lora_adapter: str | None = None
+    aux_loss_coef: float | None = None
+    bias_update_rate: float = 0.0
+    warn_idle_steps: int = 20
+    warn_load_ratio: float = 4.0
 
 
 HELP = {
@@ -105,6 +109,12 @@ HELP = {
     "lora_dropout": "dropout on the LoRA input of target modules (0 with expert targets, as PEFT)",
     "lora_targets": "comma-separated module names and expert parameters (mlp.experts.gate_up_proj) to adapt",
     "lora_adapter": "a PEFT adapter folder to continue training (its config sets rank and targets)",
+    "aux_loss_coef": "coefficient of the model family's load-balancing loss, replacing the config's "
+    "(aux_loss_alpha, router_aux_loss_coef); 0: off",
+    "bias_update_rate": "DeepSeek-V3 auxiliary-loss-free balancing: after each step every router's "
+    "e_score_correction_bias moves by this against its experts' load (0: off)",
+    "warn_idle_steps": "warn when an expert gets no token for this many steps in a row (0: off)",
+    "warn_load_ratio": "warn when a layer's busiest expert gets more than this times the mean load (0: off)",
 }
 
 
@@ -156,7 +166,7 @@ def check_args(cfg: TrainConfig) -> None:
         0 <= cfg.warmup_steps <= cfg.steps,
         f"--warmup_steps {cfg.warmup_steps}: must be within [0, --steps {cfg.steps}]; lower it or raise --steps",
     )
-    for name in ("weight_decay", "grad_clip", "mtp_loss_weight"):
+    for name in ("weight_decay", "grad_clip", "mtp_loss_weight", "bias_update_rate", "warn_load_ratio"):
         value = getattr(cfg, name)
         _need(math.isfinite(value) and value >= 0, f"--{name} {value}: must be a finite number >= 0")
     _need(
@@ -164,7 +174,11 @@ def check_args(cfg: TrainConfig) -> None:
         f"--weight_decay {cfg.weight_decay} x --lr {cfg.lr}: above {MAX_STEP:g} (AdamW decays in float32); "
         f"lower --weight_decay",
     )
-    for name in ("save_every", "jit_warmup_steps"):
+    _need(
+        cfg.aux_loss_coef is None or (math.isfinite(cfg.aux_loss_coef) and cfg.aux_loss_coef >= 0),
+        f"--aux_loss_coef {cfg.aux_loss_coef}: must be a finite number >= 0 (0 turns the load-balancing loss off)",
+    )
+    for name in ("save_every", "jit_warmup_steps", "warn_idle_steps"):
         value = getattr(cfg, name)
         _need(value >= 0, f"--{name} {value}: must be 0 or more")
     _need(

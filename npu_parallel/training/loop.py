@@ -17,10 +17,12 @@ from npu_parallel.checkpoint.load import load_pretrained, load_sharded
 from npu_parallel.checkpoint.lora_checkpoint import lora_extra
 from npu_parallel.checkpoint.save import load_training_state, save_sharded
 from npu_parallel.convert.mtp import MTP_ATTR, mtp_layers
+from npu_parallel.moe.load import has_balance_bias
 from npu_parallel.parallel import device as _device
 from npu_parallel.parallel.state import ParallelState, init_distributed
 from npu_parallel.training.config import TrainConfig, add_train_args, check_args, check_inputs, config_from_args
 from npu_parallel.training.errors import ConfigError, NonFiniteError
+from npu_parallel.training.expert_load import LoadMonitor
 from npu_parallel.training.guards import (
     agree,
     check_same_batch,
@@ -138,12 +140,19 @@ def train(cfg: TrainConfig) -> dict:
             shutil.rmtree(path)
 
     if cfg.resume and not resumes_lora(cfg):
-        model = load_sharded(cfg.resume, state, moe_impl=cfg.moe_impl, dtype=dtype)
+        model = load_sharded(cfg.resume, state, moe_impl=cfg.moe_impl, dtype=dtype, aux_loss_coef=cfg.aux_loss_coef)
     else:
-        model = load_pretrained(inputs.model_path, state, dtype=dtype, moe_impl=cfg.moe_impl, progress=main)
+        model = load_pretrained(
+            inputs.model_path, state, dtype=dtype, moe_impl=cfg.moe_impl, progress=main, aux_loss_coef=cfg.aux_loss_coef
+        )
     agree(lambda: add_lora(cfg, model, state), state)  # LoRA: adapters only train (training/lora.py)
     agree(lambda: _check_loaded_weights(cfg, inputs.model_path, model), state)
     agree(lambda: _use_mtp(cfg, model), state)
+    if cfg.bias_update_rate > 0 and not has_balance_bias(model):
+        raise ConfigError(
+            f"--bias_update_rate {cfg.bias_update_rate:g}: this model's routers have no e_score_correction_bias "
+            f"(DeepSeek-V3's auxiliary-loss-free balancing); pass 0"
+        )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.vocab_parallel_loss:
@@ -161,6 +170,14 @@ def train(cfg: TrainConfig) -> dict:
     warm = jit_warmup(net, state, cfg.vocab_parallel_loss, cfg.jit_warmup_steps, model.config.vocab_size)
     if main and warm:
         logger.info("JIT warmup: %d passes in %.1f s", cfg.jit_warmup_steps, warm)
+    load = LoadMonitor(
+        cfg.log_dir,
+        main,
+        idle_steps=cfg.warn_idle_steps,
+        max_ratio=cfg.warn_load_ratio,
+        bias_update_rate=cfg.bias_update_rate,
+    )
+    load.reset(model)  # the warmup passes are not steps
 
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
     log = MetricsLog(cfg.log_dir, main, cfg.steps, start, resume=bool(cfg.resume))
@@ -206,6 +223,7 @@ def train(cfg: TrainConfig) -> dict:
             else:
                 nonfinite.append(step + 1)
             opt.zero_grad(set_to_none=True)
+            load_fields = load.step(model, state, step + 1, update=finite)  # and the V3 routing bias, if asked
             seconds = time.perf_counter() - t0
             log.step(
                 {
@@ -219,6 +237,7 @@ def train(cfg: TrainConfig) -> dict:
                     "step_s": seconds,
                     "peak_mem_mb": peak_memory_mb(state.device),
                     "skipped": not finite,
+                    **load_fields,
                 }
             )
             if not finite:
@@ -228,6 +247,7 @@ def train(cfg: TrainConfig) -> dict:
                 saved = _save(cfg, model, opt, sched, state, step + 1, data.position)
     finally:
         plot = log.close()
+        load_plot = load.close()
     return {
         "losses": [r["loss"] for r in log.records],
         "steps": [r["step"] for r in log.records],
@@ -235,6 +255,7 @@ def train(cfg: TrainConfig) -> dict:
         "checkpoint": str(saved) if saved else None,
         "metrics": str(log.path) if log.path else None,
         "plot": str(plot) if plot else None,
+        "load_plot": str(load_plot) if load_plot else None,
         "plotted_steps": log.plotted,
         "state": {"world": state.world_size, "tp": state.tp_size, "dp": state.dp_size},
     }

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from npu_parallel.convert.mtp import mtp_states
-from npu_parallel.moe.block import MoEBlock
+from npu_parallel.moe.load import balance_loss
 from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
 
 IGNORE = -100
@@ -34,12 +34,6 @@ def lm_head_of(model: nn.Module) -> ParallelLMHead:
 def set_vocab_parallel_logits(model: nn.Module, enabled: bool) -> None:
     """Make ``model(...).logits`` this rank's vocab slice (True) or the gathered full vocab (False)."""
     lm_head_of(model).gather_output = not enabled
-
-
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary losses the MoE routers computed in the last forward (remote-code MoEGate)."""
-    values = [m.last_aux_loss for m in model.modules() if isinstance(m, MoEBlock) and m.last_aux_loss is not None]
-    return torch.stack([v.float() for v in values]).sum() if values else None
 
 
 def token_loss(logits: torch.Tensor, target: torch.Tensor, head: nn.Module, vocab_parallel: bool) -> torch.Tensor:
@@ -79,7 +73,9 @@ def causal_lm_loss(
     """(loss, aux_loss) for one batch; the same value either way, vocab-parallel never gathers the logits.
 
     ``mtp_weight`` > 0 adds DeepSeek-V3's MTP loss times it (the model must have MTP layers); its value goes
-    into ``parts["mtp_loss"]`` when ``parts`` is given.
+    into ``parts["mtp_loss"]`` when ``parts`` is given. In train mode ``loss`` holds the weighted load-balancing
+    loss once (the converted model adds it to its own loss; here it is added to the vocab-parallel one) and
+    ``aux_loss`` is that term (None when the model has none).
     """
     module = unwrap(model)
     captured: list[torch.Tensor] = []
@@ -93,18 +89,17 @@ def causal_lm_loss(
             out = model(input_ids=input_ids, labels=labels)
             loss = out.loss
         else:
-            head = lm_head_of(module)
             out = model(input_ids=input_ids)
-            loss = token_loss(out.logits[:, :-1], labels[:, 1:], head, True)
-            if getattr(out, "aux_loss", None) is not None:  # transformers adds coef * aux to its own loss
-                loss = loss + getattr(getattr(module, "config", None), "router_aux_loss_coef", 0.0) * out.aux_loss
+            loss = token_loss(out.logits[:, :-1], labels[:, 1:], lm_head_of(module), True)
     finally:
         if hook is not None:
             hook.remove()
+    aux = balance_loss(module) if module.training else None
+    if vocab_parallel and aux is not None:  # the weighted term, which the model adds to its own loss given labels
+        loss = loss + aux.to(loss.dtype)
     if mtp_weight:
         mtp = mtp_loss(module, captured[-1], input_ids, labels, vocab_parallel=vocab_parallel)
         loss = loss + mtp_weight * mtp
         if parts is not None:
             parts["mtp_loss"] = mtp.detach()
-    aux = getattr(out, "aux_loss", None)
-    return loss, (aux if aux is not None else moe_aux_loss(module))
+    return loss, aux

@@ -92,6 +92,8 @@ class MetricsLog:
         aux = f" aux {record['aux_loss']:.4f}" if record.get("aux_loss") is not None else ""
         aux += f" mtp {record['mtp_loss']:.4f}" if record.get("mtp_loss") is not None else ""
         skipped = " | skipped (non-finite)" if record.get("skipped") else ""
+        if record.get("load_max_over_mean"):
+            skipped = f" | load max/mean {record['load_max_over_mean']:.2f}{skipped}"
         self.bar.write(
             f"step {record['step']:>5} | loss {record['loss']:.4f}{aux} | lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "

@@ -2,6 +2,7 @@
 
 from npu_parallel.convert.plan import EMBEDDING, LM_HEAD, Plan
 from npu_parallel.convert.styles import MLP, Colwise, MoE, ReplicatedSumGradFrom, Rowwise, ShardHeads
+from npu_parallel.moe.balance import BalanceRule
 
 PLAN = Plan(
     name="DeepSeek-V2/V2-Lite/V3",
@@ -23,6 +24,15 @@ PLAN = Plan(
         LM_HEAD,
     ),
     experts_attr="n_routed_experts",
+    balance=BalanceRule(  # DeepSeek's MoEGate loss; transformers' classes compute none
+        "deepseek",
+        coef_key="aux_loss_alpha",  # published configs: 0.001, with seq_aux true
+        seq_key="seq_aux",
+        scoring_key="scoring_func",  # remote-code configs name it; transformers' V3 scores by sigmoid
+        sigmoid_types=("deepseek_v3",),
+        router_coef_attr="alpha",  # remote-code MoEGate computes its own loss with this coefficient
+        bias_attr="e_score_correction_bias",  # V3's routing bias: --bias_update_rate moves it
+    ),
     # q_proj without q LoRA (V2-Lite), q_b_proj with it
     optional=("model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.q_b_proj"),
 )

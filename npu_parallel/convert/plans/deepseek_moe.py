@@ -2,6 +2,7 @@
 
 from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, Plan, kv_heads_rule
 from npu_parallel.convert.styles import MLP, MoE
+from npu_parallel.moe.balance import BalanceRule
 
 PLAN = Plan(
     name="DeepSeek-MoE",
@@ -15,4 +16,6 @@ PLAN = Plan(
     ),
     experts_attr="n_routed_experts",
     checks=(kv_heads_rule,),
+    # MoEGate computes its own loss (aux_loss_alpha, seq_aux) and keeps the coefficient as `alpha`
+    balance=BalanceRule("deepseek", coef_key="aux_loss_alpha", seq_key="seq_aux", router_coef_attr="alpha"),
 )

@@ -1,6 +1,6 @@
 """Mixtral: GQA attention, routed experts without shared ones (`block_sparse_moe` in 4.x, `mlp` in 5.x)."""
 
-from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, Plan, kv_heads_rule
+from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, SWITCH_BALANCE, Plan, kv_heads_rule
 from npu_parallel.convert.styles import MoE
 
 PLAN = Plan(
@@ -15,6 +15,7 @@ PLAN = Plan(
     ),
     experts_attr="num_local_experts",
     checks=(kv_heads_rule,),
+    balance=SWITCH_BALANCE,
     checkpoint_aliases=((".mlp.", ".block_sparse_moe."),),  # experts.N.w1/w3/w2 under block_sparse_moe
     expert_key_names=("w1", "w3", "w2"),
     optional=("model.layers.*.block_sparse_moe", "model.layers.*.mlp"),

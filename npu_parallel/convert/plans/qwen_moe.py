@@ -1,7 +1,7 @@
 """Qwen2-MoE and Qwen3-MoE: `shared_expert` scaled by the per-token sigmoid `shared_expert_gate` (Qwen2);
 dense layers from `mlp_only_layers` / `decoder_sparse_step` fall through to MLP."""
 
-from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, Plan, kv_heads_rule
+from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, SWITCH_BALANCE, Plan, kv_heads_rule
 from npu_parallel.convert.styles import MLP, MoE
 
 PLAN = Plan(
@@ -19,4 +19,5 @@ PLAN = Plan(
     ),
     experts_attr="num_experts",
     checks=(kv_heads_rule,),
+    balance=SWITCH_BALANCE,
 )
