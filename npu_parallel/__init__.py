@@ -14,11 +14,13 @@ if TYPE_CHECKING:
     from npu_parallel.checkpoint.load import load_pretrained, load_sharded
     from npu_parallel.checkpoint.save import load_training_state, save_sharded
     from npu_parallel.convert.conversion import convert_model
+    from npu_parallel.parallel.data_parallel import data_parallel
     from npu_parallel.parallel.state import ParallelState, init_distributed
 
 _LAZY = {
     "ParallelState": "npu_parallel.parallel.state",
     "convert_model": "npu_parallel.convert.conversion",
+    "data_parallel": "npu_parallel.parallel.data_parallel",
     "init_distributed": "npu_parallel.parallel.state",
     "load_pretrained": "npu_parallel.checkpoint.load",
     "load_sharded": "npu_parallel.checkpoint.load",
@@ -30,6 +32,7 @@ __all__ = [
     "ParallelState",
     "__version__",
     "convert_model",
+    "data_parallel",
     "init_distributed",
     "load_pretrained",
     "load_sharded",

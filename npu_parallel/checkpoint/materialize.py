@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.source import TensorSource
+from npu_parallel.parallel.data_parallel import copy_full_into
 from npu_parallel.parallel.shard_spec import ShardSpec, mark, pad_to_spec, spec_of
 
 
@@ -163,8 +164,7 @@ class CopyInto(Sink):
     """Copies into an existing model's tensors in place, so an optimizer built on them stays valid."""
 
     def put(self, item: Item, data: torch.Tensor) -> None:
-        with torch.no_grad():
-            item.tensor.copy_(data)
+        copy_full_into(item.tensor, data)  # a data_parallel model's parameter takes its own rows
 
 
 class WriteTo(Sink):
