@@ -55,12 +55,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         tokenizer=args.tokenizer,
         keep_others=not args.clean,
+        dtype=parse_dtype(args.dtype),
     )
     mark = json.loads((out / MARKER).read_text())
     tok = mark["tokenizer"]
     got = [f"{', '.join(tok['files'])} from {tok['from']}"] if tok["files"] else []
     got += [f"kept {', '.join(tok['kept'])}"] if tok["kept"] else []
-    print(f"wrote {out}: {mark['tensors']} tensors; tokenizer: {'; '.join(got) or 'none (see the warning above)'}")
+    dtype = f" in {mark['dtype']}" if mark.get("dtype") else ""
+    tokenizer = "; ".join(got) or "none (see the warning above)"
+    print(f"wrote {out}: {mark['tensors']} tensors{dtype}; tokenizer: {tokenizer}")
     return EXIT_OK
 
 
@@ -125,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, metavar="DIR", help="tokenizer files from DIR (default: the source checkpoint)"
     )
     p.add_argument("--clean", action="store_true", help="with --overwrite: also delete files merge did not write")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="dtype of the weights written: bf16, fp16 or fp32 (default: a training run's compute dtype, bf16 for a "
+        "bf16 run whose checkpoint holds fp32 master weights; else as stored)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
 
