@@ -113,3 +113,15 @@ def test_precision_names_and_the_pure_bf16_warning(caplog):
             dp.data_parallel(torch.nn.Sequential(torch.nn.Linear(2, 2)), state, precision="bf16-pure")
     warned = [r for r in caplog.records if "bf16-pure" in r.getMessage()]
     assert len(warned) == 1 and "rounded away" in warned[0].getMessage()
+
+
+def test_bf16_verify_passes_and_catches_a_perturbed_expert(checkpoints, capsys):
+    """verify --dtype bfloat16 at the evidence-based tolerances: the honest tp 2 model passes (its bf16 rounding
+    flips a near-tie token's experts, which 99 % agreement used to fail), one perturbed expert fails."""
+    from npu_parallel.tools import cli
+
+    path = str(checkpoints / "deepseek_v2")
+    assert cli.main(["verify", path, "--tp", "2", "--dtype", "bfloat16", "--backward"]) == 0, capsys.readouterr().out
+    rc = cli.main(["verify", path, "--tp", "2", "--dtype", "bfloat16", "--_perturb-expert", "1:2"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILED: tp=2 layer 2 moe_out" in out, out

@@ -159,10 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true", help="also compare every gradient, gathered to full shape")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--moe-impl", default="auto", help="MoE implementation of the converted model")
-    p.add_argument("--atol", type=float, default=None, help="max abs diff of outputs (fp32 1e-4, bf16/fp16 5e-2)")
+    p.add_argument(
+        "--atol", type=float, default=None, help="max abs diff of outputs (fp32 1e-4, bf16 2.5e-2, fp16 5e-2)"
+    )
     p.add_argument("--grad-atol", type=float, default=None, help="max abs diff of gradients (default: --atol)")
     p.add_argument(
-        "--min-agree", type=float, default=None, help="router top-k agreement in percent (fp32 100, bf16/fp16 99)"
+        "--min-agree", type=float, default=None, help="router top-k agreement in percent (fp32 100, bf16 90, fp16 99)"
     )
     p.add_argument("--batch", type=int, default=2, help="sequences in the batch (default 2)")
     p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")
