@@ -33,12 +33,17 @@ def _grad_diffs(path: str, state: ParallelState, ids: torch.Tensor, expert_units
     rows = ids.shape[0] // state.dp_size
     mine = ids[state.dp_rank * rows : (state.dp_rank + 1) * rows]
     model(input_ids=mine, labels=mine).loss.backward()
+    from npu_parallel.training.optim import global_grad_norm
+
+    norm = global_grad_norm(model, state).item()  # over tp and dp: DTensor gradients, each shard once
     got = _full_grads(model, state)
     diffs = {n: (got[n] - p.grad).abs().max().item() for n, p in ref.named_parameters() if p.grad is not None}
     return {
         "max_diff": max(diffs.values()),
         "worst": max(diffs, key=lambda n: diffs[n]),
         "max_grad": max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None),
+        "norm": norm,
+        "ref_norm": torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters() if p.grad is not None)).item(),
         "compared": len(diffs),
         "params": len(dict(ref.named_parameters())),
         "dp": state.dp_size,

@@ -27,6 +27,7 @@ def test_data_parallel_gradient_is_the_mean_loss_gradient_of_the_global_batch(wo
     for g in grads:
         assert g["compared"] == g["params"] and g["dtensor"]
         assert g["max_diff"] <= 1e-6, g  # the largest gradient is ~0.2: a dp-times error would be ~0.1
+        assert g["norm"] == pytest.approx(g["ref_norm"], rel=1e-5)  # the global norm clipping uses, over tp and dp
     assert [g["expert_units"] for g in grads] == [0, 0, 2] and grads[2]["expert_modules"] == 2
 
 
