@@ -185,7 +185,26 @@ def checked_run(path: str, save_dir: str) -> dict:
         resumed = train(TrainConfig(**dict(base, resume=f"{save_dir}/step-2")))["losses"]
     finally:
         check.close()
-    return {"caught": caught, "findings": check.findings, "calls": check.calls, "full": full, "resumed": resumed}
+    return {
+        "caught": caught,
+        "findings": check.findings,
+        "calls": check.calls,
+        "full": full,
+        "resumed": resumed,
+        "load_into_sharded": _load_into_sharded(path, f"{save_dir}/step-2", state),
+    }
+
+
+def _load_into_sharded(path: str, ckpt: str, state: ParallelState) -> float:
+    """load_sharded(model=...) into a data_parallel model: each rank copies its own dp rows; max abs diff of the
+    gathered parameters from the checkpoint loaded plainly."""
+    from npu_parallel.checkpoint.load import load_sharded
+    from npu_parallel.parallel.data_parallel import full_tensor
+
+    plain = dict(load_sharded(ckpt, state).named_parameters())
+    model = npu_parallel.data_parallel(load_pretrained(path, state, dtype=torch.float32, progress=False), state)
+    load_sharded(ckpt, state, model=model)
+    return max((full_tensor(p) - plain[n]).abs().max().item() for n, p in model.named_parameters())
 
 
 def dp_world4(path: str, save_dir: str) -> dict:

@@ -45,6 +45,7 @@ def test_every_collective_of_a_training_run_is_on_the_device_in_a_device_dtype(w
 def test_bf16_run_keeps_fp32_master_weights_and_resumes_exactly(world4):
     run, save_dir = world4[0]["run"], world4[1]
     assert run["resumed"] == run["full"][2:]  # bit for bit, from the fp32 master weights and fp32 moments
+    assert run["load_into_sharded"] == 0.0  # load_sharded(model=...) into a data_parallel model: its own rows
     manifest = json.loads((save_dir / "step-2" / "manifest.json").read_text())
     assert {t["dtype"] for t in manifest["tensors"].values()} == {"F32"}
     assert manifest["training"]["extra"]["precision"] == {
