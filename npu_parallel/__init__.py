@@ -16,12 +16,14 @@ if TYPE_CHECKING:
     from npu_parallel.checkpoint.save import load_training_state, save_sharded
     from npu_parallel.convert.conversion import convert_model
     from npu_parallel.convert.lora import merge_lora
+    from npu_parallel.parallel.data_parallel import data_parallel
     from npu_parallel.parallel.state import ParallelState, init_distributed
 
 _LAZY = {
     "ParallelState": "npu_parallel.parallel.state",
     "apply_lora": "npu_parallel.checkpoint.peft_adapter",
     "convert_model": "npu_parallel.convert.conversion",
+    "data_parallel": "npu_parallel.parallel.data_parallel",
     "init_distributed": "npu_parallel.parallel.state",
     "load_pretrained": "npu_parallel.checkpoint.load",
     "load_sharded": "npu_parallel.checkpoint.load",
@@ -36,6 +38,7 @@ __all__ = [
     "__version__",
     "apply_lora",
     "convert_model",
+    "data_parallel",
     "init_distributed",
     "load_pretrained",
     "load_sharded",

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.source import TensorSource
 from npu_parallel.convert.mtp import add_mtp_layers
+from npu_parallel.parallel.data_parallel import copy_full_into
 from npu_parallel.parallel.shard_spec import ShardSpec, mark, pad_to_spec, spec_of
 
 
@@ -167,8 +168,7 @@ class CopyInto(Sink):
     """Copies into an existing model's tensors in place, so an optimizer built on them stays valid."""
 
     def put(self, item: Item, data: torch.Tensor) -> None:
-        with torch.no_grad():
-            item.tensor.copy_(data)
+        copy_full_into(item.tensor, data)  # a data_parallel model's parameter takes its own rows
 
 
 class WriteTo(Sink):

@@ -186,6 +186,32 @@ def hf_entries(source: ShardedSource) -> Iterator[Entry]:
             )
 
 
+def merge_dtype(source: ShardedSource, dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype``, else the compute dtype a training run recorded in the manifest (None: keep the stored dtypes)."""
+    if dtype is not None:
+        return dtype
+    precision = ((source.manifest.get("training") or {}).get("extra") or {}).get("precision") or {}
+    compute = getattr(torch, str(precision.get("compute")), None)
+    return compute if isinstance(compute, torch.dtype) else None
+
+
+def _keep_fp32(source: ShardedSource) -> tuple[str, ...]:
+    import transformers
+
+    cls = getattr(transformers, str(source.manifest.get("architecture")), None)
+    return tuple(getattr(cls, "_keep_in_fp32_modules_strict", None) or ())
+
+
+def _cast(entry: Entry, target: torch.dtype | None, source: ShardedSource) -> Entry:
+    """``entry`` written in ``target`` when it is a floating tensor (fp32 kept where the model class asks)."""
+    key, dtype, shape, read = entry
+    if target is None or not dtype.is_floating_point or dtype == target:
+        return entry
+    if target in (torch.float16, torch.bfloat16) and any(k in key for k in _keep_fp32(source)):
+        return entry
+    return key, target, shape, read
+
+
 def _shards(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
     shards: list[list[Entry]] = [[]]
     size = 0
@@ -208,8 +234,13 @@ def merge_checkpoint(
     progress: bool = True,
     tokenizer: str | Path | None = None,
     keep_others: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Stream rank files back into a Hugging Face checkpoint that ``from_pretrained`` loads.
+
+    Floating tensors are written in ``dtype``; None: the compute dtype of the training run that saved the
+    checkpoint (bf16 for a bf16 mixed-precision run, whose rank files hold the fp32 master weights), else the
+    stored dtype. The model class's ``_keep_in_fp32_modules_strict`` tensors stay fp32 under a half dtype.
 
     The tokenizer files and ``generation_config.json`` come from ``tokenizer`` or else from the source
     folder the manifest names; without either, one warning says so (and ``npu_parallel.json`` records it).
@@ -217,7 +248,8 @@ def merge_checkpoint(
     """
     src, out = Path(src), Path(out)
     source = ShardedSource(src, verify=True)
-    entries = list(hf_entries(source))
+    target = merge_dtype(source, dtype)
+    entries = [_cast(e, target, source) for e in hf_entries(source)]
     shards = _shards(entries, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     owned = check_output_dir(out, overwrite, source=src, writes=[*names, INDEX_FILE, "config.json", MARKER])
@@ -241,7 +273,10 @@ def merge_checkpoint(
         at.path = tmp / INDEX_FILE
         write_json(at.path, {"metadata": {"total_size": total}, "weight_map": weight_map})
         at.path = tmp / "config.json"
-        at.path.write_text(json.dumps(dict(source.manifest["config"]), indent=2, sort_keys=True) + "\n")
+        config = dict(source.manifest["config"])
+        if target is not None:  # what from_pretrained(dtype="auto") loads it as
+            config["dtype" if "torch_dtype" not in config else "torch_dtype"] = str(target).removeprefix("torch.")
+        at.path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in tok["files"]:
             at.path = tmp / name
             shutil.copyfile(Path(tok["from"]) / name, at.path)
@@ -252,6 +287,7 @@ def merge_checkpoint(
             {
                 "format": MERGED_FORMAT,
                 "written_by": "npu-parallel merge",
+                "dtype": str(target).removeprefix("torch.") if target else None,
                 "source": str(src.resolve()),
                 "source_tp": source.tp,
                 "tensors": len(entries),

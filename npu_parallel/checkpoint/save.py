@@ -29,11 +29,12 @@ from npu_parallel.checkpoint.manifest import (
     write_error,
     write_json,
 )
-from npu_parallel.checkpoint.materialize import global_shape, tensors_to_load
+from npu_parallel.checkpoint.materialize import global_shape, local_shape, tensors_to_load
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.train_state import STATE_FORMAT, read_state, rng_state, set_rng_state, write_state
 from npu_parallel.convert.conversion import conversion_info
+from npu_parallel.parallel.data_parallel import full_tensor, local_state, shard_state
 from npu_parallel.parallel.shard_spec import ShardSpec, spec_of
 from npu_parallel.parallel.state import ParallelState
 
@@ -109,17 +110,24 @@ def save_sharded(
     files: dict = {}
     current = tmp
     try:
-        if state.dp_rank == 0:
-            mine = [(n, trim(t, s)) for n, t, s in local if s is not None or state.tp_rank == 0]
-            current = tmp / rank_file(state.tp_rank, state.tp_size)
-            with SafetensorsWriter(current, [(n, t.dtype, tuple(t.shape)) for n, t in mine]) as w:
-                for n, t in mine:
-                    w.write(n, t)
-                files[current.name] = {"sha256": w.close(), "bytes": current.stat().st_size}
+        # under data_parallel each tensor is whole only once gathered over dp: every dp rank takes part in each
+        # gather (one tensor at a time), dp rank 0 writes, and keeps gathering if its write fails
+        mine = [(n, t, s) for n, t, s in local if s is not None or state.tp_rank == 0]
+        gathered = ((n, trim(full_tensor(t), s)) for n, t, s in mine)
+        try:
+            if state.dp_rank == 0:
+                current = tmp / rank_file(state.tp_rank, state.tp_size)
+                with SafetensorsWriter(current, [(n, t.dtype, local_shape(t, s)) for n, t, s in mine]) as w:
+                    for n, t in gathered:
+                        w.write(n, t)
+                    files[current.name] = {"sha256": w.close(), "bytes": current.stat().st_size}
+        finally:
+            for _ in gathered:
+                pass
         if optimizer is not None:
             current = tmp / train_file(state.rank, state.world_size)
             training_state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": local_state(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": rng_state(state.device),
             }
@@ -209,7 +217,7 @@ def load_training_state(path: str | Path, state: ParallelState, *, optimizer=Non
         ckpt.verify([name])
         saved = read_state(ckpt.path / name)
         if optimizer is not None:
-            optimizer.load_state_dict(saved["optimizer"])
+            optimizer.load_state_dict(shard_state(saved["optimizer"], optimizer))
         if scheduler is not None and saved["scheduler"] is not None:
             scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"], state.device)

@@ -45,6 +45,8 @@ class LocalExperts(ShardedModule):
     transformers' fused experts, so a converted model's state dict reads like the HF one.
     """
 
+    np_routed_experts = True  # parallel.data_parallel.EXPERTS_MARKER: may be sharded over an expert mesh
+
     def __init__(
         self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn, num_experts: int, expert_start: int
     ):

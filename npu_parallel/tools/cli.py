@@ -64,12 +64,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             tokenizer=args.tokenizer,
             keep_others=not args.clean,
+            dtype=parse_dtype(args.dtype),
         )
     mark = json.loads((out / MARKER).read_text())
     tok = mark["tokenizer"]
     got = [f"{', '.join(tok['files'])} from {tok['from']}"] if tok["files"] else []
     got += [f"kept {', '.join(tok['kept'])}"] if tok["kept"] else []
-    print(f"wrote {out}: {mark['tensors']} tensors; tokenizer: {'; '.join(got) or 'none (see the warning above)'}")
+    dtype = f" in {mark['dtype']}" if mark.get("dtype") else ""
+    tokenizer = "; ".join(got) or "none (see the warning above)"
+    print(f"wrote {out}: {mark['tensors']} tensors{dtype}; tokenizer: {tokenizer}")
     return EXIT_OK
 
 
@@ -134,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, metavar="DIR", help="tokenizer files from DIR (default: the source checkpoint)"
     )
     p.add_argument("--clean", action="store_true", help="with --overwrite: also delete files merge did not write")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="dtype of the weights written: bf16, fp16 or fp32 (default: a training run's compute dtype, bf16 for a "
+        "bf16 run whose checkpoint holds fp32 master weights; else as stored)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--merge_lora", action="store_true", help="a LoRA run: the base model with the adapters folded in (HF folder)"
@@ -163,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true", help="also compare every gradient, gathered to full shape")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--moe-impl", default="auto", help="MoE implementation of the converted model")
-    p.add_argument("--atol", type=float, default=None, help="max abs diff of outputs (fp32 1e-4, bf16/fp16 5e-2)")
+    p.add_argument(
+        "--atol", type=float, default=None, help="max abs diff of outputs (fp32 1e-4, bf16 2.5e-2, fp16 5e-2)"
+    )
     p.add_argument("--grad-atol", type=float, default=None, help="max abs diff of gradients (default: --atol)")
     p.add_argument(
-        "--min-agree", type=float, default=None, help="router top-k agreement in percent (fp32 100, bf16/fp16 99)"
+        "--min-agree", type=float, default=None, help="router top-k agreement in percent (fp32 100, bf16 90, fp16 99)"
     )
     p.add_argument("--batch", type=int, default=2, help="sequences in the batch (default 2)")
     p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")

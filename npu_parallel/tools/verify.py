@@ -130,9 +130,11 @@ def _grad_group(name: str, router_paths: tuple[str, ...]) -> tuple[int | None, s
 
 
 def _full_grads(model, state) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient at full (global) shape, on every rank: sharded ones all-gathered over tp."""
+    """Every parameter's gradient at full (global) shape, on every rank: sharded ones all-gathered over tp (and
+    over dp under data_parallel)."""
     import torch.distributed as dist
 
+    from npu_parallel.parallel.data_parallel import full_tensor
     from npu_parallel.parallel.shard_spec import spec_of
 
     params = dict(model.named_parameters())
@@ -143,7 +145,8 @@ def _full_grads(model, state) -> dict[str, torch.Tensor]:
         mine = {n: (s.start, s.stop) for n, p in params.items() if (s := spec_of(p)) is not None}
         dist.all_gather_object(ranges, mine, group=state.tp_group)
     for name, p in params.items():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        # a data_parallel model's gradients are DTensors sharded over dp: whole over dp first
+        g = full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=state.device)
         spec = spec_of(p)
         if spec is None or state.tp_size == 1:
             if spec is not None and spec.padded > spec.length:

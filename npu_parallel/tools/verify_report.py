@@ -39,9 +39,14 @@ class Tolerances:
     min_agree: float  # router top-k agreement, percent of tokens with the same expert set
 
 
+# bfloat16, measured (batch 2x16, tp 1 and 2, forward and backward, the tests' tiny DeepSeek-V2/V3, Mixtral,
+# Qwen2/3-MoE and npu_parallel.tools.tiny): honest max diffs <= 8.3e-3 on outputs and <= 3.9e-3 on gradients, router
+# agreement >= 93.75 % (near-tie tokens, 2 of 32 at most, flip under bf16 rounding); with one expert perturbed
+# (--_perturb-expert) outputs differ by >= 0.73 and gradients by >= 0.28. 2.5e-2 sits 3x above the first and 11x
+# below the second; agreement 90 % allows tie-flips, while a wrong router disagrees on most tokens.
 DEFAULT_TOLERANCES = {
     "float32": Tolerances(1e-4, 1e-4, 100.0),
-    "bfloat16": Tolerances(5e-2, 5e-2, 99.0),
+    "bfloat16": Tolerances(2.5e-2, 2.5e-2, 90.0),
     "float16": Tolerances(5e-2, 5e-2, 99.0),
 }
 

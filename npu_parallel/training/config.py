@@ -28,7 +28,7 @@ from npu_parallel.training.metrics import METRICS_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "bfloat16", "fp32", "float32")
+PRECISIONS = ("auto", "bf16", "bf16-pure", "fp32", "bfloat16", "float32")
 MAX_STEP = 1e30  # --lr and --lr x --weight_decay: AdamW's first step (10 x lr) must stay inside float32
 STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -97,7 +97,9 @@ HELP = {
     "stop_after": "stop after this step, as if interrupted (schedule still spans --steps)",
     "log_dir": "metrics.jsonl and loss.png go here",
     "seed": "data order seed",
-    "precision": "auto (bf16 where the device supports it, else fp32), bf16 or fp32",
+    "precision": "auto (bf16 mixed where the device computes in bf16, else fp32); bf16: bf16 compute, fp32 master "
+    "weights and AdamW moments, gradients reduced in fp32; bf16-pure: everything bf16 (warns: small updates are "
+    "rounded away); fp32",
     "gradient_checkpointing": "recompute activations in backward",
     "vocab_parallel_loss": "cross-entropy on vocab-sharded logits, never gathering them",
     "mtp_loss_weight": "weight of DeepSeek-V3's multi-token-prediction loss (0: MTP layers kept but frozen)",

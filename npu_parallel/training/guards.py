@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from npu_parallel.parallel.data_parallel import local_tensor
 from npu_parallel.parallel.state import ParallelState
 from npu_parallel.training.errors import ConfigError
 
@@ -72,7 +73,7 @@ def step_is_finite(loss: float, grad_norm: torch.Tensor, state: ParallelState) -
 def nonfinite_parameter(model: nn.Module) -> str | None:
     """The name of this rank's first parameter holding NaN or Inf, if any (no collective)."""
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p.detach()).all()):
+        if not bool(torch.isfinite(local_tensor(p).detach()).all()):  # this rank's rows under data_parallel
             return name
     return None
 

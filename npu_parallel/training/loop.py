@@ -1,9 +1,9 @@
-"""The fine-tuning loop: TP inside a node, DDP across dp groups, AdamW with warmup+cosine, gradient
+"""The fine-tuning loop: TP inside a node, FSDP2 over the dp ranks with mixed precision (bf16 compute, fp32
+master weights and optimizer state, gradients reduced and accumulated in fp32), AdamW with warmup+cosine, gradient
 accumulation and clipping by the true global norm, JIT warmup, sharded checkpoints and exact resume."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from npu_parallel.checkpoint.load import load_pretrained, load_sharded
 from npu_parallel.checkpoint.lora_checkpoint import lora_extra
@@ -19,6 +18,8 @@ from npu_parallel.checkpoint.save import load_training_state, save_sharded
 from npu_parallel.convert.mtp import MTP_ATTR, mtp_layers
 from npu_parallel.moe.load import has_balance_bias
 from npu_parallel.parallel import device as _device
+from npu_parallel.parallel.data_parallel import Precision, data_parallel
+from npu_parallel.parallel.data_parallel import resolve_precision as _resolve
 from npu_parallel.parallel.state import ParallelState, init_distributed
 from npu_parallel.training.config import TrainConfig, add_train_args, check_args, check_inputs, config_from_args
 from npu_parallel.training.errors import ConfigError, NonFiniteError
@@ -40,13 +41,18 @@ __all__ = ["TrainConfig", "add_train_args", "config_from_args", "train"]  # the 
 logger = logging.getLogger(__name__)
 
 
-def resolve_precision(precision: str, kind: str) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if _device.supports_bf16(kind) else torch.float32
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-    if precision not in table:
-        raise ConfigError(f"--precision {precision!r}: must be auto, bf16 or fp32")
-    return table[precision]
+def resolve_precision(precision: str, kind: str) -> Precision:
+    """--precision on a device type -> its dtypes (auto: bf16 mixed where the device computes in bf16, else fp32)."""
+    try:
+        return _resolve(precision, kind)
+    except ValueError as exc:
+        raise ConfigError(f"--{exc}") from None
+
+
+def precision_record(mode: Precision) -> dict:
+    """What a checkpoint's manifest records of the run's precision (merge writes ``compute`` by default)."""
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+    return {"mode": mode.name, "compute": name[mode.compute], "master": name[mode.master], "reduce": name[mode.reduce]}
 
 
 def jit_warmup(model, state, vocab_parallel: bool, steps: int, vocab: int) -> float:
@@ -58,7 +64,8 @@ def jit_warmup(model, state, vocab_parallel: bool, steps: int, vocab: int) -> fl
         npu.npu.set_compile_mode(jit_compile=False)
     t0 = time.perf_counter()
     ids = torch.arange(16, device=state.device).remainder(vocab).unsqueeze(0)
-    with torch.random.fork_rng(devices=[] if state.device.type == "cpu" else [state.device]):
+    devices = [] if state.device.type == "cpu" else [state.device]
+    with torch.random.fork_rng(devices=devices, device_type=state.device.type):
         for _ in range(steps):
             loss, _ = causal_lm_loss(model, ids, ids, vocab_parallel=vocab_parallel)
             loss.backward()
@@ -67,12 +74,16 @@ def jit_warmup(model, state, vocab_parallel: bool, steps: int, vocab: int) -> fl
     return time.perf_counter() - t0
 
 
-def _dp_mean(values: list, state: ParallelState) -> list:
-    """Mean over the data-parallel group of scalars (None stays None; float32 on the device, as every backend
-    reduces it)."""
-    t = torch.tensor([v if v is not None else 0.0 for v in values], dtype=torch.float32, device=state.device)
-    torch.distributed.all_reduce(t, group=state.dp_group)
-    return [None if v is None else x / state.dp_size for v, x in zip(values, t.tolist(), strict=True)]
+def _dp_mean(values: list[torch.Tensor | None], state: ParallelState) -> list[float | None]:
+    """Mean over the data-parallel group of fp32 scalars on the device (None stays None): one all-reduce of one
+    fp32 vector on ``state.device`` (a dtype and a device every backend reduces), one host sync."""
+    present = [v for v in values if v is not None]
+    t = torch.stack(present).to(device=state.device, dtype=torch.float32)
+    if state.dp_size > 1:
+        torch.distributed.all_reduce(t, group=state.dp_group)
+        t = t / state.dp_size
+    means = iter(t.tolist())
+    return [None if v is None else next(means) for v in values]
 
 
 def _check_loaded_weights(cfg: TrainConfig, model_path: str, model) -> None:
@@ -96,7 +107,7 @@ def _use_mtp(cfg: TrainConfig, model) -> None:
         layer.requires_grad_(bool(cfg.mtp_loss_weight))
 
 
-def _save(cfg: TrainConfig, model, opt, sched, state: ParallelState, step: int, position: int) -> Path:
+def _save(cfg: TrainConfig, model, opt, sched, state: ParallelState, mode: Precision, step: int, position: int) -> Path:
     """A step-N checkpoint, never of non-finite weights (then NonFiniteError on every rank, nothing written)."""
     if not weights_are_finite(model, state):
         raise NonFiniteError(
@@ -110,7 +121,13 @@ def _save(cfg: TrainConfig, model, opt, sched, state: ParallelState, step: int, 
         state,
         optimizer=opt,
         scheduler=sched,
-        extra={"step": step, "data_position": position, "config": asdict(cfg), **lora_extra(model)},
+        extra={
+            "step": step,
+            "data_position": position,
+            "config": asdict(cfg),
+            "precision": precision_record(mode),
+            **lora_extra(model),
+        },
         overwrite=bool(cfg.resume or cfg.overwrite),
         trainable_only=bool(lora_extra(model)),  # a LoRA run saves its adapters and their optimizer state
     )
@@ -130,7 +147,7 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as exc:  # a tp size the world cannot split, raised alike on every rank
         raise ConfigError(str(exc)) from None
     main = state.rank == 0
-    dtype = resolve_precision(cfg.precision, state.device.type)
+    mode = resolve_precision(cfg.precision, state.device.type)
     torch.manual_seed(cfg.seed)
     inputs = agree(lambda: check_inputs(cfg, state), state)
     data, start = inputs.data, inputs.start
@@ -139,11 +156,19 @@ def train(cfg: TrainConfig) -> dict:
             logger.warning("--overwrite: removing %s of an earlier run", path)
             shutil.rmtree(path)
 
+    # the master weights: fp32 under mixed precision (a bf16 checkpoint upcast; a resumed one's fp32 kept)
     if cfg.resume and not resumes_lora(cfg):
-        model = load_sharded(cfg.resume, state, moe_impl=cfg.moe_impl, dtype=dtype, aux_loss_coef=cfg.aux_loss_coef)
+        model = load_sharded(
+            cfg.resume, state, moe_impl=cfg.moe_impl, dtype=mode.master, aux_loss_coef=cfg.aux_loss_coef
+        )
     else:
         model = load_pretrained(
-            inputs.model_path, state, dtype=dtype, moe_impl=cfg.moe_impl, progress=main, aux_loss_coef=cfg.aux_loss_coef
+            inputs.model_path,
+            state,
+            dtype=mode.master,
+            moe_impl=cfg.moe_impl,
+            progress=main,
+            aux_loss_coef=cfg.aux_loss_coef,
         )
     agree(lambda: add_lora(cfg, model, state), state)  # LoRA: adapters only train (training/lora.py)
     agree(lambda: _check_loaded_weights(cfg, inputs.model_path, model), state)
@@ -158,7 +183,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.vocab_parallel_loss:
         set_vocab_parallel_logits(model, True)
     model.train()
-    net = DistributedDataParallel(model, process_group=state.dp_group) if state.dp_size > 1 else model
+    data_parallel(model, state, precision=mode)  # FSDP2 over dp (also at dp = 1: the precision policy)
 
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
@@ -167,7 +192,7 @@ def train(cfg: TrainConfig) -> dict:
         if main:
             logger.info("resumed from %s at step %d", cfg.resume, start)
 
-    warm = jit_warmup(net, state, cfg.vocab_parallel_loss, cfg.jit_warmup_steps, model.config.vocab_size)
+    warm = jit_warmup(model, state, cfg.vocab_parallel_loss, cfg.jit_warmup_steps, model.config.vocab_size)
     if main and warm:
         logger.info("JIT warmup: %d passes in %.1f s", cfg.jit_warmup_steps, warm)
     load = LoadMonitor(
@@ -187,32 +212,33 @@ def train(cfg: TrainConfig) -> dict:
     try:
         for step in range(start, last):
             t0 = time.perf_counter()
-            total, aux_total, mtp_total = 0.0, None, None
+            # fp32 on the device: no host sync per micro-batch. FSDP2 reduce-scatters each micro-batch's gradient
+            # (fp32 under mixed precision) into the sharded fp32 gradient, which accumulates the micro-batches
+            loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
+            aux_sum: torch.Tensor | None = None
+            mtp_sum: torch.Tensor | None = None
             for micro in range(cfg.grad_accum):
                 batch = data.next().to(state.device)
                 if step == start and micro == 0:
                     check_same_batch(batch, state, step + 1)
-                sync: contextlib.AbstractContextManager = contextlib.nullcontext()
-                if isinstance(net, DistributedDataParallel) and micro < cfg.grad_accum - 1:
-                    sync = net.no_sync()  # accumulate locally: DDP reduces on the last micro-batch only
-                with sync:
-                    parts: dict = {}
-                    loss, aux = causal_lm_loss(
-                        net,
-                        batch,
-                        batch,
-                        vocab_parallel=cfg.vocab_parallel_loss,
-                        mtp_weight=cfg.mtp_loss_weight,
-                        parts=parts,
-                    )
-                    (loss / cfg.grad_accum).backward()
-                total += loss.item() / cfg.grad_accum
-                if "mtp_loss" in parts:
-                    mtp_total = (mtp_total or 0.0) + parts["mtp_loss"].item() / cfg.grad_accum
+                parts: dict = {}
+                loss, aux = causal_lm_loss(
+                    model,
+                    batch,
+                    batch,
+                    vocab_parallel=cfg.vocab_parallel_loss,
+                    mtp_weight=cfg.mtp_loss_weight,
+                    parts=parts,
+                )
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float() / cfg.grad_accum
                 if aux is not None:
-                    aux_total = (aux_total or 0.0) + aux.item() / cfg.grad_accum
-            if state.dp_size > 1:  # log the global batch's loss, not this replica's share
-                total, aux_total, mtp_total = _dp_mean([total, aux_total, mtp_total], state)
+                    aux_sum = (0 if aux_sum is None else aux_sum) + aux.detach().float() / cfg.grad_accum
+                if "mtp_loss" in parts:
+                    mtp_sum = (0 if mtp_sum is None else mtp_sum) + parts["mtp_loss"].float() / cfg.grad_accum
+            # the global batch's losses, not this replica's
+            total, aux_total, mtp_total = _dp_mean([loss_sum, aux_sum, mtp_sum], state)
+            assert total is not None
             norm = clip_grad_norm_(model, cfg.grad_clip, state)
             lr = sched.get_last_lr()[0]
             finite = step_is_finite(total, norm, state)
@@ -244,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
                 _nonfinite_step(cfg, nonfinite, total, norm.item(), main)
             at_end = step + 1 == last
             if cfg.save_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or at_end):
-                saved = _save(cfg, model, opt, sched, state, step + 1, data.position)
+                saved = _save(cfg, model, opt, sched, state, mode, step + 1, data.position)
     finally:
         plot = log.close()
         load_plot = load.close()

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from npu_parallel.parallel.data_parallel import is_dtensor, local_tensor
 from npu_parallel.parallel.shard_spec import spec_of
 from npu_parallel.parallel.state import ParallelState
 
@@ -17,21 +18,28 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def global_grad_norm(model: nn.Module, state: ParallelState) -> torch.Tensor:
-    """L2 norm of the full model's gradient: each sharded parameter counted once across the TP group,
-    each replicated one once (its gradient is identical on every TP rank), not tp times."""
-    grads = [(p, p.grad) for p in unique_params(model) if p.grad is not None]
-    device = grads[0][1].device if grads else torch.device("cpu")
-    sharded = torch.zeros((), dtype=torch.float32, device=device)
-    replicated = torch.zeros((), dtype=torch.float32, device=device)
-    for p, grad in grads:
-        sq = grad.detach().float().pow(2).sum()
-        if spec_of(p) is not None:
-            sharded += sq
-        else:
-            replicated += sq
+    """L2 norm of the full model's gradient, fp32 on ``state.device``: each sharded parameter counted once across
+    the TP group, each replicated one once (its gradient is identical on every TP rank), not tp times; a gradient
+    that data_parallel sharded over dp (a DTensor) is summed over its mesh's ranks, each row once."""
+    # per process group a DTensor gradient is sharded over (None: not sharded): [tp-sharded, tp-replicated] sums
+    buckets: dict[dist.ProcessGroup | None, torch.Tensor] = {}
+    for p in unique_params(model):
+        if p.grad is None:
+            continue
+        group = p.grad.device_mesh.get_group() if is_dtensor(p.grad) else None
+        sums = buckets.setdefault(group, torch.zeros(2, dtype=torch.float32, device=state.device))
+        sq = local_tensor(p.grad).detach().float().pow(2).sum()
+        sums[0 if spec_of(p) is not None else 1] += sq
+    total = torch.zeros(2, dtype=torch.float32, device=state.device)
+    for group, sums in buckets.items():  # the same groups in the same order on every member: parameter order
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(sums, group=group)
+        total += sums
     if state.tp_size > 1:
+        sharded = total[:1].clone()
         dist.all_reduce(sharded, group=state.tp_group)
-    return (sharded + replicated).sqrt()
+        total = torch.cat([sharded, total[1:]])
+    return total.sum().sqrt()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> torch.Tensor:
@@ -41,7 +49,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> 
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for p in unique_params(model):
             if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
+                grad = local_tensor(p.grad)  # this rank's rows: every rank scales its own
+                grad.mul_(coef.to(grad.dtype))
     return norm
 
 
