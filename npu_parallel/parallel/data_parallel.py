@@ -89,13 +89,15 @@ def is_experts(module: nn.Module) -> bool:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The FSDP2 units below the root: each child of every ``nn.ModuleList`` named ``layers`` (the decoder
-    stack of Hugging Face causal LMs)."""
+    """The FSDP2 units below the root: each decoder layer of every ``nn.ModuleList`` named ``layers`` (the
+    decoder stack of Hugging Face causal LMs). Modules appended past ``config.num_hidden_layers`` (DeepSeek-V3's
+    MTP layers) stay in the root unit: the MTP loss calls their submodules outside the layer's own forward."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     return [
         layer
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] == "layers"
-        for layer in module
+        for layer in list(module)[:count]
     ]
 
 
@@ -163,7 +165,10 @@ def data_parallel(
                 if experts(module) and any(True for _ in module.parameters()):
                     fully_shard(module, mesh=expert_mesh, **common)
         fully_shard(unit, mesh=mesh, **common)
-    fully_shard(model, mesh=mesh, **common)
+    # the root stays unsharded from its forward to its backward (FSDP2's default for a root): the MTP loss and
+    # a loss computed from the hidden states use its embedding and head after the forward has returned
+    root = dict(common, reshard_after_forward=None) if reshard_after_forward is True else common
+    fully_shard(model, mesh=mesh, **root)
     for name, p in model.named_parameters():  # FSDP2 made new Parameter objects: carry the tp specs over
         mark(p, specs.get(name))
     model.np_precision = mode  # type: ignore[assignment]
