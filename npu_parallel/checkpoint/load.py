@@ -70,13 +70,17 @@ def load_pretrained(
     moe_impl: str = "auto",
     capacity_factor: float | None = None,
     progress: bool = True,
+    trust_remote_code: bool | None = None,
 ) -> PreTrainedModel:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
     Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``.
+    ``trust_remote_code=True`` builds the model from the checkpoint's own code (``auto_map``) even where
+    transformers has a class for it; a checkpoint whose model type transformers lacks needs it (the rule:
+    :mod:`npu_parallel.checkpoint.remote_code`). None: ``NPU_PARALLEL_TRUST_REMOTE_CODE``, else no.
     """
     started = time.perf_counter()
-    with HFSource(path) as source:
+    with HFSource(path, trust_remote_code) as source:
         model, info, items = _build(source, state, dtype, moe_impl, capacity_factor)
         with tqdm(
             total=len(items), desc="loading", unit="tensor", disable=None if (progress and state.rank == 0) else True

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.source import TensorSource
+from npu_parallel.hf_compat import dtype_kwargs, is_remote_code
 from npu_parallel.parallel.shard_spec import ShardSpec, mark, pad_to_spec, spec_of
 
 
@@ -77,8 +78,9 @@ def empty_model(config, dtype: torch.dtype, *, meta_buffers: bool = False) -> Pr
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    remote = is_remote_code(config)  # a config built from the checkpoint's own code: its model class too
     with init_empty_weights(include_buffers=meta_buffers):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=remote, **dtype_kwargs(dtype))
 
 
 @dataclass(frozen=True)

@@ -131,14 +131,14 @@ def plot_routing(rows: list[dict], out: str | Path, source: str) -> Path:
 def inspect_routing(
     path: str | Path, data: str | None = None, tokens: int = 256, seed: int = 0, plot: str | None = None
 ) -> tuple[list[dict], str]:
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from npu_parallel.checkpoint.hf_source import load_config
+    from npu_parallel.checkpoint.remote_code import load_hf_model
 
     hf_logging.disable_progress_bar()
     config = load_config(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model = load_hf_model(path, torch.float32)
     ids, source = sample_ids(path, config, data, tokens, seed)
     rows = routing_counts(model, ids)
     if plot:

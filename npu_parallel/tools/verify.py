@@ -205,9 +205,8 @@ def verify_rank(
     perturb: str | None = None,
 ) -> dict | None:
     """One tp size on this rank: rank 0 returns the raw differences, the others None."""
-    from transformers import AutoModelForCausalLM
-
     from npu_parallel.checkpoint.load import load_pretrained
+    from npu_parallel.checkpoint.remote_code import load_hf_model
 
     quiet()
     torch_dtype = getattr(torch, dtype)
@@ -221,7 +220,7 @@ def verify_rank(
     del model
     if state.rank != 0:
         return None
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    ref = load_hf_model(path, torch_dtype)
     cast(nn.Module, ref).to(state.device)  # cast: transformers' decorated `to` confuses mypy
     ref_cap, ref_outs = _forward(ref, ids, backward)
     ref_grads = (

@@ -61,6 +61,7 @@ class TrainConfig:
     moe_impl: str = "auto"
     jit_warmup_steps: int = 2
     timeout_s: float | None = None
+    trust_remote_code: bool = False
 
 
 HELP = {
@@ -92,6 +93,8 @@ HELP = {
     "moe_impl": f"MoE implementation: {', '.join(moe_impl_choices())}",
     "jit_warmup_steps": "forward+backward passes on a small batch before the first real step (compiles kernels)",
     "timeout_s": "process-group timeout in seconds",
+    "trust_remote_code": "build the model from the checkpoint's own code (auto_map); needed where transformers "
+    "lacks the model type (DeepSeek-MoE 16B)",
 }
 
 
@@ -296,7 +299,7 @@ def check_inputs(cfg: TrainConfig, state: ParallelState) -> RunInputs:
     if not model_path:
         raise ConfigError("--model_path is required: a Hugging Face checkpoint folder (config.json)")
     try:
-        model_config = load_config(model_path)
+        model_config = load_config(model_path, cfg.trust_remote_code)
     except CheckpointError as exc:
         raise ConfigError(f"--model_path {exc}") from None
     start = position = 0

@@ -123,7 +123,14 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         model = load_sharded(cfg.resume, state, moe_impl=cfg.moe_impl, dtype=dtype)
     else:
-        model = load_pretrained(inputs.model_path, state, dtype=dtype, moe_impl=cfg.moe_impl, progress=main)
+        model = load_pretrained(
+            inputs.model_path,
+            state,
+            dtype=dtype,
+            moe_impl=cfg.moe_impl,
+            progress=main,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     agree(lambda: _check_loaded_weights(cfg, inputs.model_path, model), state)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
