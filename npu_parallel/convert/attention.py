@@ -17,8 +17,8 @@ from npu_parallel.hf_compat import set_attn_implementation, unsupported_transfor
 if why := unsupported_transformers():  # AttentionInterface (below) first appears in 4.51
     raise ImportError(f"npu_parallel: {why}")
 
-from transformers import AttentionInterface, PreTrainedModel  # noqa: E402
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PADDED_SDPA = "npu_parallel_sdpa"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from functools import cache
 
 from torch import nn
 
@@ -33,9 +32,13 @@ HEAD_ATTRS = frozenset(
 )
 
 
-@cache
+_READS: dict[type, frozenset[str]] = {}
+
+
 def forward_reads(cls: type) -> frozenset[str]:
     """Names ``self.X`` read in the ``forward`` of ``cls`` and its bases (empty when the source is unavailable)."""
+    if cls in _READS:
+        return _READS[cls]
     names: set[str] = set()
     for klass in cls.__mro__:
         if klass is nn.Module or "forward" not in vars(klass):
@@ -52,7 +55,8 @@ def forward_reads(cls: type) -> frozenset[str]:
                 and node.value.id == "self"
             ):
                 names.add(node.attr)
-    return frozenset(names)
+    _READS[cls] = frozenset(names)
+    return _READS[cls]
 
 
 def divide_heads(module: nn.Module, values: dict[str, int]) -> set[str]:

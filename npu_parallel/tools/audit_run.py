@@ -38,7 +38,7 @@ def audit_rank(
         from npu_parallel.checkpoint.remote_code import load_hf_model
 
         kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-        model: PreTrainedModel = load_hf_model(path, torch.float32, **kwargs)
+        model: PreTrainedModel = load_hf_model(path, torch.float32, None, **kwargs)
         what = (
             f"unconverted transformers model (experts_implementation={model.config._experts_implementation})"
             if hasattr(model.config, "_experts_implementation")
