@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from npu_parallel.checkpoint.remote_code import remote_code_failed
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.source import TensorSource
 from npu_parallel.hf_compat import dtype_kwargs, is_remote_code
@@ -79,8 +80,13 @@ def empty_model(config, dtype: torch.dtype, *, meta_buffers: bool = False) -> Pr
     from transformers import AutoModelForCausalLM
 
     remote = is_remote_code(config)  # a config built from the checkpoint's own code: its model class too
-    with init_empty_weights(include_buffers=meta_buffers):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=remote, **dtype_kwargs(dtype))
+    try:
+        with init_empty_weights(include_buffers=meta_buffers):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=remote, **dtype_kwargs(dtype))
+    except (ImportError, AttributeError, TypeError) as exc:
+        if not remote:
+            raise
+        raise remote_code_failed(getattr(config, "_name_or_path", "") or "the checkpoint", exc) from None
 
 
 @dataclass(frozen=True)
