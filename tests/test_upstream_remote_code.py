@@ -70,7 +70,7 @@ def test_remote_code_is_refused_without_the_flag(tmp_path, capsys):
     with pytest.raises(RemoteCodeError, match="--trust_remote_code"):
         load_config(path)
     for argv in (["inspect", str(path)], ["convert", str(path), "--tp", "2", "--out", str(tmp_path / "out")]):
-        code, out, err = run_cli(capsys, argv)
+        code, _, err = run_cli(capsys, argv)
         assert code == 2, (argv, err)
         assert len(err.strip().splitlines()) == 1 and "--trust_remote_code" in err and "deepseek" in err, err
     assert not (tmp_path / "out").exists()
