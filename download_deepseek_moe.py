@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--trust_remote_code",
         action="store_true",
-        help="passed to inspect (DeepSeek-MoE 16B has no transformers class)",
+        help="passed to inspect (DeepSeek-MoE 16B needs it)",
     )
     args = p.parse_args(argv)
     if args.max_workers < 1:

@@ -91,7 +91,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._error("RepoNotFound", 401)  # what the Hub answers for a missing (or private) repository
         return None
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         route = self._route()
         if route is None:
             return
@@ -111,7 +111,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._file(repo, rest, head=False)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         route = self._route()
         if route is None:
             return
