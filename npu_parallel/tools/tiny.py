@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from npu_parallel.checkpoint.remote_code import has_native_class
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,9 @@ def build_tiny_deepseek_v2_lite(path: str | Path, seed: int = 0, **overrides) ->
     """Save a randomly initialised DeepSeek-V2-Lite-shaped model (bytes as tokens: vocab 512) to ``path``."""
     path = Path(path)
     if (path / "config.json").is_file():
-        return path
+        if has_native_class(json.loads((path / "config.json").read_text()).get("model_type")):
+            return path
+        shutil.rmtree(path)  # built under another transformers release, whose class this one lacks
     config_cls, model_cls, extra = model_classes()
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**TINY_V2_LITE, **extra, **overrides}))
