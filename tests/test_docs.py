@@ -197,7 +197,8 @@ def test_flags_named_in_prose_exist():
             known |= help_options(script)
     known |= shell_script_options("sync_to_remote.sh") | shell_script_options("test_moe_on_remote.sh")
     problems = [
-        f"{doc}: `{span}`: {flag} is no option of npu-parallel, torchrun, examples/, benchmarks/, the top-level or remote scripts"
+        f"{doc}: `{span}`: {flag} is no option of npu-parallel, torchrun, examples/, benchmarks/, the top-level "
+        "or the remote scripts"
         for doc in DOCS
         for span in inline_spans(doc)
         if span.startswith("--")
