@@ -59,7 +59,7 @@ def use_remote_code(path: str | Path, trust_remote_code: bool | None = None) -> 
     trusted = trust_from_env(trust_remote_code)
     model_type = raw.get("model_type")
     if has_native_class(model_type):
-        if not trusted and str(path) not in _warned:
+        if not trusted and str(path) not in _warned and os.environ.get("RANK", "0") == "0":  # once, on rank 0
             _warned.add(str(path))
             logger.warning(
                 "%s: model_type %r has transformers' own class, used instead of the checkpoint's code (%s); "
