@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
 DEMO_STEPS ?= 40
 
-.PHONY: test lint format demo venv sysdeps clean
+.PHONY: test test-compat lint format demo venv sysdeps clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,28 @@ sysdeps:
 test: $(STAMP) sysdeps
 	$(PY) -m pytest tests -q
 
+# The DeepSeek equivalence, remote-code and smoke tests under the oldest supported transformers and one 4.5x
+# release, each in its own venv (.venv-tf4.51, .venv-tf4.57; same torch pin; pip picks the tokenizers and
+# huggingface_hub each release wants). NPU_PARALLEL_UPSTREAM_DIR (see tests/upstream.py) adds DeepSeek's own code.
+COMPAT_TRANSFORMERS ?= 4.51 4.57
+COMPAT_VARIANTS := deepseek_v2,deepseek_v2_lite,deepseek_v2_group,deepseek_v3
+COMPAT_TESTS := tests/test_equivalence.py tests/test_upstream_remote_code.py tests/test_smoke_example.py
+
+.venv-tf%/.installed: setup.py pyproject.toml
+	test -x .venv-tf$*/bin/python || $(PYTHON) -m venv .venv-tf$*
+	.venv-tf$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-tf$*/bin/python -m pip install --quiet "$(TORCH_PIN)"
+	.venv-tf$*/bin/python -m pip install --quiet -e ".[test]" "transformers==$*.*"
+	touch $@
+
+test-compat: $(foreach v,$(COMPAT_TRANSFORMERS),.venv-tf$(v)/.installed)
+	set -e; for v in $(COMPAT_TRANSFORMERS); do \
+	  echo "== transformers $$v"; \
+	  NPU_PARALLEL_TEST_VARIANTS=$(COMPAT_VARIANTS) .venv-tf$$v/bin/python -m pytest $(COMPAT_TESTS) -q -rs; \
+	done
+
 # ruff (lint + format check) over everything we wrote, mypy over the package; both configured in pyproject.toml
-LINTED := npu_parallel tests benchmarks examples setup.py
+LINTED := npu_parallel tests benchmarks examples setup.py download_deepseek_moe.py
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
@@ -50,4 +70,4 @@ demo: $(STAMP)
 	        f'loss curve $(DEMO)/loss.png | checkpoint $(DEMO)/ckpt/step-$(DEMO_STEPS) | Hugging Face model $(DEMO)/hf')"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache runs
+	rm -rf $(VENV) .venv-tf* build *.egg-info .pytest_cache runs

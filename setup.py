@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["npu_parallel", "npu_parallel.*"]),
     install_requires=[
         "torch>=2.1",
-        "transformers>=4.46",
+        "transformers>=4.51,<6",  # tested: 4.51 and 4.57 (make test-compat), 5.x (make test); npu_parallel.hf_compat
         "accelerate>=0.30",
         "safetensors>=0.4",
         "tqdm>=4.60",

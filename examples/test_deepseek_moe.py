@@ -26,11 +26,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tp_size", type=int, default=None, help="tensor-parallel size (default: world size)")
     parser.add_argument("--seq_len", type=int, default=16)
     parser.add_argument("--dtype", default="float32", help="dtype to load in (float32, bfloat16)")
+    parser.add_argument(
+        "--trust_remote_code", action="store_true", help="run the checkpoint's own code (DeepSeek-MoE 16B needs it)"
+    )
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM
-
     import npu_parallel
+    from npu_parallel.checkpoint.hf_source import load_config
+    from npu_parallel.checkpoint.remote_code import load_hf_model
     from npu_parallel.parallel.device import device_type
     from npu_parallel.parallel.state import single_rank_state
     from npu_parallel.tools.tiny import build_tiny_deepseek_v2_lite
@@ -54,20 +57,21 @@ def main(argv=None) -> int:
         say(f"(no --model_path: using a tiny DeepSeek-V2-Lite-shaped checkpoint at {path})")
 
     say("\n[1/4] Loading tokenizer...")
-    config = __import__("transformers").AutoConfig.from_pretrained(path)
+    config = load_config(path, args.trust_remote_code)
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         say(f"      Vocab size: {len(tok)}")
         ids = tok("def fine_tune(model): return model", return_tensors="pt")["input_ids"][:, : args.seq_len]
-    except (OSError, ValueError):
-        say(f"      No tokenizer in the checkpoint: using token ids directly (vocab {config.vocab_size})")
+    # transformers 4.5x: no tokenizer files raise AttributeError/ImportError/KeyError/TypeError, not OSError
+    except (OSError, ValueError, AttributeError, ImportError, KeyError, TypeError) as exc:
+        say(f"      No usable tokenizer ({type(exc).__name__}): using token ids directly (vocab {config.vocab_size})")
         ids = torch.arange(args.seq_len).remainder(config.vocab_size).unsqueeze(0)
 
     say("\n[2/4] Loading model on CPU...")
     dtype = getattr(torch, args.dtype)
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    ref = load_hf_model(path, dtype, args.trust_remote_code)
     say(f"      Total params: {sum(p.numel() for p in ref.parameters()):,}")
 
     say("\n[3/4] Inspecting MoE structure...")

@@ -192,12 +192,13 @@ def test_flags_named_in_prose_exist():
     known = set(options(cli)) | set(options(get_args_parser()))
     for sub in subparsers(cli).values():
         known |= set(options(sub))
-    for script in sorted(f for f in project_files() if re.fullmatch(r"(examples|benchmarks)/[^/]+\.py", f)):
+    for script in sorted(f for f in project_files() if re.fullmatch(r"((examples|benchmarks)/)?[^/]+\.py", f)):
         if "__main__" in (ROOT / script).read_text():
             known |= help_options(script)
     known |= shell_script_options("sync_to_remote.sh") | shell_script_options("test_moe_on_remote.sh")
     problems = [
-        f"{doc}: `{span}`: {flag} is no option of npu-parallel, torchrun, examples/, benchmarks/ or the remote scripts"
+        f"{doc}: `{span}`: {flag} is no option of npu-parallel, torchrun, examples/, benchmarks/, the top-level "
+        "or the remote scripts"
         for doc in DOCS
         for span in inline_spans(doc)
         if span.startswith("--")

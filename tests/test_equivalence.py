@@ -15,8 +15,9 @@ def test_loss_logits_and_step_match_reference(equivalence, name, tp):
     assert r["logits_shape"] == r["ref_logits_shape"]  # full vocab, gathered
     assert r["logits_max_diff"] <= 1e-4
     assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-5)
-    # one SGD step on both: equal next loss proves every gradient, sharded or replicated
-    assert abs(r["ref_loss_after_step"] - r["ref_loss"]) > 1e-2, "the step must move the loss to prove anything"
+    # one SGD step on both: equal next loss (to 1e-5) proves every gradient, sharded or replicated, as long as
+    # the step moves the loss well beyond that (transformers 4.57's tiny V2-Lite moves it by 3e-3 only)
+    assert abs(r["ref_loss_after_step"] - r["ref_loss"]) > 1e-3, "the step must move the loss to prove anything"
     assert r["loss_after_step"] == pytest.approx(r["ref_loss_after_step"], abs=1e-5)
 
 

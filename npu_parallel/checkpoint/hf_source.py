@@ -24,6 +24,7 @@ from npu_parallel.checkpoint.fp8 import (
     quantization_of,
 )
 from npu_parallel.checkpoint.keys import KeyMap
+from npu_parallel.checkpoint.remote_code import remote_code_failed, use_remote_code
 from npu_parallel.checkpoint.safetensors_io import (
     CheckpointError,
     SafetensorsFile,
@@ -37,8 +38,11 @@ SINGLE_FILE = "model.safetensors"
 TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
 
-def load_config(path: str | Path, **kwargs):
-    """The checkpoint's ``config.json`` as a transformers config, or a CheckpointError naming the problem."""
+def load_config(path: str | Path, trust_remote_code: bool | None = None, **kwargs):
+    """The checkpoint's ``config.json`` as a transformers config, or a CheckpointError naming the problem.
+
+    ``trust_remote_code``: whether the checkpoint's own code may run (:mod:`~npu_parallel.checkpoint.remote_code`).
+    """
     from transformers import AutoConfig
 
     path = Path(path)
@@ -51,8 +55,13 @@ def load_config(path: str | Path, **kwargs):
         json.loads(cfg.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{cfg}: unreadable ({exc}); restore the file from the original checkpoint") from None
+    remote = use_remote_code(path, trust_remote_code)
     try:
-        return AutoConfig.from_pretrained(str(path), **kwargs)
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=remote, **kwargs)
+    except (ImportError, AttributeError) as exc:
+        if not remote:
+            raise
+        raise remote_code_failed(path, exc) from None
     except (ValueError, KeyError, OSError) as exc:
         raise CheckpointError(f"{cfg}: transformers cannot read it ({str(exc).splitlines()[0]})") from None
 
@@ -63,10 +72,11 @@ class HFSource(TensorSource):
     mismatch_hint = "the config.json does not belong to these weights"
 
     def read_config(self) -> Any:
-        return load_config(self.path)
+        return load_config(self.path, self.trust_remote_code)
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, trust_remote_code: bool | None = None):
         super().__init__(path)
+        self.trust_remote_code = trust_remote_code
         self.config  # noqa: B018 (read now: a missing or broken config.json is the first error to report)
         self.quant = quantization_of(self.config, str(self.path / "config.json"))
         self.file_of = self._index()

@@ -6,6 +6,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -22,10 +23,12 @@ from npu_parallel.checkpoint.materialize import (
     resolve_dtype,
 )
 from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, check_shared_copies, mtp_count
+from npu_parallel.checkpoint.remote_code import load_hf_model
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.source import TensorSource
 from npu_parallel.convert.conversion import ConversionInfo, apply_plan, conversion_info
+from npu_parallel.hf_compat import dtype_kwargs, is_remote_code
 from npu_parallel.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -84,15 +87,19 @@ def load_pretrained(
     capacity_factor: float | None = None,
     progress: bool = True,
     aux_loss_coef: float | None = None,
+    trust_remote_code: bool | None = None,
 ) -> PreTrainedModel:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
     Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``,
     plus the MTP layers the checkpoint stores (which transformers drops); fp8 weights come dequantized.
-    ``aux_loss_coef``: as in convert_model.
+    ``aux_loss_coef``: as in convert_model. ``trust_remote_code=True`` builds the model from the checkpoint's own
+    code (``auto_map``) even where transformers has a class for it; a checkpoint whose model type transformers
+    lacks needs it (the rule: :mod:`npu_parallel.checkpoint.remote_code`). None: ``NPU_PARALLEL_TRUST_REMOTE_CODE``,
+    else no.
     """
     started = time.perf_counter()
-    with HFSource(path) as source:
+    with HFSource(path, trust_remote_code) as source:
         model, info, items = _build(source, state, dtype, moe_impl, capacity_factor, aux_loss_coef)
         with tqdm(
             total=len(items), desc="loading", unit="tensor", disable=None if (progress and state.rank == 0) else True
@@ -103,21 +110,24 @@ def load_pretrained(
     return model.eval()  # as from_pretrained returns it
 
 
-def load_unconverted(path: str | Path, dtype, **kwargs) -> PreTrainedModel:
-    """The plain Hugging Face model (no plan, no MTP): ``from_pretrained``, or for an fp8 checkpoint (which
-    transformers cannot load on a device without fp8) every weight read dequantized through HFSource.
+def load_unconverted(path: str | Path, dtype, trust_remote_code: bool | None = None, **kwargs: Any) -> PreTrainedModel:
+    """The plain Hugging Face model (no plan, no MTP): ``from_pretrained`` (remote code by the rule of
+    :mod:`npu_parallel.checkpoint.remote_code`), or for an fp8 checkpoint (which transformers cannot load on a
+    device without fp8) every weight read dequantized through HFSource.
 
     ``kwargs`` go to ``from_pretrained`` / ``from_config`` (e.g. ``experts_implementation``).
     """
     from transformers import AutoModelForCausalLM
 
     if not is_quantized(path):
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
-    with HFSource(path) as source:
+        return load_hf_model(path, dtype, trust_remote_code, **kwargs)
+    with HFSource(path, trust_remote_code) as source:
         config = copy.deepcopy(source.config)
         del config.quantization_config
         target = resolve_dtype(dtype, config, source.first_float_dtype())
-        model = AutoModelForCausalLM.from_config(config, dtype=target, **kwargs)
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=is_remote_code(config), **dtype_kwargs(target), **kwargs
+        )
         materialize(plan_tensors(model, source, target), source, CopyInto())
     return model.eval()
 

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from npu_parallel.checkpoint.remote_code import remote_code_failed
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.source import TensorSource
 from npu_parallel.convert.mtp import add_mtp_layers
+from npu_parallel.hf_compat import dtype_kwargs, is_remote_code
 from npu_parallel.parallel.data_parallel import copy_full_into
 from npu_parallel.parallel.shard_spec import ShardSpec, mark, pad_to_spec, spec_of
 
@@ -79,11 +81,17 @@ def empty_model(config, dtype: torch.dtype, *, meta_buffers: bool = False, mtp: 
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=meta_buffers):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if mtp:
-            add_mtp_layers(model, mtp, dtype)
-        return model
+    remote = is_remote_code(config)  # a config built from the checkpoint's own code: its model class too
+    try:
+        with init_empty_weights(include_buffers=meta_buffers):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote, **dtype_kwargs(dtype))
+            if mtp:
+                add_mtp_layers(model, mtp, dtype)
+            return model
+    except (ImportError, AttributeError, TypeError) as exc:
+        if not remote:
+            raise
+        raise remote_code_failed(getattr(config, "_name_or_path", "") or "the checkpoint", exc) from None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from npu_parallel.hf_compat import set_attn_implementation, unsupported_transformers
+
+if why := unsupported_transformers():  # AttentionInterface (below) first appears in 4.51
+    raise ImportError(f"npu_parallel: {why}")
+
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -56,6 +62,9 @@ AttentionInterface.register(PADDED_SDPA, padded_value_sdpa)
 
 
 def use_fused_attention(model: PreTrainedModel) -> None:
-    """Switch a model on transformers' SDPA to the padded-value SDPA; other choices are the user's and stay."""
+    """Switch a model on transformers' SDPA to the padded-value SDPA; other choices are the user's and stay.
+
+    Remote code (DeepSeek-MoE 16B's base class has no ``set_attn_implementation``) keeps its own attention.
+    """
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(PADDED_SDPA)
+        set_attn_implementation(model, PADDED_SDPA)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from npu_parallel.convert.heads import check_heads_patched, divide_heads
 from npu_parallel.moe.balance import BalanceRule
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.dispatchers import Dispatcher
@@ -102,9 +103,8 @@ class ShardHeads(Style):
     attrs: tuple[str, ...] = ("num_heads",)
 
     def apply(self, module, ctx, path):
-        for name in self.attrs:
-            if hasattr(module, name):
-                setattr(module, name, getattr(module, name) // ctx.tp.size)
+        values = {n: getattr(module, n) // ctx.tp.size for n in self.attrs if isinstance(getattr(module, n, None), int)}
+        check_heads_patched(module, path, divide_heads(module, values), ctx.tp.size, type(self).__name__)
         return module
 
 
@@ -265,7 +265,8 @@ class GQAttention(Style):
                 setattr(module, name, GradSummedRMSNorm(norm, ctx.tp))
         local_q = heads // ctx.tp.size
         module.num_key_value_groups = local_q // count
-        for attr, value in (("num_heads", local_q), ("num_key_value_heads", count)):
-            if hasattr(module, attr):
-                setattr(module, attr, value)
+        values = {"num_heads": local_q, "num_key_value_heads": count}
+        if getattr(module, "hidden_size", None) == heads * head_dim:  # the output width (older Llama-style code)
+            values["hidden_size"] = local_q * head_dim
+        check_heads_patched(module, path, divide_heads(module, values), ctx.tp.size, type(self).__name__)
         return module

@@ -38,7 +38,7 @@ def audit_rank(
         from npu_parallel.checkpoint.load import load_unconverted
 
         kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-        model: PreTrainedModel = load_unconverted(path, torch.float32, **kwargs)  # fp8 dequantized
+        model: PreTrainedModel = load_unconverted(path, torch.float32, None, **kwargs)  # fp8 dequantized
         what = (
             f"unconverted transformers model (experts_implementation={model.config._experts_implementation})"
             if hasattr(model.config, "_experts_implementation")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from npu_parallel.tools.checks import UserError, check_args, check_output_file, write_output
@@ -97,6 +98,12 @@ def cmd_inspect_routing(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TRUST_HELP = (
+    "run the checkpoint's own code (auto_map) even where transformers has the model type; "
+    "required where it has none (DeepSeek-MoE 16B)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="npu-parallel", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -117,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokens", type=int, default=256, help="--routing: tokens in the sample (default 256)")
     p.add_argument("--plot", default=None, help="--routing: PNG heat map, layer x expert")
+    p.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="split a HF checkpoint into tp rank files, offline")
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="cast floating tensors: bf16, fp16 or fp32 (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier npu-parallel output in --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("merge", help="join tp rank files back into a Hugging Face checkpoint")
@@ -164,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="sequences in the batch (default 2)")
     p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every event and the summary to OUT")
+    p.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("verify", help="converted vs transformers' model, per layer, at each tp size")
@@ -185,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure to OUT")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="PNG of the worst error per layer per tp size")
     p.add_argument("--_perturb-expert", dest="perturb_expert", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_verify)
     return parser
 
@@ -199,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("npu_parallel.convert.conversion").setLevel(logging.WARNING)
     try:
         check_args(args)
+        check_transformers(args)
         return args.func(args)
     except UserError as exc:
         print(f"npu-parallel {args.command}: error: {exc}", file=sys.stderr)
@@ -211,6 +223,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"npu-parallel {args.command}: error: {hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def check_transformers(args: argparse.Namespace) -> None:
+    """The installed transformers within the supported range; ``--trust_remote_code`` passed on to launched ranks."""
+    from npu_parallel.checkpoint.remote_code import ENV
+    from npu_parallel.hf_compat import unsupported_transformers
+
+    if why := unsupported_transformers():
+        raise UserError(why)
+    if getattr(args, "trust_remote_code", False):
+        os.environ[ENV] = "1"
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from npu_parallel.checkpoint.remote_code import has_native_class
+
+logger = logging.getLogger(__name__)
 
 # DeepSeek-V2-Lite's structure: MLA without q LoRA, 64 routed experts top-6, 2 shared, first layer dense.
 TINY_V2_LITE = dict(
@@ -38,15 +44,34 @@ TINY_V2_LITE = dict(
 )
 
 
+# transformers < 4.56 has no DeepSeek-V2 class; its DeepSeek-V3 class (same MLA + MoE tree) needs a q LoRA rank
+V3_STAND_IN = dict(q_lora_rank=64, n_group=1, topk_group=1)
+
+
+def model_classes() -> tuple[type, type, dict]:
+    """(config class, model class, extra config) for the tiny model under the installed transformers."""
+    import transformers
+
+    if hasattr(transformers, "DeepseekV2ForCausalLM"):
+        return transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, {}
+    logger.warning(
+        "transformers %s has no DeepSeek-V2 class: the tiny model is a DeepSeek-V3 of the same shape "
+        "(with a q LoRA rank of 64)",
+        transformers.__version__,
+    )
+    return transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, V3_STAND_IN
+
+
 def build_tiny_deepseek_v2_lite(path: str | Path, seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised DeepSeek-V2-Lite-shaped model (bytes as tokens: vocab 512) to ``path``."""
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-
     path = Path(path)
     if (path / "config.json").is_file():
-        return path
+        if has_native_class(json.loads((path / "config.json").read_text()).get("model_type")):
+            return path
+        shutil.rmtree(path)  # built under another transformers release, whose class this one lacks
+    config_cls, model_cls, extra = model_classes()
     torch.manual_seed(seed)
-    model = DeepseekV2ForCausalLM(DeepseekV2Config(**{**TINY_V2_LITE, **overrides}))
+    model = model_cls(config_cls(**{**TINY_V2_LITE, **extra, **overrides}))
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")  # concurrent builders never share a folder
     model.save_pretrained(tmp)
     try:

@@ -208,7 +208,6 @@ def verify_rank(
     perturb: str | None = None,
 ) -> dict | None:
     """One tp size on this rank: rank 0 returns the raw differences, the others None."""
-
     from npu_parallel.checkpoint.load import load_pretrained, load_unconverted
 
     quiet()

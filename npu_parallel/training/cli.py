@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
+from npu_parallel.hf_compat import unsupported_transformers
 from npu_parallel.parallel.state import ParallelState, init_distributed
 from npu_parallel.training.config import add_train_args, check_args, config_from_args
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, ConfigError, NonFiniteError
-from npu_parallel.training.loop import train
 
 __all__ = ["run", "summary"]
 
@@ -59,6 +59,10 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code, message, result = EXIT_OK, None, None
     try:
+        if why := unsupported_transformers():
+            raise ConfigError(why)
+        from npu_parallel.training.loop import train  # imports the attention kernels, which need transformers >= 4.51
+
         if resolve is not None:
             resolve(args)
         check_args(config_from_args(args))  # before the process group: a bad value costs no rendezvous

@@ -72,6 +72,7 @@ class TrainConfig:
     bias_update_rate: float = 0.0
     warn_idle_steps: int = 20
     warn_load_ratio: float = 4.0
+    trust_remote_code: bool = False
 
 
 HELP = {
@@ -117,6 +118,8 @@ HELP = {
     "e_score_correction_bias moves by this against its experts' load (0: off)",
     "warn_idle_steps": "warn when an expert gets no token for this many steps in a row (0: off)",
     "warn_load_ratio": "warn when a layer's busiest expert gets more than this times the mean load (0: off)",
+    "trust_remote_code": "build the model from the checkpoint's own code (auto_map); needed where transformers "
+    "lacks the model type (DeepSeek-MoE 16B)",
 }
 
 
@@ -326,7 +329,7 @@ def check_inputs(cfg: TrainConfig, state: ParallelState) -> RunInputs:
     if not model_path:
         raise ConfigError("--model_path is required: a Hugging Face checkpoint folder (config.json)")
     try:
-        model_config = load_config(model_path)
+        model_config = load_config(model_path, cfg.trust_remote_code)
     except CheckpointError as exc:
         raise ConfigError(f"--model_path {exc}") from None
     start = position = 0

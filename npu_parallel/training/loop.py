@@ -169,6 +169,7 @@ def train(cfg: TrainConfig) -> dict:
             moe_impl=cfg.moe_impl,
             progress=main,
             aux_loss_coef=cfg.aux_loss_coef,
+            trust_remote_code=cfg.trust_remote_code,
         )
     agree(lambda: add_lora(cfg, model, state), state)  # LoRA: adapters only train (training/lora.py)
     agree(lambda: _check_loaded_weights(cfg, inputs.model_path, model), state)
