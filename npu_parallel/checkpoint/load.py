@@ -43,6 +43,7 @@ def _build(
         moe_impl=moe_impl,
         capacity_factor=capacity_factor,
         world_size=state.world_size,
+        ep=state.ep,
     )  # checks tp, same on every rank
     return model, info, plan_tensors(model, source, target)
 

@@ -31,6 +31,7 @@ class ConversionInfo:
     plan: Plan
     tp: Group
     moe_impl: str
+    ep: Group | None = None  # the ranks splitting the routed experts (None: the tp group)
     # how the source checkpoint stored the routed experts ({"kind": "fused"} or per-expert key names)
     expert_layout: dict | None = None
     # load_pretrained's reading statistics: bytes_read, seconds, keys_read
@@ -77,6 +78,7 @@ def apply_plan(
     moe_impl: str | Dispatcher = "auto",
     capacity_factor: float | None = None,
     world_size: int | None = None,
+    ep: Group | None = None,
 ) -> ConversionInfo:
     """Swap modules and slice weights per the plan, leaving tensors where they are (meta included).
 
@@ -85,25 +87,35 @@ def apply_plan(
     """
     config = model.config
     plan = plan or plan_for(config)
+    ep = ep or tp
     plan.check_tp(config, tp.size, world_size)
+    plan.check_ep(config, ep.size, tp.size, world_size)
+    if ep.size > tp.size and moe_impl == "auto":
+        moe_impl = "alltoall"
     dispatcher = resolve_dispatcher(moe_impl, device_type, capacity_factor=capacity_factor)
-    ctx = Context(tp, config, dispatcher)
+    if ep.size > tp.size and not dispatcher.cross_group:
+        raise ValueError(
+            f"moe_impl={dispatcher.name!r} computes only its tp group's tokens; ep_size={ep.size} > tp_size="
+            f"{tp.size} needs an implementation that moves tokens: 'alltoall' or 'alltoall_static' (or 'auto')"
+        )
+    ctx = Context(tp, config, dispatcher, ep=ep)
     used: dict[str, int] = {}
     _convert_children(model, "", plan, ctx, used)
     unused = sorted({p for p, _ in plan.rules} - set(used) - set(plan.optional))
     if unused and tp.rank == 0:
         logger.warning("%s plan: rules that matched no module of %s: %s", plan.name, type(model).__name__, unused)
     use_fused_attention(model)
-    info = ConversionInfo(plan, tp, dispatcher.name)
+    info = ConversionInfo(plan, tp, dispatcher.name, ep=ep)
     setattr(model, INFO_ATTR, info)
     experts = plan.num_experts(config)
     if experts and tp.rank == 0:
         logger.info(
-            "converted %s for tp=%d: %d experts -> %d local experts per rank; modules per rule %s",
+            "converted %s for tp=%d ep=%d: %d experts -> %d local experts per rank; modules per rule %s",
             plan.name,
             tp.size,
+            ep.size,
             experts,
-            experts // tp.size,
+            experts // ep.size,
             used,
         )
     return info
@@ -129,6 +141,7 @@ def convert_model(
         moe_impl=moe_impl,
         capacity_factor=capacity_factor,
         world_size=state.world_size,
+        ep=state.ep,
     )
     cast(nn.Module, model).to(state.device)  # in place; cast: transformers' decorated `to` confuses mypy
     return model

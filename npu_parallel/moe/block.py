@@ -31,7 +31,8 @@ class AddAuxiliaryLoss(torch.autograd.Function):
 
 class MoEBlock(ShardedModule):
     """A MoE block converted for TP: every rank routes all tokens with the replicated router, runs its
-    ``E/tp`` experts and its shard of the shared experts, and one all-reduce sums both partial outputs.
+    ``E/ep`` experts and its shard of the shared experts, and one all-reduce sums both partial outputs.
+    With ep > tp the dispatcher brings the tokens of the ep group's other tp groups (all-to-all).
 
     Gradients: f on the expert input makes the hidden-state gradient whole; the routing weights pass
     through an all-reduce-in-backward so the router, which each rank holds whole, gets the full
@@ -45,6 +46,7 @@ class MoEBlock(ShardedModule):
         experts: LocalExperts,
         dispatcher: Dispatcher,
         tp: Group,
+        ep: Group | None = None,
         shared_experts: nn.Module | None = None,
         shared_name: str = "shared_experts",
         shared_down: str = "down_proj",
@@ -61,6 +63,8 @@ class MoEBlock(ShardedModule):
         self.tp = tp
         # a copy per block: a dispatcher may keep per-forward statistics (the static one's drop count)
         self.dispatcher = dispatcher.copy()
+        self.ep = ep or tp  # the ranks splitting the routed experts: the tp group or several whole ones
+        self.dispatcher.bind(tp, self.ep)
         self.last_aux_loss: torch.Tensor | None = None  # for logging; its gradient flows through AddAuxiliaryLoss
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

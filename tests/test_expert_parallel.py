@@ -1,0 +1,75 @@
+"""Expert parallelism over several tp groups (ep > tp, all-to-all dispatch) at world 4, against the unconverted
+model with each dp rank on its own rows of the global batch; the group layout and its errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from npu_parallel.parallel.state import check_ep_size, check_local_world, group_layout
+
+from .dist import run_ranks
+
+NAMES = ["deepseek_v2", "deepseek_v3", "qwen3_moe"]
+# (tp, ep, moe_impl): ep = tp keeps today's dispatch; the static all-to-all once, at the layout with both
+LAYOUTS = [(1, 4, "auto"), (2, 4, "auto"), (1, 2, "auto"), (2, 2, "auto"), (2, 4, "alltoall_static")]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ep_results(checkpoints):
+    return run_ranks(4, "tests.ep_worker:compare", str(checkpoints), NAMES, LAYOUTS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tp,ep,impl", LAYOUTS)
+def test_ep_matches_reference(ep_results, name, tp, ep, impl):
+    r = ep_results[f"{name} tp={tp} ep={ep} {impl}"]
+    assert r["local_experts"] == 8 // ep
+    assert r["dispatcher"] == (impl if impl != "auto" else ("alltoall" if ep > tp else "grouped"))
+    assert r["logits_max_diff"] < TOL
+    assert abs(r["loss"] - r["ref_loss"]) < TOL
+    assert abs(r["loss_after_step"] - r["ref_loss_after_step"]) < TOL
+
+
+@pytest.mark.parametrize("tp,ep,impl", [lay for lay in LAYOUTS if lay[1] > lay[0]])
+def test_alltoall_op_audit(ep_results, tp, ep, impl):
+    """No banned op; one host sync per MoE layer (the split sizes), none in the static variant nor in backward;
+    three all-to-alls per MoE layer (counts, tokens out, outputs back), two without the counts."""
+    for name in NAMES:
+        r = ep_results[f"{name} tp={tp} ep={ep} {impl}"]
+        assert r["banned_ops"] == []
+        static = impl == "alltoall_static"
+        assert r["host_syncs_per_moe_layer"] == [0 if static else 1] * 2
+        assert r["host_syncs_forward_total"] == (0 if static else 2)
+        assert r["host_syncs_backward_total"] == 0
+        assert r["alltoall_forward"] == (2 if static else 3) * 2
+
+
+def test_ep_group_layout():
+    # world 8, tp 2, ep 4: ep groups of two whole tp groups; edp joins the ranks holding the same experts
+    tp, dp = group_layout(8, 2)
+    ep, edp = group_layout(8, 4)
+    assert tp == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert ep == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert edp == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert dp == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    for group in ep:
+        assert all(set(t) <= set(group) or not set(t) & set(group) for t in tp)
+
+
+@pytest.mark.parametrize(
+    "ep,tp,world,valid",
+    [(3, 1, 4, "[1, 2, 4]"), (2, 4, 8, "[4, 8]"), (16, 2, 8, "[2, 4, 8]"), (0, 1, 4, "[1, 2, 4]")],
+)
+def test_bad_ep_size_names_valid_sizes(ep, tp, world, valid):
+    with pytest.raises(ValueError, match=rf"ep_size={ep}.*use one of {re.escape(valid)}"):
+        check_ep_size(ep, tp, world)
+
+
+def test_tp_never_spans_nodes():
+    check_local_world(4, 8)
+    check_local_world(2, None)
+    with pytest.raises(ValueError, match=r"tp_size=4 does not divide the 2 ranks per node .*use one of \[1, 2\]"):
+        check_local_world(4, 2)
