@@ -66,7 +66,7 @@ class LocalExperts(ShardedModule):
             gate_up = shard_tensor(fused_gate_up.data, 0, start, stop)
             down = shard_tensor(fused_down.data, 0, start, stop)
             act_fn, requires_grad = experts.act_fn, fused_gate_up.requires_grad
-        spec = ShardSpec(0, start, stop, num, stop - start)
+        spec = ShardSpec(0, start, stop, num, stop - start, axis="ep")
         return cls(
             mark(nn.Parameter(gate_up, requires_grad=requires_grad), spec),
             mark(nn.Parameter(down, requires_grad=requires_grad), spec),

@@ -35,9 +35,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from npu_parallel.checkpoint.offline import convert_checkpoint
 
     out = convert_checkpoint(
-        args.path, args.tp, args.out, dtype=parse_dtype(args.dtype), overwrite=args.overwrite, progress=not args.quiet
+        args.path,
+        args.tp,
+        args.out,
+        dtype=parse_dtype(args.dtype),
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        ep=args.ep,
     )
-    print(f"wrote {out} (tp={args.tp})")
+    print(f"wrote {out} (tp={args.tp}" + (f", ep={args.ep})" if args.ep else ")"))
     return EXIT_OK
 
 
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="split a HF checkpoint into tp rank files, offline")
     p.add_argument("path", help="Hugging Face checkpoint folder (config.json + *.safetensors)")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size, a multiple of --tp (default: --tp)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--dtype", default=None, help="cast floating tensors: bf16, fp16 or fp32 (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier npu-parallel output in --out")
