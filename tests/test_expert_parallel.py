@@ -8,8 +8,9 @@ import re
 import pytest
 
 from npu_parallel.parallel.state import check_ep_size, check_local_world, group_layout
+from npu_parallel.tools.launch import launch
 
-from .dist import run_ranks
+from .dist import RANK_ENV, run_ranks
 
 NAMES = ["deepseek_v2", "deepseek_v3", "qwen3_moe"]
 # (tp, ep, moe_impl): ep = tp keeps today's dispatch; the static all-to-all once, at the layout with both
@@ -73,3 +74,15 @@ def test_tp_never_spans_nodes():
     check_local_world(2, None)
     with pytest.raises(ValueError, match=r"tp_size=4 does not divide the 2 ranks per node .*use one of \[1, 2\]"):
         check_local_world(4, 2)
+
+
+def test_two_node_launch(checkpoints):
+    """Two torchrun processes (--nnodes 2 --node_rank 0/1, two ranks each) on loopback: tp groups stay inside a
+    node, the ep group spans both; a tp group across nodes is refused with the sizes that work."""
+    r = launch("tests.multinode_worker:two_nodes", 4, str(checkpoints / "deepseek_v3"), nodes=2, env=RANK_ENV)[0]
+    assert "tp_size=4 does not divide the 2 ranks per node (LOCAL_WORLD_SIZE)" in r["spanning"]
+    assert r["max_diff"] < 1e-5
+    nodes = [(node, local) for node, local, _, _ in r["ranks"]]
+    assert nodes == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    assert [tuple(tp) for _, _, tp, _ in r["ranks"]] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert all(tuple(ep) == (0, 1, 2, 3) for _, _, _, ep in r["ranks"])
