@@ -1,4 +1,4 @@
-"""The ``npu-parallel`` command: env, inspect, convert, merge, audit, verify.
+"""The ``npu-parallel`` command: env, inspect, convert, merge, audit, verify, plan.
 
 Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr, never a traceback).
 """
@@ -13,6 +13,7 @@ import sys
 from npu_parallel.tools.checks import UserError, check_args, check_output_file, write_output
 from npu_parallel.tools.cli_common import Parser, checkpoint_errors, parse_dtype
 from npu_parallel.tools.cli_env import cmd_env
+from npu_parallel.tools.cli_plan import add_plan_parser
 from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_OK
 
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="OUT.png", help="PNG of the worst error per layer per tp size")
     p.add_argument("--_perturb-expert", dest="perturb_expert", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_verify)
+    add_plan_parser(sub)
     return parser
 
 
