@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from npu_parallel.tools.checks import UserError
 from npu_parallel.training.errors import EXIT_OK
@@ -39,7 +40,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_OK
     what = "LoRA" if args.lora else "full fine-tuning"
     title = (
-        f"{config.model_type} on {args.nodes}x{args.cards_per_node} cards of {args.card_memory}, {what}, "
+        f"{Path(args.model).name} on {args.nodes}x{args.cards_per_node} cards of {args.card_memory}, {what}, "
         f"{args.dtype}, micro-batch {args.micro_batch}x{args.seq}{', recompute' if args.recompute else ''}, "
         f"dp {args.dp_mode}: {sum(lay.fits for lay in layouts)} of {len(layouts)} layouts fit"
     )

@@ -314,7 +314,7 @@ def format_plan(layouts: list[Layout], title: str, limit: int = 12) -> str:
         best = layouts[0]
         lines.append(
             "collectives per step of the first layout: "
-            + "; ".join(f"{k} x{n} {_gb(v)} GB" for k, (n, v) in best.comm.items() if n)
+            + "; ".join(f"{k} x{n} {_gb(v)} GB" for k, (n, v) in best.comm.items() if n and v)
         )
     return "\n".join(lines)
 
