@@ -6,9 +6,15 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
-from npu_parallel.parallel.state import check_ep_size, check_local_world, group_layout
+from npu_parallel.checkpoint.materialize import empty_model
+from npu_parallel.convert.conversion import apply_plan
+from npu_parallel.moe.dispatchers import resolve_dispatcher
+from npu_parallel.moe.dispatchers.masked import MaskedDispatcher
+from npu_parallel.parallel.state import Group, check_ep_size, check_local_world, group_layout
 from npu_parallel.tools.launch import launch
+from npu_parallel.tools.plan import read_config
 
 from .dist import RANK_ENV, run_ranks
 
@@ -86,3 +92,35 @@ def test_two_node_launch(checkpoints):
     assert nodes == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
     assert [tuple(tp) for _, _, tp, _ in r["ranks"]] == [(0, 1), (0, 1), (2, 3), (2, 3)]
     assert all(tuple(ep) == (0, 1, 2, 3) for _, _, _, ep in r["ranks"])
+
+
+@pytest.mark.parametrize("impl", ["alltoall", "alltoall_static"])
+def test_alltoall_on_one_rank_is_the_reference(impl):
+    """Groups of one rank: the all-to-all dispatchers compute what the masked reference computes, gradients too."""
+    from .test_dispatchers import _experts
+
+    x = torch.randn(6, 8, requires_grad=True)
+    idx, w = torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    ex = _experts()
+    out = resolve_dispatcher(impl, "cpu")(x, idx, w, ex)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    ref = MaskedDispatcher()(x, idx, w, ex)
+    (ref_gx,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, ref_gx)
+
+
+def test_conversion_refuses_what_ep_cannot_do(checkpoints):
+    """Before any collective: a dispatcher that cannot move tokens, and an ep that does not divide the experts."""
+    config = read_config(checkpoints / "deepseek_v3")  # 8 routed experts
+    tp, ep = Group.offline(0, 2), Group.offline(0, 4)
+
+    def convert(**kw):
+        return apply_plan(empty_model(config, torch.float32, meta_buffers=True), tp, device_type="meta", **kw)
+
+    with pytest.raises(ValueError, match=r"moe_impl='grouped' computes only its tp group's tokens.*'alltoall'"):
+        convert(moe_impl="grouped", ep=ep)
+    with pytest.raises(ValueError, match=r"ep_size=16 must divide the routed experts \(n_routed_experts\) = 8.*\[2, 4"):
+        convert(ep=Group.offline(0, 16))
+    info = convert(ep=ep)
+    assert info.moe_impl == "alltoall"
