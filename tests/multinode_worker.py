@@ -23,6 +23,8 @@ def two_nodes(src: str) -> dict:
     model = npu_parallel.load_pretrained(src, state, progress=False)
     with torch.no_grad():
         diff = (model(input_ids=ids).logits - AutoModelForCausalLM.from_pretrained(src)(input_ids=ids).logits).abs()
+    dense, expert = state.device_mesh(("dp", "tp")), state.device_mesh(("edp", "ep"))
+    meshes = (tuple(dense.shape), dense["tp"].size(), tuple(expert.shape), expert["ep"].size())
     where = [None] * state.world_size
     dist.all_gather_object(where, (os.environ["GROUP_RANK"], os.environ["LOCAL_RANK"], state.tp.ranks, state.ep.ranks))
-    return {"spanning": spanning, "max_diff": diff.max().item(), "ranks": where}
+    return {"spanning": spanning, "max_diff": diff.max().item(), "ranks": where, "meshes": meshes}

@@ -92,6 +92,7 @@ def test_two_node_launch(checkpoints):
     assert nodes == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
     assert [tuple(tp) for _, _, tp, _ in r["ranks"]] == [(0, 1), (0, 1), (2, 3), (2, 3)]
     assert all(tuple(ep) == (0, 1, 2, 3) for _, _, _, ep in r["ranks"])
+    assert r["meshes"] == ((2, 2), 2, (1, 4), 4)  # DeviceMesh views: (dp, tp) and (edp, ep)
 
 
 @pytest.mark.parametrize("impl", ["alltoall", "alltoall_static"])
