@@ -31,8 +31,8 @@ CAPACITY_ERROR = (
 
 
 def test_every_module_registers_in_listing_order():
-    assert implementations() == ["grouped", "static", "masked", "npu"]
-    assert choices() == ["auto", "grouped", "static", "masked", "npu"]
+    assert implementations() == ["grouped", "static", "masked", "npu", "alltoall", "alltoall_static"]
+    assert choices() == ["auto", "grouped", "static", "masked", "npu", "alltoall", "alltoall_static"]
 
 
 def test_auto_picks_per_device(monkeypatch):
@@ -117,7 +117,7 @@ def test_an_implementation_is_one_subclass(monkeypatch):
         def combine(self, y, routed):
             return torch.einsum("eth,te->th", y, routed.state)
 
-    assert implementations() == ["grouped", "static", "masked", "dense_bmm", "npu"]
+    assert implementations() == ["grouped", "static", "masked", "dense_bmm", "npu", "alltoall", "alltoall_static"]
     assert type(resolve_dispatcher("dense_bmm", "cpu")) is Dense
     with pytest.raises(ValueError, match="is taken"):
         type("Again", (Dispatcher,), {}, name="grouped")

@@ -288,6 +288,7 @@ def inspect_checkpoint(path: str | Path, tp_sizes=()) -> dict:
         "path": str(path),
         "format": FORMAT if sharded else "huggingface",
         "sharded_tp": manifest["tp_size"] if sharded else None,
+        "sharded_ep": manifest.get("ep_size", manifest["tp_size"]) if sharded else None,
         "files": files,
         "architecture": architecture,
         "model_type": model_type,
@@ -356,8 +357,9 @@ def format_report(report: dict) -> str:
     r = report
     if r["format"] == FORMAT:
         fmt = (
-            f"npu_parallel sharded checkpoint, tp={r['sharded_tp']} "
-            f"({len(r['files'])} rank file{'s' if len(r['files']) != 1 else ''})"
+            f"npu_parallel sharded checkpoint, tp={r['sharded_tp']}"
+            + (f", ep={r['sharded_ep']}" if r.get("sharded_ep", r["sharded_tp"]) != r["sharded_tp"] else "")
+            + f" ({len(r['files'])} rank file{'s' if len(r['files']) != 1 else ''})"
         )
     else:
         fmt = f"Hugging Face safetensors ({len(r['files'])} file{'s' if len(r['files']) != 1 else ''})"

@@ -56,6 +56,7 @@ def _build(
         capacity_factor=capacity_factor,
         world_size=state.world_size,
         aux_loss_coef=aux_loss_coef,
+        ep=state.ep,
     )  # checks tp, same on every rank
     check_mtp_complete(model, source, mtp)
     if state.rank == 0:

@@ -96,6 +96,7 @@ def build_manifest(
     training: dict | None = None,
     key_aliases=(),
     source_path: str | None = None,
+    ep: int | None = None,
 ) -> dict:
     """The manifest.json object; field order and names are the on-disk format.
 
@@ -110,6 +111,8 @@ def build_manifest(
         "model_type": cfg.get("model_type"),
         "plan": plan_name,
         "tp_size": tp,
+        # rank files: one per ep rank (ep >= tp); tp-split tensors in the first tp files, experts in all of them
+        "ep_size": ep or tp,
         "expert_layout": expert_layout,
         "key_aliases": [list(a) for a in key_aliases],
         "config": cfg,

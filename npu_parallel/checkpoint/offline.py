@@ -61,15 +61,18 @@ logger = logging.getLogger(__name__)
 ST_METADATA = {"format": "pt"}  # transformers refuses safetensors files without it
 
 
-def rank_items(source: HFSource, tp: int, dtype: torch.dtype | None) -> list[list[Item]]:
-    """Per tp rank, the tensors its file holds (split ones; rank 0 also the replicated), shapes checked."""
+def rank_items(source: HFSource, tp: int, dtype: torch.dtype | None, ep: int | None = None) -> list[list[Item]]:
+    """Per rank file (one per ep rank), the tensors it holds, shapes checked: the routed experts' slice in every
+    file, tp shards in the first tp files, the replicated tensors in file 0 (as save_sharded writes them)."""
+    ep = ep or tp
     out = []
     mtp = mtp_count(source)
-    for r in range(tp):
+    for r in range(ep):
         model = empty_model(source.config, dtype or torch.get_default_dtype(), meta_buffers=True, mtp=mtp)
-        apply_plan(model, Group.offline(r, tp), device_type="meta", plan=source.plan)
+        apply_plan(model, Group.offline(r % tp, tp), device_type="meta", plan=source.plan, ep=Group.offline(r, ep))
         check_mtp_complete(model, source, mtp)
-        out.append([i for i in plan_tensors(model, source, dtype) if i.spec is not None or r == 0])
+        items = plan_tensors(model, source, dtype)
+        out.append([i for i in items if (r == 0 if i.spec is None else i.spec.axis == "ep" or r < tp)])
     check_shared_copies(source, mtp)
     return out
 
@@ -82,20 +85,29 @@ def convert_checkpoint(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    ep: int | None = None,
 ) -> Path:
-    """Stream a Hugging Face checkpoint into ``tp`` rank files in the save_sharded format."""
+    """Stream a Hugging Face checkpoint into ``ep`` (default: ``tp``) rank files in the save_sharded format."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     source = HFSource(src)
     if not isinstance(tp, int) or tp < 1:
         raise CheckpointError(f"--tp {tp!r} must be a positive integer")
-    per_rank = rank_items(source, tp, dtype)
-    owned = check_output_dir(out, overwrite, source=src, writes=[rank_file(r, tp) for r in range(tp)])
+    ep = tp if ep is None else ep
+    if not isinstance(ep, int) or ep < tp or ep % tp:
+        raise CheckpointError(f"--ep {ep!r} must be a multiple of --tp {tp} (an ep group is whole tp groups)")
+    try:
+        source.plan.check_ep(source.config, ep, tp)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    per_rank = rank_items(source, tp, dtype, ep)
+    owned = check_output_dir(out, overwrite, source=src, writes=[rank_file(r, ep) for r in range(ep)])
 
     spec_of_rank = [{i.name: i.spec for i in items} for items in per_rank]
     tensors = {
         i.name: tensor_entry(global_shape(i.tensor, i.spec), i.dtype, [s.get(i.name) for s in spec_of_rank])
-        for i in per_rank[0]
+        for items in per_rank
+        for i in items
     }
     tmp = fresh_partial_dir(out)
     with _writing(out) as at:
@@ -106,7 +118,7 @@ def convert_checkpoint(
         ):
             for r, items in enumerate(per_rank):
                 entries = [(i.name, i.dtype, local_shape(i.tensor, i.spec)) for i in items]
-                at.path = tmp / rank_file(r, tp)
+                at.path = tmp / rank_file(r, ep)
                 with SafetensorsWriter(at.path, entries, ST_METADATA) as w:
                     materialize(items, source, WriteTo(w), bar)
                     files[w.path.name] = {"sha256": w.close(), "bytes": w.path.stat().st_size}
@@ -125,6 +137,7 @@ def convert_checkpoint(
                 source.expert_layout(),
                 key_aliases=source.plan.checkpoint_aliases,
                 source_path=str(src.resolve()),
+                ep=ep,
             ),
         )
         at.path = out

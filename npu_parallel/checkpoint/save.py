@@ -52,6 +52,19 @@ def trim(t: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
     return t if spec is None or spec.padded == spec.length else t.narrow(spec.dim, 0, spec.length)
 
 
+def writer(state: ParallelState) -> bool:
+    """The ranks of the first ep group write the rank files (file = ep rank); the other ep groups hold copies."""
+    return state.edp.rank == 0
+
+
+def holds(spec: ShardSpec | None, state: ParallelState) -> bool:
+    """Whether this writer's file holds the tensor: experts in every file, tp shards in the first tp files
+    (their ep rank is their tp rank), replicated tensors in file 0."""
+    if spec is None:
+        return state.ep_rank == 0
+    return spec.axis == "ep" or state.ep_rank < state.tp_size
+
+
 def _gather(obj, state: ParallelState) -> list:
     if state.world_size == 1 or not dist.is_initialized():
         return [obj]
@@ -76,7 +89,7 @@ def save_sharded(
     overwrite: bool = True,
     trainable_only: bool = False,
 ) -> Path:
-    """Write this model's shards (tp ranks of dp replica 0) and, with an optimizer, every rank's training state.
+    """Write this model's shards (the ranks of the first ep group) and, with an optimizer, every rank's training state.
 
     Collective: every rank calls it. ``extra`` (JSON: step, data position...) goes into the manifest. A failed
     write (disk full, read-only) on any rank raises the same one-line CheckpointError on every rank and
@@ -89,7 +102,7 @@ def save_sharded(
         json.dumps(extra)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"save_sharded: extra must be JSON (numbers, strings, lists, dicts): {exc}") from None
-    writes = [rank_file(r, state.tp_size) for r in range(state.tp_size)]
+    writes = [rank_file(r, state.ep_size) for r in range(state.ep_size)]
     if optimizer is not None:
         writes += [train_file(r, state.world_size) for r in range(state.world_size)]
     error, owned = None, set()
@@ -111,12 +124,12 @@ def save_sharded(
     current = tmp
     try:
         # under data_parallel each tensor is whole only once gathered over dp: every dp rank takes part in each
-        # gather (one tensor at a time), dp rank 0 writes, and keeps gathering if its write fails
-        mine = [(n, t, s) for n, t, s in local if s is not None or state.tp_rank == 0]
+        # gather (one tensor at a time), the writer writes, and keeps gathering if its write fails
+        mine = [(n, t, s) for n, t, s in local if holds(s, state)]
         gathered = ((n, trim(full_tensor(t), s)) for n, t, s in mine)
         try:
-            if state.dp_rank == 0:
-                current = tmp / rank_file(state.tp_rank, state.tp_size)
+            if writer(state):
+                current = tmp / rank_file(state.ep_rank, state.ep_size)
                 with SafetensorsWriter(current, [(n, t.dtype, local_shape(t, s)) for n, t, s in mine]) as w:
                     for n, t in gathered:
                         w.write(n, t)
@@ -137,7 +150,7 @@ def save_sharded(
     except CheckpointError as exc:  # a training state that cannot be saved without pickle
         error = str(exc)
     specs = {n: s for n, _, s in local}
-    everyone = _gather((files, specs if state.dp_rank == 0 else None, error), state)
+    everyone = _gather((files, specs if writer(state) else None, error), state)
     error = next((e for _, _, e in everyone if e), None)
     if error is None and state.rank == 0:
         try:
@@ -150,21 +163,25 @@ def save_sharded(
             discard_partial(out)
         raise CheckpointError(error)
     if state.rank == 0:
-        logger.info("saved %s (tp=%d, %d tensors)", out, state.tp_size, len(local))
+        logger.info("saved %s (tp=%d, ep=%d, %d tensors)", out, state.tp_size, state.ep_size, len(local))
     return out
 
 
 def _write_manifest(model, conv, state, tmp, out, local, everyone, optimizer, extra, owned) -> None:
     all_files = {k: v for f, _, _ in everyone for k, v in f.items()}
-    rank_specs = [s for _, s, _ in everyone if s is not None][: state.tp_size]
-    tensors = {
-        name: tensor_entry(global_shape(t, spec), t.dtype, [rs[name] for rs in rank_specs]) for name, t, spec in local
-    }
+    rank_specs = [s for _, s, _ in everyone if s is not None]  # the writers', in ep rank order
+
+    def specs(name: str, spec: ShardSpec | None) -> list:
+        files = state.ep_size if spec is not None and spec.axis == "ep" else state.tp_size
+        return [rs[name] for rs in rank_specs[:files]]
+
+    tensors = {name: tensor_entry(global_shape(t, spec), t.dtype, specs(name, spec)) for name, t, spec in local}
     training = None
     if optimizer is not None or extra is not None:
         training = {
             "world_size": state.world_size,
             "tp_size": state.tp_size,
+            "ep_size": state.ep_size,
             "has_optimizer": optimizer is not None,
             "state_format": STATE_FORMAT if optimizer is not None else None,
             "extra": extra or {},
@@ -181,6 +198,7 @@ def _write_manifest(model, conv, state, tmp, out, local, everyone, optimizer, ex
         training,
         key_aliases=plan.checkpoint_aliases,
         source_path=conv.source_path,
+        ep=state.ep_size,
     )
     write_json(tmp / MANIFEST, manifest)
     publish(tmp, out, owned)
@@ -199,11 +217,13 @@ def load_training_state(path: str | Path, state: ParallelState, *, optimizer=Non
         return training.get("extra") or {}
     if not training.get("has_optimizer"):
         raise CheckpointError(f"{ckpt.path}: saved without optimizer state; resume from a training checkpoint")
-    if (training.get("world_size"), training.get("tp_size")) != (state.world_size, state.tp_size):
+    tp_saved = training.get("tp_size")
+    saved_layout = (training.get("world_size"), tp_saved, training.get("ep_size", tp_saved))
+    if saved_layout != (state.world_size, state.tp_size, state.ep_size):
         raise CheckpointError(
-            f"{ckpt.path}: optimizer state was saved with world={training.get('world_size')}, "
-            f"tp={training.get('tp_size')}; resume with the same layout (now world={state.world_size}, "
-            f"tp={state.tp_size}) or load weights only"
+            f"{ckpt.path}: optimizer state was saved with world={saved_layout[0]}, tp={saved_layout[1]}, "
+            f"ep={saved_layout[2]}; resume with the same layout (now world={state.world_size}, "
+            f"tp={state.tp_size}, ep={state.ep_size}) or load weights only"
         )
     if training.get("state_format") != STATE_FORMAT:
         raise CheckpointError(

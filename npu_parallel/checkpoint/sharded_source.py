@@ -1,4 +1,4 @@
-"""A sharded checkpoint folder (``manifest.json`` + one safetensors file per tp rank) as a TensorSource.
+"""A sharded checkpoint folder (``manifest.json`` + one safetensors file per ep rank) as a TensorSource.
 
 The manifest says, per tensor, its global shape, dtype and which global rows each rank file holds; any
 global slice is read from exactly the rank files that overlap it, so resharding reads no foreign rows.
@@ -57,11 +57,17 @@ class ShardedSource(TensorSource):
         tp, tensors = self.manifest.get("tp_size"), self.manifest.get("tensors")
         if not isinstance(tp, int) or tp < 1 or not isinstance(tensors, dict):
             raise CheckpointError(f"{mf}: damaged (no valid tp_size or tensors); restore the checkpoint")
+        ep = self.manifest.get("ep_size", tp)  # absent before expert parallelism had its own group: ep = tp
+        if not isinstance(ep, int) or ep < tp or ep % tp:
+            raise CheckpointError(f"{mf}: damaged (ep_size={ep!r} is not a multiple of tp_size={tp}); restore it")
         self.tp: int = tp
+        self.ep: int = ep  # the number of rank files
         self.tensors: dict = tensors
         for f in self.files():
             if not (self.path / f).is_file():
-                raise CheckpointError(f"{self.path}: rank file {f} is missing (tp={self.tp} needs all {self.tp})")
+                raise CheckpointError(
+                    f"{self.path}: rank file {f} is missing (tp={self.tp}, ep={self.ep} needs all {self.ep})"
+                )
         if verify:
             self.verify()
         self._handles: dict[int, SafetensorsFile] = {}
@@ -103,14 +109,14 @@ class ShardedSource(TensorSource):
         return list(self.tensors)
 
     def files(self) -> list[str]:
-        return [rank_file(r, self.tp) for r in range(self.tp)]
+        return [rank_file(r, self.ep) for r in range(self.ep)]
 
     def disk_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in self.files())
 
     def handle(self, rank: int) -> SafetensorsFile:
         if rank not in self._handles:
-            self._handles[rank] = SafetensorsFile(self.path / rank_file(rank, self.tp))
+            self._handles[rank] = SafetensorsFile(self.path / rank_file(rank, self.ep))
         return self._handles[rank]
 
     def close(self) -> None:

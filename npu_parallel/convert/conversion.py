@@ -33,6 +33,7 @@ class ConversionInfo:
     plan: Plan
     tp: Group
     moe_impl: str
+    ep: Group | None = None  # the ranks splitting the routed experts (None: the tp group)
     # how the source checkpoint stored the routed experts ({"kind": "fused"} or per-expert key names)
     expert_layout: dict | None = None
     # load_pretrained's reading statistics: bytes_read, seconds, keys_read
@@ -80,6 +81,7 @@ def apply_plan(
     capacity_factor: float | None = None,
     world_size: int | None = None,
     aux_loss_coef: float | None = None,
+    ep: Group | None = None,
 ) -> ConversionInfo:
     """Swap modules and slice weights per the plan, leaving tensors where they are (meta included).
 
@@ -89,11 +91,20 @@ def apply_plan(
     """
     config = model.config
     plan = plan or plan_for(config)
+    ep = ep or tp
     plan.check_tp(config, tp.size, world_size)
+    plan.check_ep(config, ep.size, tp.size, world_size)
+    if ep.size > tp.size and moe_impl == "auto":
+        moe_impl = "alltoall"
     dispatcher = resolve_dispatcher(moe_impl, device_type, capacity_factor=capacity_factor)
+    if ep.size > tp.size and not dispatcher.cross_group:
+        raise ValueError(
+            f"moe_impl={dispatcher.name!r} computes only its tp group's tokens; ep_size={ep.size} > tp_size="
+            f"{tp.size} needs an implementation that moves tokens: 'alltoall' or 'alltoall_static' (or 'auto')"
+        )
     if plan.balance is not None:
         plan.balance.coefficient(config, aux_loss_coef)  # a bad value raises here, before anything changes
-    ctx = Context(tp, config, dispatcher, balance=plan.balance, aux_loss_coef=aux_loss_coef)
+    ctx = Context(tp, config, dispatcher, balance=plan.balance, aux_loss_coef=aux_loss_coef, ep=ep)
     used: dict[str, int] = {}
     _convert_children(model, "", plan, ctx, used)
     unused = sorted({p for p, _ in plan.rules} - set(used) - set(plan.optional))
@@ -105,16 +116,17 @@ def apply_plan(
         attr = plan.balance.model_coef_attr
         own = (attr, plan.balance.coefficient(config, aux_loss_coef)) if attr and hasattr(model, attr) else None
         install_balance(model, own)
-    info = ConversionInfo(plan, tp, dispatcher.name)
+    info = ConversionInfo(plan, tp, dispatcher.name, ep=ep)
     setattr(model, INFO_ATTR, info)
     experts = plan.num_experts(config)
     if experts and tp.rank == 0:
         logger.info(
-            "converted %s for tp=%d: %d experts -> %d local experts per rank; modules per rule %s",
+            "converted %s for tp=%d ep=%d: %d experts -> %d local experts per rank; modules per rule %s",
             plan.name,
             tp.size,
+            ep.size,
             experts,
-            experts // tp.size,
+            experts // ep.size,
             used,
         )
     return info
@@ -144,6 +156,7 @@ def convert_model(
         capacity_factor=capacity_factor,
         world_size=state.world_size,
         aux_loss_coef=aux_loss_coef,
+        ep=state.ep,
     )
     cast(nn.Module, model).to(state.device)  # in place; cast: transformers' decorated `to` confuses mypy
     return model

@@ -87,6 +87,17 @@ class Plan:
                 return f"does not fit {why}"
         return None
 
+    def check_ep(self, config: object, ep_size: int, tp_size: int, world_size: int | None = None) -> None:
+        """Raise ValueError (before any collective) when ep_size cannot split the routed experts."""
+        n = self.num_experts(config)
+        if ep_size == tp_size or not n or n % ep_size == 0:
+            return
+        ok = [d for d in divisors(world_size or n) if d % tp_size == 0 and n % d == 0]
+        raise ValueError(
+            f"ep_size={ep_size} must divide the routed experts ({self.experts_attr}) = {n} of this "
+            f"{config_value(config, 'model_type')} model; ep sizes that work with tp_size={tp_size}: {ok}"
+        )
+
     def valid_tp_sizes(self, config: object, candidates: list[int]) -> list[int]:
         return [d for d in candidates if self.tp_problem(config, d) is None]
 

@@ -39,6 +39,7 @@ class Context:
     converted: dict = field(default_factory=dict)  # path -> new module, for styles that refer to others
     balance: BalanceRule | None = None  # the family's load-balancing loss
     aux_loss_coef: float | None = None  # its coefficient, overriding the config's (0: off)
+    ep: Group | None = None  # the ranks splitting the routed experts (None: the tp group)
 
 
 class Style:
@@ -181,7 +182,7 @@ class MLP(Style):
 
 @dataclass
 class MoE(Style):
-    """Routed experts split E/tp per rank, router replicated, shared experts sharded as a partial MLP."""
+    """Routed experts split E/ep per rank (ep rank), router replicated, shared experts sharded as a partial MLP."""
 
     router: str = "gate"
     experts: str = "experts"
@@ -195,7 +196,8 @@ class MoE(Style):
 
     def apply(self, module, ctx, path):
         gate = getattr(module, self.router)
-        experts = LocalExperts.from_module(getattr(module, self.experts), ctx.tp)
+        ep = ctx.ep or ctx.tp
+        experts = LocalExperts.from_module(getattr(module, self.experts), ep)
         shared = getattr(module, self.shared, None) if self.shared else None
         if shared is not None:
             shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
@@ -207,6 +209,7 @@ class MoE(Style):
             experts=experts,
             dispatcher=ctx.dispatcher,
             tp=ctx.tp,
+            ep=ep,
             shared_experts=shared,
             shared_name=self.shared or "shared_experts",
             shared_down=self.shared_mlp.down,

@@ -19,7 +19,8 @@ from npu_parallel.parallel.state import Group
 
 class MoEBlock(ShardedModule):
     """A MoE block converted for TP: every rank routes all tokens with the replicated router, runs its
-    ``E/tp`` experts and its shard of the shared experts, and one all-reduce sums both partial outputs.
+    ``E/ep`` experts and its shard of the shared experts, and one all-reduce sums both partial outputs.
+    With ep > tp the dispatcher brings the tokens of the ep group's other tp groups (all-to-all).
 
     Gradients: f on the expert input makes the hidden-state gradient whole; the routing weights pass
     through an all-reduce-in-backward so the router, which each rank holds whole, gets the full
@@ -37,6 +38,7 @@ class MoEBlock(ShardedModule):
         experts: LocalExperts,
         dispatcher: Dispatcher,
         tp: Group,
+        ep: Group | None = None,
         shared_experts: nn.Module | None = None,
         shared_name: str = "shared_experts",
         shared_down: str = "down_proj",
@@ -58,6 +60,8 @@ class MoEBlock(ShardedModule):
         self.balance_term: LayerTerm | None = None  # this forward's (train mode); taken by the model's hook
         self.expert_load: torch.Tensor | None = None  # [E] int64 token-slots routed since the last read
         self.dropped: torch.Tensor | None = None  # int64 slots the static dispatcher dropped since the last read
+        self.ep = ep or tp  # the ranks splitting the routed experts: the tp group or several whole ones
+        self.dispatcher.bind(tp, self.ep)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape  # [B, S, H]

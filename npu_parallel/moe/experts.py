@@ -56,11 +56,11 @@ class LocalExperts(ShardedModule):
         self.num_local = gate_up_proj.shape[0]
 
     @classmethod
-    def from_module(cls, experts: nn.Module, tp: Group) -> LocalExperts:
-        """Slice this rank's experts out of fused 3-D parameters or an ``nn.ModuleList`` of MLPs."""
+    def from_module(cls, experts: nn.Module, ep: Group) -> LocalExperts:
+        """Slice this ep rank's experts out of fused 3-D parameters or an ``nn.ModuleList`` of MLPs."""
         if isinstance(experts, nn.ModuleList):
             num = len(experts)
-            start, stop = even_range(num, tp.size, tp.rank)
+            start, stop = even_range(num, ep.size, ep.rank)
             mine = [[_linear(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")] for mlp in experts[start:stop]]
             if any(lin.bias is not None for lins in mine for lin in lins):
                 raise NotImplementedError("routed experts with biases are not supported")
@@ -70,11 +70,11 @@ class LocalExperts(ShardedModule):
         else:
             fused_gate_up, fused_down = _tensor(experts, "gate_up_proj"), _tensor(experts, "down_proj")
             num = fused_gate_up.shape[0]
-            start, stop = even_range(num, tp.size, tp.rank)
+            start, stop = even_range(num, ep.size, ep.rank)
             gate_up = shard_tensor(fused_gate_up.data, 0, start, stop)
             down = shard_tensor(fused_down.data, 0, start, stop)
             act_fn, requires_grad = experts.act_fn, fused_gate_up.requires_grad
-        spec = ShardSpec(0, start, stop, num, stop - start)
+        spec = ShardSpec(0, start, stop, num, stop - start, axis="ep")
         return cls(
             mark(nn.Parameter(gate_up, requires_grad=requires_grad), spec),
             mark(nn.Parameter(down, requires_grad=requires_grad), spec),

@@ -1,4 +1,4 @@
-"""Autograd-aware collectives over the tensor-parallel group (Megatron's conjugate f/g pairs).
+"""Autograd-aware collectives: Megatron's conjugate f/g pairs over the tensor-parallel group, all-to-all over ep.
 
 Every public function takes the group as a :class:`~npu_parallel.parallel.state.Group` handle and is the
 identity when the group has one rank, so a tp=1 model runs without collectives.
@@ -130,3 +130,39 @@ def reduce_grad_columns(x: torch.Tensor, start: int, tp: Group) -> torch.Tensor:
 def reduce_grad(x: torch.Tensor, tp: Group) -> torch.Tensor:
     """Identity forward, all-reduce backward: makes a replicated value's gradient the full one."""
     return copy_to_tp(x, tp)
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group) -> torch.Tensor:
+    """Rows ``[sum(in_splits), ...]`` -> ``[sum(out_splits), ...]``; None splits: equal parts."""
+    x = x.contiguous()
+    rows = x.shape[0] if out_splits is None else sum(out_splits)
+    out = x.new_empty(rows, *x.shape[1:])
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all of rows forward; the reverse all-to-all (splits swapped) backward."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def all_to_all(
+    x: torch.Tensor, group: Group, out_splits: list[int] | None = None, in_splits: list[int] | None = None
+) -> torch.Tensor:
+    """``all_to_all_single`` with autograd over ``group``: ``in_splits[r]`` rows of ``x`` go to rank r,
+    ``out_splits[r]`` rows come from it (host lists; None: equal parts). The identity on a group of one rank."""
+    return x if group.size == 1 else _AllToAll.apply(x, out_splits, in_splits, group.group)
+
+
+def all_to_all_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
+    """Exchange per-destination counts ``[size, n]`` (no autograd): row r of the result came from rank r."""
+    return counts if group.size == 1 else _all_to_all(counts, None, None, group.group)

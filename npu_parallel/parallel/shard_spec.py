@@ -23,6 +23,7 @@ class ShardSpec:
     stop: int
     full: int
     padded: int
+    axis: str = "tp"  # the group whose ranks split it: "tp", or "ep" for the routed experts
 
     @property
     def length(self) -> int:

@@ -1,4 +1,15 @@
-"""init_distributed(): torchrun's environment -> process groups (tp inside, dp across) -> ParallelState.
+"""init_distributed(): torchrun's environment -> process groups (tp inside, dp and ep across) -> ParallelState.
+
+Two views of the same ranks, both row-major grids of the global ranks (torchrun numbers a node's ranks
+contiguously, so a grid row of tp ranks never spans nodes when tp divides the cards per node):
+
+* dense weights ``(dp, tp)``: a tp group is ``tp`` contiguous ranks, dp groups are strided by tp;
+* routed experts ``(edp, ep)``: an ep group is ``ep`` contiguous ranks (``ep / tp`` whole tp groups), each
+  holding ``E / ep`` experts; edp ("expert data parallel", torchtitan's dp mod ep) joins the ranks that hold
+  the same experts, strided by ep.
+
+A pipeline dimension would be one more leading grid axis (``(pp, dp, tp)`` and ``(pp, edp, ep)``): every
+group here is a row or column of a grid, so adding it changes :func:`grid` and nothing that uses the groups.
 
 Each parallel dimension travels as one typed :class:`Group` handle (this rank's position, the group's
 size, its process group), so layers, styles and collectives never pass loose ``(rank, size, group)``
@@ -61,6 +72,14 @@ class ParallelState:
     tp: Group = TRIVIAL
     dp: Group = TRIVIAL
     local_rank: int = 0
+    ep: Group = TRIVIAL  # default: the tp group (experts split over the tp ranks, no dispatch traffic)
+    edp: Group = TRIVIAL  # the ranks holding the same experts; default: the dp group
+
+    def __post_init__(self) -> None:
+        if self.ep is TRIVIAL:
+            self.ep = self.tp
+        if self.edp is TRIVIAL:
+            self.edp = self.dp
 
     # the documented flat attributes
     @property
@@ -96,6 +115,39 @@ class ParallelState:
         return self.dp.ranks
 
     @property
+    def ep_size(self) -> int:
+        return self.ep.size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.ep.rank
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        return self.ep.group
+
+    @property
+    def edp_size(self) -> int:
+        return self.edp.size
+
+    @property
+    def edp_group(self) -> dist.ProcessGroup | None:
+        return self.edp.group
+
+    def device_mesh(self, dims: tuple[str, str] = ("dp", "tp")):
+        """A torch DeviceMesh over this state's groups: ``("dp", "tp")`` (dense weights) or ``("edp", "ep")``
+        (routed experts), e.g. for ``fully_shard(..., mesh=state.device_mesh(("edp", "ep"))["edp"])``."""
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if dims not in (("dp", "tp"), ("edp", "ep")):
+            raise ValueError(f"dims={dims!r}: use ('dp', 'tp') or ('edp', 'ep')")
+        groups = [getattr(self, d) for d in dims]
+        if any(g.group is None for g in groups):
+            raise ValueError("a device mesh needs process groups: call init_distributed first")
+        mesh = torch.tensor(grid(self.world_size, groups[1].size))
+        return DeviceMesh.from_group([g.group for g in groups], self.device.type, mesh, mesh_dim_names=dims)
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -103,6 +155,7 @@ class ParallelState:
         return (
             f"rank {self.rank}/{self.world_size} device={self.device} backend={self.backend} "
             f"tp={self.tp_rank}/{self.tp_size} dp={self.dp_rank}/{self.dp_size}"
+            + (f" ep={self.ep_rank}/{self.ep_size} edp={self.edp.rank}/{self.edp_size}" if self.ep_size > 1 else "")
         )
 
 
@@ -119,17 +172,40 @@ def check_tp_size(tp_size: int, world_size: int) -> None:
         )
 
 
+def check_ep_size(ep_size: int, tp_size: int, world_size: int) -> None:
+    """Raise a ValueError naming the valid sizes when ep_size is not a multiple of tp_size dividing the world."""
+    if not isinstance(ep_size, int) or ep_size < 1 or ep_size % tp_size or world_size % ep_size:
+        valid = [d for d in divisors(world_size) if d % tp_size == 0]
+        raise ValueError(
+            f"ep_size={ep_size!r} must be a multiple of tp_size={tp_size} that divides the world size "
+            f"{world_size} (an ep group is one or more whole tp groups); use one of {valid}"
+        )
+
+
+def check_local_world(tp_size: int, local_world_size: int | None) -> None:
+    """Tensor-parallel groups never span nodes: tp must divide the ranks per node (torchrun's LOCAL_WORLD_SIZE)."""
+    if local_world_size is not None and local_world_size % tp_size:
+        raise ValueError(
+            f"tp_size={tp_size} does not divide the {local_world_size} ranks per node (LOCAL_WORLD_SIZE): a "
+            f"tensor-parallel group would span nodes; use one of {divisors(local_world_size)} (ep_size may span "
+            f"nodes) or change --nproc_per_node"
+        )
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
 
 
-def group_layout(world_size: int, tp_size: int) -> tuple[list[list[int]], list[list[int]]]:
-    """TP groups of contiguous ranks (one node's cards) and the strided DP groups across them."""
-    dp_size = world_size // tp_size
-    tp_groups = [list(range(d * tp_size, (d + 1) * tp_size)) for d in range(dp_size)]
-    dp_groups = [list(range(t, world_size, tp_size)) for t in range(tp_size)]
-    return tp_groups, dp_groups
+def grid(world_size: int, inner: int) -> list[list[int]]:
+    """The global ranks as a row-major ``[world / inner, inner]`` grid: rows are inner groups (tp or ep)."""
+    return [list(range(r * inner, (r + 1) * inner)) for r in range(world_size // inner)]
+
+
+def group_layout(world_size: int, inner: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Inner groups of contiguous ranks (tp: one node's cards; ep) and the strided outer groups (dp; edp)."""
+    rows = grid(world_size, inner)
+    return rows, [list(col) for col in zip(*rows, strict=True)]
 
 
 def _new_groups(
@@ -153,12 +229,19 @@ def _new_groups(
 
 
 def init_distributed(
-    tp_size: int | None = None, *, backend: str | None = None, timeout_s: float | None = None
+    tp_size: int | None = None,
+    *,
+    ep_size: int | None = None,
+    backend: str | None = None,
+    timeout_s: float | None = None,
 ) -> ParallelState:
-    """Read torchrun's environment (or run as a single process), pick device and backend, build tp/dp groups.
+    """Read torchrun's environment (or run as a single process), pick device and backend, build the groups.
 
-    ``tp_size=None`` means all ranks form one tensor-parallel group. Reuses a process group that
-    already exists. On Ascend, HCCL defaults are exported before the group is created.
+    ``tp_size=None`` means all ranks form one tensor-parallel group. ``ep_size`` (default: tp_size) ranks
+    split the routed experts, ``E / ep`` each: a multiple of tp_size dividing the world size, so an ep group
+    is one or more whole tp groups and tokens travel between them by all-to-all. Tensor-parallel groups never
+    span nodes: tp must divide LOCAL_WORLD_SIZE. Every size is checked before any collective. Reuses a
+    process group that already exists. On Ascend, HCCL defaults are exported before the group is created.
 
     ``timeout_s`` bounds every collective on every group created here: the world group (when this call
     creates it) and each tp and dp group (None: torch's default, 30 min on gloo). With more than one rank,
@@ -173,6 +256,10 @@ def init_distributed(
         rank, world_size = dist.get_rank(), dist.get_world_size()
     tp_size = world_size if tp_size is None else tp_size
     check_tp_size(tp_size, world_size)  # before any collective: every rank raises the same error
+    ep_size = tp_size if ep_size is None else ep_size
+    check_ep_size(ep_size, tp_size, world_size)
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    check_local_world(tp_size, int(local_world) if local_world else None)
 
     if timeout_s is not None and not timeout_s > 0:
         raise ValueError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
@@ -205,24 +292,20 @@ def init_distributed(
             logger.info("the world group exists already: its own timeout stays; tp and dp get %g s", timeout_s)
 
     tp_layout, dp_layout = group_layout(world_size, tp_size)
-    state = ParallelState(
-        device=dev,
-        backend=backend,
-        rank=rank,
-        world_size=world_size,
-        tp=_new_groups(tp_layout, rank, world_size, "tp", timeout),
-        dp=_new_groups(dp_layout, rank, world_size, "dp", timeout),
-        local_rank=local_rank,
-    )
+    tp = _new_groups(tp_layout, rank, world_size, "tp", timeout)
+    dp = _new_groups(dp_layout, rank, world_size, "dp", timeout)
+    ep, edp = tp, dp  # ep = tp: the same ranks, no new groups
+    if ep_size != tp_size:
+        ep_layout, edp_layout = group_layout(world_size, ep_size)
+        ep = _new_groups(ep_layout, rank, world_size, "ep", timeout)
+        edp = _new_groups(edp_layout, rank, world_size, "edp", timeout)
+    state = ParallelState(dev, backend, rank, world_size, tp=tp, dp=dp, local_rank=local_rank, ep=ep, edp=edp)
+    watched = [("tp", tp), ("dp", dp)] + ([("ep", ep), ("edp", edp)] if ep is not tp else [])
     watchdog.watch(
         rank,
         world_size,
         timeout_s,
-        [
-            ("tp", state.tp.group, state.tp.ranks),
-            ("dp", state.dp.group, state.dp.ranks),
-            ("world", dist.group.WORLD, tuple(range(world_size))),
-        ],
+        [(n, g.group, g.ranks) for n, g in watched] + [("world", dist.group.WORLD, tuple(range(world_size)))],
     )
     logger.info("initialised %s", state.describe())
     return state

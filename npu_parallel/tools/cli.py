@@ -1,4 +1,4 @@
-"""The ``npu-parallel`` command: env, inspect, convert, merge, audit, verify.
+"""The ``npu-parallel`` command: env, inspect, convert, merge, audit, verify, plan.
 
 Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr, never a traceback).
 """
@@ -14,6 +14,7 @@ import sys
 from npu_parallel.tools.checks import UserError, check_args, check_output_file, write_output
 from npu_parallel.tools.cli_common import Parser, checkpoint_errors, parse_dtype
 from npu_parallel.tools.cli_env import cmd_env
+from npu_parallel.tools.cli_plan import add_plan_parser
 from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_OK
 
@@ -36,9 +37,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from npu_parallel.checkpoint.offline import convert_checkpoint
 
     out = convert_checkpoint(
-        args.path, args.tp, args.out, dtype=parse_dtype(args.dtype), overwrite=args.overwrite, progress=not args.quiet
+        args.path,
+        args.tp,
+        args.out,
+        dtype=parse_dtype(args.dtype),
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        ep=args.ep,
     )
-    print(f"wrote {out} (tp={args.tp})")
+    print(f"wrote {out} (tp={args.tp}" + (f", ep={args.ep})" if args.ep else ")"))
     return EXIT_OK
 
 
@@ -130,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="split a HF checkpoint into tp rank files, offline")
     p.add_argument("path", help="Hugging Face checkpoint folder (config.json + *.safetensors)")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size, a multiple of --tp (default: --tp)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--dtype", default=None, help="cast floating tensors: bf16, fp16 or fp32 (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier npu-parallel output in --out")
@@ -197,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--_perturb-expert", dest="perturb_expert", default=None, help=argparse.SUPPRESS)
     p.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_verify)
+    add_plan_parser(sub)
     return parser
 
 

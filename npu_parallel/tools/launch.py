@@ -7,6 +7,9 @@ gives each rank RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, and the entry point at the 
 and stderr go to ``DIR/rank{r}.log``; their tails are in the error when a launch fails. The ranks import
 npu_parallel and the target's package from where this process imports them. The launcher knows no task:
 tests, ``npu-parallel verify``/``audit`` and the benchmarks all start their ranks through it.
+
+``nodes=N`` starts N torchrun processes of ``nprocs / N`` ranks each (``--nnodes N --node_rank R``,
+rendezvous on loopback): a multi-node job on one machine, as the multi-node tests run it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import importlib.util
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,6 +92,7 @@ def launch(
     timeout: float = 1800.0,
     env: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    nodes: int = 1,
     **kwargs: Any,
 ) -> list:
     """``target(*args, **kwargs)`` on ``nprocs`` torchrun ranks; their return values in rank order.
@@ -101,23 +106,28 @@ def launch(
         raise ValueError(f"target {target!r}: expected 'package.module:function'")
     if nprocs < 1:
         raise ValueError(f"nprocs={nprocs}: must be a positive integer")
+    if nodes < 1 or nprocs % nodes:
+        raise ValueError(f"nodes={nodes}: must be a positive divisor of nprocs={nprocs}")
     with tempfile.TemporaryDirectory(prefix="npu-parallel-launch-") as tmp:
         work = Path(tmp)
         with open(work / "call.pkl", "wb") as f:
             pickle.dump((target, args, kwargs), f)
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nprocs),
-            "-m",
-            "npu_parallel.tools.launch",
-            str(work),
+        cmds = [
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *node,
+                "--nproc_per_node",
+                str(nprocs // nodes),
+                "-m",
+                "npu_parallel.tools.launch",
+                str(work),
+            ]
+            for node in _node_args(nodes)
         ]
         log = work / "torchrun.log"
-        rc = _run(cmd, _rank_env(module, env), log, timeout, _Watcher(work, nprocs, progress))
+        rc = _run(cmds, _rank_env(module, env), log, timeout, _Watcher(work, nprocs, progress))
         missing = [r for r in range(nprocs) if not (work / f"rank{r}.pkl").is_file()]
         if rc is None or rc != 0 or missing:
             raise _error(f"{target} on {nprocs} rank{'s' if nprocs > 1 else ''}", nprocs, rc, timeout, missing, work)
@@ -145,32 +155,49 @@ class _Watcher:
                     self.progress(f"rank {r} {what}")
 
 
-def _run(
-    cmd: list[str], env: dict[str, str], log: Path, timeout: float, tick: Callable[[], None] = lambda: None
-) -> int | None:
-    """torchrun's exit code, or None on timeout; ``tick()`` about every 0.2 s while it runs.
+def _node_args(nodes: int) -> list[list[str]]:
+    """torchrun's rendezvous arguments, one list per node: standalone, or N nodes meeting on loopback."""
+    if nodes == 1:
+        return [["--standalone"]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    meet = ["--nnodes", str(nodes), "--master_addr", "127.0.0.1", "--master_port", port]
+    return [[*meet, "--node_rank", str(r)] for r in range(nodes)]
 
-    torchrun runs in its own session, so that one signal reaches it and its helpers (the ranks have their own
-    sessions, and exit when torchrun does: :func:`npu_parallel.parallel.watchdog.exit_with_parent`).
+
+def _run(
+    cmds: list[list[str]], env: dict[str, str], log: Path, timeout: float, tick: Callable[[], None] = lambda: None
+) -> int | None:
+    """The torchrun processes' exit code (the first non-zero one), or None on timeout; ``tick()`` about every
+    0.2 s while they run.
+
+    Each torchrun runs in its own session, so that one signal reaches it and its helpers (the ranks have their
+    own sessions, and exit when torchrun does: :func:`npu_parallel.parallel.watchdog.exit_with_parent`).
     """
     deadline = time.monotonic() + timeout
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        procs = [
+            subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            for cmd in cmds
+        ]
         try:
             while True:
-                try:
-                    rc = proc.wait(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+                codes = [p.poll() for p in procs]
+                failed = [c for c in codes if c not in (None, 0)]
+                if failed or all(c == 0 for c in codes):
                     tick()
-                    return rc
-                except subprocess.TimeoutExpired:
-                    tick()
-                    if time.monotonic() >= deadline:
-                        return None
+                    return failed[0] if failed else 0
+                tick()
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.2)
         finally:
-            if proc.poll() is None:  # timeout, or an exception (Ctrl-C) in this process
-                _kill_group(proc)
+            for proc in procs:
+                if proc.poll() is None:  # timeout, a failed node, or an exception (Ctrl-C) in this process
+                    _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

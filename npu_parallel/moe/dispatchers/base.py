@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from npu_parallel.moe.experts import ExpertMatmul, LocalExperts
+from npu_parallel.parallel.state import Group
 
 __all__ = [
     "ANY_DEVICE",
@@ -60,6 +61,9 @@ class Dispatcher(abc.ABC):
     name: ClassVar[str]
     order: ClassVar[int]
     auto_for: ClassVar[tuple[str, ...]] = ()
+    # whether it moves tokens between the tp groups of an ep group (ep_size > tp_size); the others compute only
+    # the tokens their tp group holds, which is right only when the ep group is the tp group
+    cross_group: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str | None = None, order: int = 100, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -92,6 +96,9 @@ class Dispatcher(abc.ABC):
     def usable(cls, device_type: str) -> bool:
         """Whether ``moe_impl="auto"`` may pick this implementation on ``device_type`` (a capability probe)."""
         return True
+
+    def bind(self, tp: Group, ep: Group) -> None:  # noqa: B027 (a hook: most dispatchers need no groups)
+        """Called once per MoE block with its groups (a dispatcher that moves tokens keeps them)."""
 
     def copy(self) -> Dispatcher:
         """An independent copy (each MoE block keeps its own statistics)."""

@@ -27,6 +27,17 @@ def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float |
     return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
 
 
+def capacity_rows(keys: torch.Tensor, n: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot's buffer row ``key * C + position`` (``n * C``: the trash row) for flat ``keys [T*k]`` in
+    ``[0, n]`` (``n``: not computed here), and the number of slots dropped past capacity (a device tensor)."""
+    # a comparison, not F.one_hot: one_hot checks its input's range with a host sync
+    onehot = (keys.unsqueeze(1) == torch.arange(n + 1, device=keys.device)).to(keys.dtype)  # [T*k, n+1]
+    position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # [T*k] the slot's place in its expert's queue
+    kept = (keys < n) & (position < c)
+    rows = torch.where(kept, keys * c + position, torch.full_like(keys, n * c))  # [T*k]
+    return rows, ((keys < n) & ~kept).sum()
+
+
 @dataclass
 class _Combine:
     rows: torch.Tensor  # [T*k] each slot's buffer row (E_local * C: the trash row)
@@ -58,12 +69,7 @@ class StaticDispatcher(Dispatcher, name="static", order=10):
         n_local = experts.num_local
         c = capacity(t, k, experts.num_experts, self.capacity_factor)
         keys = local_keys(indices, experts).reshape(-1)  # [T*k]
-        # a comparison, not F.one_hot: one_hot checks its input's range with a host sync
-        onehot = (keys.unsqueeze(1) == torch.arange(n_local + 1, device=keys.device)).to(keys.dtype)  # [T*k, E_l+1]
-        position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # [T*k] the slot's place in its expert's queue
-        kept = (keys < n_local) & (position < c)
-        rows = torch.where(kept, keys * c + position, torch.full_like(keys, n_local * c))  # [T*k]
-        self.stats["dropped"] = ((keys < n_local) & ~kept).sum()  # a device tensor: no sync
+        rows, self.stats["dropped"] = capacity_rows(keys, n_local, c)
         slots = x.unsqueeze(1).expand(t, k, x.shape[-1]).reshape(t * k, -1)  # [T*k, H]
         buf = x.new_zeros(n_local * c + 1, x.shape[-1]).index_add(0, rows, slots)[:-1].view(n_local, c, -1)
         return Routed(buf, torch.bmm, _Combine(rows, weights, x.dtype))  # buf [E_local, C, H]

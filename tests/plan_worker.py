@@ -1,0 +1,61 @@
+"""Rank worker: memory of a real training step at world 4, per (tp, ep) layout, for the planner's test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import npu_parallel
+
+from .ep_worker import ROWS, SEQ, _load, average_grads
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def _saved_bytes(model, ids, weights: set[int]) -> dict:
+    """Bytes of the tensors autograd saves in the forward, each storage once, weights (and views of them) left out;
+    the loss under ``"loss"``."""
+    saved: dict = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        saved["loss"] = model(input_ids=ids, labels=ids).loss
+    return saved
+
+
+def measure(ckpt_root: str, names: list[str], layouts: list[tuple[int, int]]) -> dict:
+    """{"name tp ep": bytes of parameters, gradients, AdamW states and saved activations on rank 0}."""
+    out = {}
+    for tp, ep in layouts:
+        state = npu_parallel.init_distributed(tp, ep_size=ep)
+        rows = ROWS // state.dp_size
+        for name in names:
+            model = npu_parallel.convert_model(_load(Path(ckpt_root) / name, name), state)
+            model.train()
+            ids = torch.randint(0, model.config.vocab_size, (rows, SEQ), generator=torch.Generator().manual_seed(3))
+            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            saved = _saved_bytes(model, ids, weights)
+            loss = saved.pop("loss")
+            loss.backward()
+            average_grads(model, state)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            opt.step()
+            params = list(model.parameters())
+            states = [v for s in opt.state.values() for k, v in s.items() if k != "step"]  # step: one scalar each
+            out[f"{name} {tp} {ep}"] = {
+                "weights": _bytes(params),
+                "grads": _bytes([p.grad for p in params if p.grad is not None]),
+                "optimizer": _bytes(states),
+                "activations": sum(saved.values()),
+                "micro_batch": rows,
+            }
+            del model, opt
+    return out
