@@ -53,3 +53,18 @@ def test_lora_run_resumes_exactly_and_merges(checkpoints, tmp_path):
         2, "tests.train_worker:run_train", dict(BASE, model_path=path, lora_r=0, lora_adapter=str(adapter))
     )
     assert all(map(torch.isfinite, torch.tensor(cont["losses"])))
+
+
+def test_lora_mixed_precision_keeps_the_base_bf16_and_the_adapters_fp32(checkpoints):
+    """--precision bf16 with LoRA: the frozen base is held in bf16 (no fp32 copy of what never updates), the
+    adapters are the fp32 master weights, and the losses follow the fp32 run's step by step."""
+    cfg = dict(BASE, model_path=str(checkpoints / "deepseek_v2"), steps=4, lr=1e-3)
+    fp32, mixed = run_ranks(
+        2, "tests.train_worker:run_many", [dict(cfg, precision="fp32"), dict(cfg, precision="bf16")]
+    )
+    assert mixed["param_dtypes"]["trainable"] == ["torch.float32"]
+    # the base in bf16, but for the modules transformers keeps in fp32 (DeepSeek-V2's router: _keep_in_fp32_modules)
+    assert "torch.bfloat16" in mixed["param_dtypes"]["frozen"]
+    assert fp32["param_dtypes"] == {"trainable": ["torch.float32"], "frozen": ["torch.float32"]}
+    gaps = (torch.tensor(mixed["losses"]) - torch.tensor(fp32["losses"])).abs()
+    assert gaps.max() < 0.05, (fp32["losses"], mixed["losses"])  # bf16 rounding of ~5.5, not a different run

@@ -15,6 +15,7 @@ from npu_parallel.training.optim import global_grad_norm
 def run_train(kwargs: dict) -> dict:
     result = train(TrainConfig(**kwargs))
     keys = ("losses", "steps", "checkpoint", "metrics", "plot", "load_plot", "plotted_steps", "state", "records")
+    keys += ("param_dtypes",)
     return {k: result[k] for k in keys}
 
 

@@ -150,8 +150,10 @@ def data_parallel(
         if state.rank == 0:
             logger.warning(PURE_WARNING)
     specs = {name: spec_of(p) for name, p in model.named_parameters()}
+    # trainable parameters become the master weights; frozen ones (a LoRA base, a frozen MTP layer) keep the
+    # dtype they were loaded in: nothing updates them, so an fp32 copy of them would only cost memory
     for p in {id(p): p for p in model.parameters()}.values():
-        if p.is_floating_point() and p.dtype != mode.master:
+        if p.is_floating_point() and p.requires_grad and p.dtype != mode.master:
             p.data = p.data.to(mode.master)
     policy = MixedPrecisionPolicy(
         param_dtype=mode.compute if mode.mixed else None,

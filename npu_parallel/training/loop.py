@@ -156,8 +156,10 @@ def train(cfg: TrainConfig) -> dict:
             logger.warning("--overwrite: removing %s of an earlier run", path)
             shutil.rmtree(path)
 
-    # the master weights: fp32 under mixed precision (a bf16 checkpoint upcast; a resumed one's fp32 kept)
-    if cfg.resume and not resumes_lora(cfg):
+    # the master weights: fp32 under mixed precision (a bf16 checkpoint upcast; a resumed one's fp32 kept); a LoRA
+    # base is frozen, so it stays in the compute dtype (its adapters are fp32)
+    lora = bool(cfg.lora_r or cfg.lora_adapter) or resumes_lora(cfg)
+    if cfg.resume and not lora:
         model = load_sharded(
             cfg.resume, state, moe_impl=cfg.moe_impl, dtype=mode.master, aux_loss_coef=cfg.aux_loss_coef
         )
@@ -165,7 +167,7 @@ def train(cfg: TrainConfig) -> dict:
         model = load_pretrained(
             inputs.model_path,
             state,
-            dtype=mode.master,
+            dtype=mode.compute if lora else mode.master,
             moe_impl=cfg.moe_impl,
             progress=main,
             aux_loss_coef=cfg.aux_loss_coef,
@@ -285,6 +287,10 @@ def train(cfg: TrainConfig) -> dict:
         "load_plot": str(load_plot) if load_plot else None,
         "plotted_steps": log.plotted,
         "state": {"world": state.world_size, "tp": state.tp_size, "dp": state.dp_size},
+        "param_dtypes": {  # what the optimizer updates (master) and what stays frozen (a LoRA base)
+            kind: sorted({str(p.dtype) for p in model.parameters() if p.requires_grad == trains})
+            for kind, trains in (("trainable", True), ("frozen", False))
+        },
     }
 
 
