@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import npu_parallel
+from npu_parallel.moe.experts import LocalExperts
 from npu_parallel.tools.audit import OpAudit
 
 from .equivalence import SGD_LR
@@ -31,6 +32,20 @@ def _sgd(model) -> None:
             if p.grad is not None:
                 p -= SGD_LR * p.grad
     model.zero_grad(set_to_none=True)
+
+
+def average_grads(model, state) -> None:
+    """Each gradient -> that of the mean loss over the global batch, by hand (what data_parallel does with FSDP2):
+    dense summed over dp, routed experts summed over edp (their ep group's tokens are in them already), both / dp.
+    For a model stepped without data_parallel (tests/ep_checkpoint_worker.py)."""
+    experts = {id(p) for m in model.modules() if isinstance(m, LocalExperts) for p in m.parameters()}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        group = state.edp if id(p) in experts else state.dp
+        if group.size > 1:
+            dist.all_reduce(p.grad, group=group.group)
+        p.grad /= state.dp_size
 
 
 def _load(path: Path, name: str):
