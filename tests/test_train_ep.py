@@ -58,3 +58,11 @@ def test_bad_ep_size_is_one_line_exit_2(checkpoints):
         "python -m npu_parallel.training.cli: error: ep_size=2 must be a multiple of tp_size=1 that divides the world "
         "size 1 (an ep group is one or more whole tp groups); use one of [1]"
     )
+
+
+def test_ep_size_below_one_is_refused_with_the_other_flags():
+    from npu_parallel.training.config import TrainConfig, check_args
+    from npu_parallel.training.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--ep_size 0: must be at least 1$"):
+        check_args(TrainConfig(model_path="x", ep_size=0))
