@@ -1,8 +1,8 @@
 """Rank worker: expert parallelism over several tp groups (all-to-all) against the unconverted model.
 
-Each dp rank runs its own rows of one global batch; the reference runs the whole batch. Gradients are averaged
-here, test-side, the way data parallelism must do it (dense: summed over dp; routed experts: summed over edp,
-the ranks holding the same experts, since the all-to-all already summed their ep group's tokens), both / dp.
+Each dp rank runs its own rows of one global batch; the reference runs the whole batch. The converted model goes
+through ``npu_parallel.data_parallel`` (FSDP2: dense weights over dp, routed experts over edp at ep > tp), whose
+gradients must be those of the mean loss over the global batch: the loss after one SGD step says whether they are.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def _sgd(model) -> None:
 
 
 def average_grads(model, state) -> None:
-    """Each gradient -> that of the mean loss over the global batch (what data_parallel must give)."""
+    """Each gradient -> that of the mean loss over the global batch, by hand (what data_parallel does with FSDP2):
+    dense summed over dp, routed experts summed over edp (their ep group's tokens are in them already), both / dp.
+    For a model stepped without data_parallel (tests/ep_checkpoint_worker.py)."""
     experts = {id(p) for m in model.modules() if isinstance(m, LocalExperts) for p in m.parameters()}
     for p in model.parameters():
         if p.grad is None:
@@ -48,7 +50,8 @@ def average_grads(model, state) -> None:
 
 def _load(path: Path, name: str):
     """The unconverted model; a batch-level load-balancing loss (Qwen's) off: it is not linear in the batch, so
-    dp ranks averaging their own batches' aux losses (as every data-parallel run does) is not the global one."""
+    dp ranks averaging their own batches' aux losses (as every data-parallel run does) is not the global one (the
+    converted model's own balance loss is turned off the same way: ``aux_loss_coef=0``)."""
     model = load_reference(name, path)
     if hasattr(model, "router_aux_loss_coef"):
         model.router_aux_loss_coef = 0.0
@@ -77,14 +80,16 @@ def compare(ckpt_root: str, names: list[str], layouts: list[tuple[int, int, str]
         for name in names:
             ids, ref_logits, ref_loss, ref_after = refs[name]
             mine = ids[state.dp_rank * rows : (state.dp_rank + 1) * rows]
-            model = npu_parallel.convert_model(_load(Path(ckpt_root) / name, name), state, moe_impl=moe_impl)
+            model = npu_parallel.convert_model(
+                _load(Path(ckpt_root) / name, name), state, moe_impl=moe_impl, aux_loss_coef=0.0
+            )
             model.train()
+            npu_parallel.data_parallel(model, state, precision="fp32")
             layers = model.model.layers
             moe_layers = [f"model.layers.{i}" for i, lay in enumerate(layers) if hasattr(lay.mlp, "experts")]
             with OpAudit(model=model) as audit:
                 out = model(input_ids=mine, labels=mine)
                 out.loss.backward()
-            average_grads(model, state)
             _sgd(model)
             with torch.no_grad():
                 after = model(input_ids=mine, labels=mine).loss
@@ -95,7 +100,9 @@ def compare(ckpt_root: str, names: list[str], layouts: list[tuple[int, int, str]
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)
             syncs = audit.counts_by_scope("host_sync", phase="forward")
             block = layers[int(moe_layers[0].split(".")[-1])].mlp
+            experts = block.experts.gate_up_proj
             results[f"{name} tp={tp} ep={ep} {moe_impl}"] = {
+                "expert_mesh": experts.device_mesh.size(),
                 "dispatcher": block.dispatcher.name,
                 "local_experts": block.experts.num_local,
                 "logits_max_diff": diff.item(),

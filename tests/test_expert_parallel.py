@@ -32,8 +32,11 @@ def ep_results(checkpoints):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("tp,ep,impl", LAYOUTS)
 def test_ep_matches_reference(ep_results, name, tp, ep, impl):
+    """Logits, loss, and the loss after one SGD step through npu_parallel.data_parallel (FSDP2: experts sharded over
+    edp = world / ep ranks, their gradient summed there and divided by dp) against the unconverted model."""
     r = ep_results[f"{name} tp={tp} ep={ep} {impl}"]
     assert r["local_experts"] == 8 // ep
+    assert r["expert_mesh"] == 4 // ep  # edp; at ep = tp that is the dp mesh
     assert r["dispatcher"] == (impl if impl != "auto" else ("alltoall" if ep > tp else "grouped"))
     assert r["logits_max_diff"] < TOL
     assert abs(r["loss"] - r["ref_loss"]) < TOL

@@ -65,6 +65,15 @@ def holds(spec: ShardSpec | None, state: ParallelState) -> bool:
     return spec.axis == "ep" or state.ep_rank < state.tp_size
 
 
+def gathers(spec: ShardSpec | None, state: ParallelState) -> bool:
+    """Whether this rank takes part in the gather of a tensor over its data_parallel mesh: the same answer on every
+    member of a mesh (dense: a dp group, one tp rank; experts: an edp group) and True wherever a writer
+    :func:`holds` it. At ep > tp a dense tensor's dp group spans several ep ranks, writers or not: all gather."""
+    if spec is None:
+        return state.tp_rank == 0
+    return True
+
+
 def _gather(obj, state: ParallelState) -> list:
     if state.world_size == 1 or not dist.is_initialized():
         return [obj]
@@ -123,16 +132,18 @@ def save_sharded(
     files: dict = {}
     current = tmp
     try:
-        # under data_parallel each tensor is whole only once gathered over dp: every dp rank takes part in each
-        # gather (one tensor at a time), the writer writes, and keeps gathering if its write fails
+        # under data_parallel each tensor is whole only once gathered over its mesh: every member takes part in
+        # each gather (one tensor at a time, the same tensors in the same order), the writer writes what its file
+        # holds, and keeps gathering if its write fails
         mine = [(n, t, s) for n, t, s in local if holds(s, state)]
-        gathered = ((n, trim(full_tensor(t), s)) for n, t, s in mine)
+        gathered = ((n, trim(full_tensor(t), s), holds(s, state)) for n, t, s in local if gathers(s, state))
         try:
             if writer(state):
                 current = tmp / rank_file(state.ep_rank, state.ep_size)
                 with SafetensorsWriter(current, [(n, t.dtype, local_shape(t, s)) for n, t, s in mine]) as w:
-                    for n, t in gathered:
-                        w.write(n, t)
+                    for n, t, keep in gathered:
+                        if keep:
+                            w.write(n, t)
                     files[current.name] = {"sha256": w.close(), "bytes": current.stat().st_size}
         finally:
             for _ in gathered:

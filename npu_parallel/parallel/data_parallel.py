@@ -13,9 +13,11 @@ Precision (:data:`PRECISIONS`): the sharded parameters the optimizer updates are
 *reduce* dtype (fp32). ``bf16-pure`` keeps everything in bf16: half the memory of the weights and
 moments, but an AdamW update below half a bf16 ulp of its weight is rounded away.
 
-Routed experts may later be sharded over another mesh (expert-data parallelism): a module whose
-parameters are routed experts sets the attribute :data:`EXPERTS_MARKER` (the MoE layer does; this layer
-imports nothing above it), and ``expert_mesh`` gives those modules their own FSDP2 unit over that mesh.
+Routed experts at ep > tp are sharded over the edp ranks instead (expert-data parallelism, the ranks holding
+the same experts): a module whose parameters are routed experts sets the attribute :data:`EXPERTS_MARKER` (the
+MoE layer does; this layer imports nothing above it) and gets its own FSDP2 unit over that mesh. Its gradient
+already sums the tokens of its whole ep group (the all-to-all brought them), so over edp it is summed and
+divided by dp, not edp: the mean over the global batch, averaged once.
 """
 
 from __future__ import annotations
@@ -109,6 +111,14 @@ def dp_mesh(state: ParallelState):
     return DeviceMesh.from_group(state.dp_group, state.device.type, mesh_dim_names=("dp",))
 
 
+def edp_mesh(state: ParallelState):
+    """This rank's edp group (the ranks holding the same experts) as a one-dimensional DeviceMesh."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    assert state.edp_group is not None
+    return DeviceMesh.from_group(state.edp_group, state.device.type, mesh_dim_names=("edp",))
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -130,8 +140,10 @@ def data_parallel(
     ``precision``: ``auto`` (bf16 mixed on bf16 devices, fp32 on CPU), ``bf16`` (bf16 compute, fp32 master
     weights, fp32 gradient reduction), ``bf16-pure`` (warns once what it loses) or ``fp32``; floating parameters
     are cast to the master dtype first. ``units(model)``: the submodules that get their own FSDP2 unit
-    (default: the decoder layers); with ``expert_mesh``, every module inside them for which ``experts(module)``
-    holds is sharded over that mesh instead. Works at dp = 1 too (the precision policy, no traffic to speak of).
+    (default: the decoder layers); every module inside them for which ``experts(module)`` holds is sharded over
+    ``expert_mesh`` instead (default: the edp mesh when ``state.ep_size > state.tp_size``, else none: at ep = tp
+    the experts' dp ranks are the dense ones), its gradient summed over that mesh and divided by dp. Works at
+    dp = 1 too (the precision policy, no traffic to speak of).
     Every parameter becomes a DTensor sharded on dim 0 over dp and keeps its tp ShardSpec; use
     :func:`local_tensor` for its local rows and :func:`full_tensor` (a collective over dp) for its whole tp shard.
     """
@@ -160,12 +172,20 @@ def data_parallel(
         reduce_dtype=mode.reduce if mode.reduce != mode.master else None,
     )
     mesh = dp_mesh(state)
+    if expert_mesh is None and state.ep_size > state.tp_size:
+        expert_mesh = edp_mesh(state)
     common: dict[str, Any] = dict(mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for unit in units(model):
         if expert_mesh is not None:
             for module in unit.modules():
                 if experts(module) and any(True for _ in module.parameters()):
-                    fully_shard(module, mesh=expert_mesh, **common)
+                    sharded = fully_shard(module, mesh=expert_mesh, **common)
+                    # the ep group's tokens are in each rank's expert gradient already: sum over the mesh, / dp;
+                    # a plain sum then a division (a pre-multiplied sum is not on every backend, gloo included).
+                    # On a mesh of one rank torch divides once by itself but would divide twice with a forced sum
+                    sharded.set_gradient_divide_factor(float(state.dp_size))
+                    if expert_mesh.size() > 1:
+                        sharded.set_force_sum_reduction_for_comms(True)
         fully_shard(unit, mesh=mesh, **common)
     # the root stays unsharded from its forward to its backward (FSDP2's default for a root): the MTP loss and
     # a loss computed from the hidden states use its embedding and head after the forward has returned
@@ -175,8 +195,9 @@ def data_parallel(
         mark(p, specs.get(name))
     model.np_precision = mode  # type: ignore[assignment]
     logger.info(
-        "data_parallel: FSDP2 over dp=%d, %s (compute %s, master %s, gradients reduced in %s)",
+        "data_parallel: FSDP2 over dp=%d%s, %s (compute %s, master %s, gradients reduced in %s)",
         state.dp_size,
+        f" (routed experts over edp={expert_mesh.size()})" if expert_mesh is not None else "",
         mode.name,
         mode.compute,
         mode.master,

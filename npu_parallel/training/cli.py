@@ -67,8 +67,8 @@ def run(
             resolve(args)
         check_args(config_from_args(args))  # before the process group: a bad value costs no rendezvous
         try:
-            state = init_distributed(args.tp_size, timeout_s=args.timeout_s)
-        except ValueError as exc:  # a tp size the world cannot split, alike on every rank
+            state = init_distributed(args.tp_size, ep_size=args.ep_size, timeout_s=args.timeout_s)
+        except ValueError as exc:  # a tp or ep size the world cannot split, alike on every rank
             raise ConfigError(str(exc)) from None
         if prepare is not None:
             prepare(args, state)

@@ -37,6 +37,7 @@ STEP_DIR = re.compile(r"step-(\d+)")
 class TrainConfig:
     model_path: str | None = None
     tp_size: int | None = None
+    ep_size: int | None = None
     batch_size: int = 1
     max_length: int = 256
     steps: int = 20
@@ -78,6 +79,8 @@ class TrainConfig:
 HELP = {
     "model_path": "Hugging Face checkpoint folder (config.json + *.safetensors)",
     "tp_size": "tensor-parallel size (default: all ranks); world = tp x dp",
+    "ep_size": "expert-parallel size: ranks splitting the routed experts, a multiple of --tp_size dividing the world "
+    "(default: --tp_size); above it tokens travel between tp groups by all-to-all",
     "batch_size": "sequences per micro-batch per dp rank",
     "max_length": "tokens per packed sequence (2 to the model's max_position_embeddings)",
     "steps": "optimizer steps (the LR schedule spans them)",
@@ -191,6 +194,7 @@ def check_args(cfg: TrainConfig) -> None:
         f"--stop_after {cfg.stop_after}: must be within [1, --steps {cfg.steps}]; lower it or raise --steps",
     )
     _need(cfg.tp_size is None or cfg.tp_size >= 1, f"--tp_size {cfg.tp_size}: must be at least 1")
+    _need(cfg.ep_size is None or cfg.ep_size >= 1, f"--ep_size {cfg.ep_size}: must be at least 1")
     _need(
         cfg.timeout_s is None or (math.isfinite(cfg.timeout_s) and cfg.timeout_s > 0),
         f"--timeout_s {cfg.timeout_s}: must be a number of seconds above 0",
@@ -252,11 +256,12 @@ def _resumed(cfg: TrainConfig, resume: str, state: ParallelState) -> tuple[Any, 
         f"--resume {cfg.resume}: holds no training state (optimizer, step, data position); resume from a "
         f"step-N folder written by training, or start from it with --model_path",
     )
-    saved = (training.get("world_size"), training.get("tp_size"))
+    saved = (training.get("world_size"), training.get("tp_size"), training.get("ep_size", training.get("tp_size")))
     _need(
-        saved == (state.world_size, state.tp_size),
-        f"--resume {cfg.resume}: saved with world={saved[0]}, tp={saved[1]}, this run has world={state.world_size}, "
-        f"tp={state.tp_size}; resume with the same --nproc_per_node and --tp_size",
+        saved == (state.world_size, state.tp_size, state.ep_size),
+        f"--resume {cfg.resume}: saved with world={saved[0]}, tp={saved[1]}, ep={saved[2]}, this run has "
+        f"world={state.world_size}, tp={state.tp_size}, ep={state.ep_size}; resume with the same --nproc_per_node, "
+        f"--tp_size and --ep_size",
     )
     return model_config, int(extra["step"]), int(extra["data_position"])
 

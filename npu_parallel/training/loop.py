@@ -143,8 +143,8 @@ def train(cfg: TrainConfig) -> dict:
     """
     check_args(cfg)
     try:
-        state = init_distributed(cfg.tp_size, timeout_s=cfg.timeout_s)
-    except ValueError as exc:  # a tp size the world cannot split, raised alike on every rank
+        state = init_distributed(cfg.tp_size, ep_size=cfg.ep_size, timeout_s=cfg.timeout_s)
+    except ValueError as exc:  # a tp or ep size the world cannot split, raised alike on every rank
         raise ConfigError(str(exc)) from None
     main = state.rank == 0
     mode = resolve_precision(cfg.precision, state.device.type)

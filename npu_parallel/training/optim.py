@@ -19,27 +19,35 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
 
 def global_grad_norm(model: nn.Module, state: ParallelState) -> torch.Tensor:
     """L2 norm of the full model's gradient, fp32 on ``state.device``: each sharded parameter counted once across
-    the TP group, each replicated one once (its gradient is identical on every TP rank), not tp times; a gradient
-    that data_parallel sharded over dp (a DTensor) is summed over its mesh's ranks, each row once."""
-    # per process group a DTensor gradient is sharded over (None: not sharded): [tp-sharded, tp-replicated] sums
+    the group that splits it (tp; the ep group for routed experts), each replicated one once (its gradient is
+    identical on every TP rank), not tp times; a gradient that data_parallel sharded (a DTensor, over dp or, for
+    experts at ep > tp, over edp) is summed over its mesh's ranks, each row once."""
+    # per process group a DTensor gradient is sharded over (None: not sharded): [tp-sharded, experts, replicated]
     buckets: dict[dist.ProcessGroup | None, torch.Tensor] = {}
     for p in unique_params(model):
         if p.grad is None:
             continue
         group = p.grad.device_mesh.get_group() if is_dtensor(p.grad) else None
-        sums = buckets.setdefault(group, torch.zeros(2, dtype=torch.float32, device=state.device))
+        sums = buckets.setdefault(group, torch.zeros(3, dtype=torch.float32, device=state.device))
         sq = local_tensor(p.grad).detach().float().pow(2).sum()
-        sums[0 if spec_of(p) is not None else 1] += sq
-    total = torch.zeros(2, dtype=torch.float32, device=state.device)
+        spec = spec_of(p)
+        sums[2 if spec is None else 1 if spec.axis == "ep" else 0] += sq
+    total = torch.zeros(3, dtype=torch.float32, device=state.device)
     for group, sums in buckets.items():  # the same groups in the same order on every member: parameter order
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
         total += sums
-    if state.tp_size > 1:
-        sharded = total[:1].clone()
-        dist.all_reduce(sharded, group=state.tp_group)
-        total = torch.cat([sharded, total[1:]])
-    return total.sum().sqrt()
+    if state.ep_group is state.tp_group:  # ep = tp: the experts split over the tp ranks, one reduction
+        parts = [(total[:2], state.tp)]
+    else:
+        parts = [(total[:1], state.tp), (total[1:2], state.ep)]
+    reduced = []
+    for part, g in parts:
+        part = part.clone()
+        if g.size > 1:
+            dist.all_reduce(part, group=g.group)
+        reduced.append(part)
+    return (torch.cat(reduced).sum() + total[2]).sqrt()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, state: ParallelState) -> torch.Tensor:
