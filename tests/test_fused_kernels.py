@@ -330,3 +330,16 @@ def test_main_grad_refuses_weights_sharded_by_data_parallel():
     finally:
         if ours:
             dist.destroy_process_group()
+
+
+def test_a_kernel_the_release_lacks_is_never_called_nor_probed():
+    class _NoSwiglu:  # a torch_npu without npu_swiglu: the twin, no probe, no warning; env lists it as absent
+        npu_rms_norm = ReferenceKernels().npu_rms_norm
+
+    h = torch.randn(3, 8)
+    with kernels.use_kernels(_NoSwiglu()), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(kernels.swiglu(h), kernels.swiglu_twin(h))
+        absent = kernels.probe_all("cpu")
+    assert set(absent) == {"npu_swiglu", "npu_rotary_mul", "npu_fusion_attention"}
+    assert probe_results() == {"npu_rms_norm (_NoSwiglu)": "ok"}
