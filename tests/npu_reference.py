@@ -32,12 +32,19 @@ class Release:
     token_autograd: bool  # permute/unpermute have a backward (``npu_moe_token_*_grad`` in the schema)
     eager_group_types: tuple[int, ...]  # group_type values the eager grouped matmul takes
     token_dtypes: tuple[torch.dtype, ...]  # permute tokens / unpermute tokens and probs
+    # the fused kernels' meta kernels (graph mode): npu_fusion_attention's output shaped like the value (Dv), not
+    # the query (Dq); npu_grouped_matmul_add_ has one at all; npu_rms_norm_backward's dgamma dtype
+    attention_meta_dv: bool = True
+    gmm_add_meta: bool = True
+    rms_dgamma_dtype: torch.dtype | None = torch.float32  # None: gamma's own dtype
+    gmm_add_group_list_type: bool = True  # npu_grouped_matmul_add_ takes group_list_type (we never pass it)
 
 
 RELEASES = {
-    # 2.5.1: no _grad ops for permute/unpermute; "group_type currently only support -1 and 0"; docs: bf16 only
-    "2.5.1": Release(False, (-1, 0), (torch.bfloat16,)),
-    "2.6.0": Release(True, (-1, 0, 2), _FLOATS),
+    # 2.5.1: no _grad ops for permute/unpermute; "group_type currently only support -1 and 0"; docs: bf16 only;
+    # npu_grouped_matmul_add_ has a schema but no meta kernel
+    "2.5.1": Release(False, (-1, 0), (torch.bfloat16,), False, False, None, False),
+    "2.6.0": Release(True, (-1, 0, 2), _FLOATS, False, True, None, False),
     "2.14.0": Release(True, (-1, 0, 2), _FLOATS),
 }
 NEWEST = "2.14.0"

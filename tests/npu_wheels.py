@@ -68,6 +68,10 @@ def read(path: Path) -> tuple[list[str], str]:
     return funcs, meta
 
 
+# the fused dense kernels (npu_parallel/parallel/kernels.py) and the fp32 weight-gradient kernel (moe/npu_ops.py)
+FUSED = ("npu_swiglu", "npu_rms_norm", "npu_rotary_mul", "npu_fusion_attention", "npu_grouped_matmul_add_")
+
+
 # strings of the release's libtorch_npu.so: its eager kernels' own rules, which no schema or meta kernel states
 LIBRARY = "torch_npu/lib/libtorch_npu.so"
 BINARY_FACTS = {
@@ -233,7 +237,7 @@ def registered(version: str, path: Path) -> Iterator[Release]:
         exec(compile(meta, f"torch_npu-{version}/{META}", "exec"), scope)
         libs.append(Library("npu", "IMPL"))
         token_autograd = _autograd_kernels(libs[-1], defined)
-        names = ("npu_moe_token_permute", "npu_moe_token_unpermute", "npu_grouped_matmul")
+        names = ("npu_moe_token_permute", "npu_moe_token_unpermute", "npu_grouped_matmul", *FUSED)
         ops = types.SimpleNamespace(
             __version__=version, **{n: getattr(torch.ops.npu, n) for n in names if n in defined}
         )

@@ -282,3 +282,64 @@ def test_converted_model_with_fused_kernels_matches_transformers(name):
     grads = dict(model.named_parameters())
     for pname, p in ref.named_parameters():
         torch.testing.assert_close(grads[pname].grad, p.grad, atol=1e-4, rtol=1e-3, msg=pname)
+
+
+def test_env_runs_every_probe_on_an_npu(monkeypatch, capsys):
+    """`npu-parallel env` on an NPU: the MoE probe, every fused kernel's and the fp32 weight-gradient kernel's, all
+    printed. An NPU simulated by the stand-in as torch_npu, its probes routed to the CPU."""
+    import argparse
+
+    from npu_parallel.moe import npu_ops
+    from npu_parallel.moe.dispatchers import npu as npu_dispatcher
+    from npu_parallel.parallel import device
+    from npu_parallel.tools import cli_env
+
+    stand_in = ReferenceKernels()
+    stand_in.__version__ = "2.14.0"
+    monkeypatch.setattr(device, "torch_npu_module", lambda: stand_in)
+    cpu = lambda kind: torch.device("cpu")
+    for module in (npu_dispatcher, kernels, npu_ops):
+        monkeypatch.setattr(module, "probe_device", cpu)
+    info = device.DeviceInfo(kind="npu", backend="hccl", count=1, torch_version=torch.__version__,
+                             torch_npu_version="2.14.0")  # fmt: skip
+    monkeypatch.setattr(device, "describe", lambda: info)
+    assert cli_env.cmd_env(argparse.Namespace(tp=None, json=False)) == 0
+    printed = capsys.readouterr().out
+    names = [npu_dispatcher.PROBE_NAME, *kernels.FUSED_KERNELS, "npu_grouped_matmul_add_"]
+    assert sorted(probe_results()) == sorted(names)
+    for name in names:
+        assert probe_results()[name] == "ok" and f"    {name}: ok" in printed
+
+
+def test_main_grad_refuses_weights_sharded_by_data_parallel():
+    """Under FSDP2 the gradient is already reduced and accumulated in fp32: main_grad there would be a silent
+    half-feature (the backward sees FSDP's all-gathered copy), so enable_main_grad refuses a sharded weight."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    ours = not dist.is_initialized()  # an earlier test's single-process group may already be up: use it
+    if ours:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        sharded = nn.Parameter(distribute_tensor(torch.zeros(4, 3, 2), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match=r"sharded by data_parallel \(FSDP2\).*drop the enable_main_grad call"):
+            enable_main_grad(sharded)
+    finally:
+        if ours:
+            dist.destroy_process_group()
+
+
+def test_a_kernel_the_release_lacks_is_never_called_nor_probed():
+    class _NoSwiglu:  # a torch_npu without npu_swiglu: the twin, no probe, no warning; env lists it as absent
+        npu_rms_norm = ReferenceKernels().npu_rms_norm
+
+    h = torch.randn(3, 8)
+    with kernels.use_kernels(_NoSwiglu()), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(kernels.swiglu(h), kernels.swiglu_twin(h))
+        absent = kernels.probe_all("cpu")
+    assert set(absent) == {"npu_swiglu", "npu_rotary_mul", "npu_fusion_attention"}
+    assert probe_results() == {"npu_rms_norm (_NoSwiglu)": "ok"}

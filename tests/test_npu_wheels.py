@@ -7,6 +7,7 @@ Each release's wheel comes from the package registry once (cached in the venv, t
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -159,3 +160,114 @@ def test_argument_names_are_checked_by_the_schema(release):
     x = torch.empty(4, H, device=META, dtype=torch.bfloat16)
     with pytest.raises((RuntimeError, TypeError), match=r"group_lists|unexpected keyword"):
         release.ops.npu_grouped_matmul([x], [x.t()], group_lists=None)
+
+
+# -- the fused dense kernels and the fp32 weight-gradient kernel, called exactly as our wrappers call them ---------
+
+B, N, S, DK, DV = 2, 4, 5, 192, 128  # MLA's Dk = 192 > Dv = 128
+
+
+def _t(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, device=META, dtype=dtype)
+
+
+@pytest.fixture
+def wrappers(release, monkeypatch):
+    """The real wrappers routed through the release's ops. Their capability probes compare numerics, which meta
+    tensors have none of: the probe is taken as passed (a failing probe is the twin, tested elsewhere)."""
+    from npu_parallel.moe import npu_ops
+    from npu_parallel.parallel import kernels
+
+    monkeypatch.setattr(kernels, "probe", lambda *a, **k: True)
+    monkeypatch.setattr(npu_ops, "probe", lambda *a, **k: True)
+    with kernels.use_kernels(release.ops):
+        yield kernels
+
+
+def test_every_fused_kernel_has_a_schema_and_a_meta_kernel(release):
+    rules = _stand_in_rules(release.version)
+    for name in ("npu_swiglu", "npu_rms_norm", "npu_rotary_mul", "npu_fusion_attention", "npu_grouped_matmul_add_"):
+        assert name in release.defined, name
+    for name in ("npu_swiglu", "npu_swiglu_backward", "npu_rms_norm", "npu_rms_norm_backward", "npu_rotary_mul",
+                 "npu_rotary_mul_backward", "npu_fusion_attention", "npu_fusion_attention_grad"):  # fmt: skip
+        assert name in release.meta, name
+    assert ("npu_grouped_matmul_add_" in release.meta) == rules.gmm_add_meta
+
+
+def test_swiglu_as_the_wrappers_call_it(release, wrappers):
+    h = _t(T, 2 * I)
+    out = wrappers.swiglu(h)  # npu_swiglu(h, dim=-1)
+    pair = wrappers.swiglu_pair(_t(T, I), _t(T, I))  # npu_swiglu(cat, dim=-1)
+    assert out.shape == pair.shape == (T, I) and out.dtype == torch.bfloat16
+    grad = torch.ops.npu.npu_swiglu_backward(_t(T, I), h, dim=-1)
+    assert grad.shape == h.shape and grad.dtype == h.dtype
+
+
+def test_rms_norm_as_the_wrapper_calls_it(release, wrappers):
+    x, w = _t(T, H), _t(H)
+    out = wrappers.rms_norm(x, w, 1e-6)  # npu_rms_norm(x, w, epsilon=eps)[0]
+    assert out.shape == (T, H) and out.dtype == torch.bfloat16
+    _, rstd = torch.ops.npu.npu_rms_norm(x, w, epsilon=1e-6)
+    assert rstd.shape == (T, 1) and rstd.dtype == torch.float32
+    dx, dgamma = torch.ops.npu.npu_rms_norm_backward(_t(T, H), x, w, rstd)
+    assert dx.shape == x.shape and dx.dtype == x.dtype and dgamma.shape == w.shape
+    assert dgamma.dtype == (_stand_in_rules(release.version).rms_dgamma_dtype or w.dtype)
+
+
+def test_rotary_interleave_as_the_wrapper_calls_it(release, wrappers):
+    """rotary_mode is in every release's schema (2.5.1 included): no release needs the keyword withheld."""
+    x = _t(B, N, S, 64)
+    out = wrappers.rotary_interleaved(x, _t(1, S, 32, dtype=torch.float32), _t(1, S, 32, dtype=torch.float32))
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    xf, r = _t(B, N, S, 64, dtype=torch.float32), _t(1, 1, S, 64, dtype=torch.float32)
+    dx, dr1, dr2 = torch.ops.npu.npu_rotary_mul_backward(_t(B, N, S, 64, dtype=torch.float32), xf, r, r, "interleave")
+    assert dx.shape == xf.shape and dr1.shape == dr2.shape == r.shape
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "bool-mask"])
+def test_fusion_attention_as_the_wrapper_calls_it(release, wrappers, masked, monkeypatch):
+    """Dk 192 > Dv 128 unpadded. The meta kernels of 2.5.1/2.6.0 shape the output like the query: the wrapper
+    hands graph mode to SDPA there (None), and eager (the device kernel, checked by the probe) keeps the fused call."""
+    q, k, v = _t(B, N, S, DK), _t(B, N, S, DK), _t(B, N, S, DV)
+    mask = torch.ones(B, 1, S, S, device=META, dtype=torch.bool) if masked else None
+    call = dict(scale=0.1, is_causal=not masked)
+    meta_dv = _stand_in_rules(release.version).attention_meta_dv
+    assert meta_dv == (_minor(release.version) >= wrappers.ATTENTION_META_DV)
+    out = wrappers.fusion_attention(q, k, v, mask, **call)  # eager: the kernel is called on every release
+    assert out.shape == (B, N, S, DV if meta_dv else DK) and out.dtype == torch.bfloat16
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = wrappers.fusion_attention(q, k, v, mask, **call)
+    if meta_dv:
+        assert traced.shape == (B, N, S, DV)
+    else:
+        assert traced is None  # SDPA instead of a mis-shaped [B, N, S, Dq] trace
+    _, softmax_max, softmax_sum, *_ = torch.ops.npu.npu_fusion_attention(q, k, v, N, "BNSD", scale=0.1)
+    dq, dk, dv, *_ = torch.ops.npu.npu_fusion_attention_grad(
+        q, k, v, _t(B, N, S, DV), N, "BNSD", softmax_max=softmax_max, softmax_sum=softmax_sum,
+        attention_in=_t(B, N, S, DV), scale_value=0.1, keep_prob=1.0,
+    )  # fmt: skip
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_weight_gradient_into_main_grad_as_the_wrapper_calls_it(release, wrappers, monkeypatch):
+    """accumulate_wgrad's npu_grouped_matmul_add_(main_grad, dy, x, ends, transpose_x=True, transpose_weight=False,
+    group_type=2): no group_list_type (not in the 2.5/2.6 schema); 2.5.1 has no meta kernel, so graph mode takes
+    the twin there."""
+    from npu_parallel.moe import npu_ops
+
+    rules = _stand_in_rules(release.version)
+    ops, g = NpuOps(release.ops), 3
+    main_grad, x, dy = _t(g, H, I, dtype=torch.float32), _t(T, I), _t(T, H)
+    counts = torch.zeros(g, device=META, dtype=torch.int64)
+    if rules.gmm_add_meta:
+        assert npu_ops.accumulate_wgrad(ops, main_grad, x, dy, counts) is main_grad
+    else:
+        with pytest.raises(NotImplementedError, match="Meta kernel"):
+            npu_ops.accumulate_wgrad(ops, main_grad, x, dy, counts)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not npu_ops.gmm_add_ok(ops, "meta")
+    ends = counts.cumsum(0)
+    refused = pytest.raises(RuntimeError, match=r"expected at most 7 argument")  # group_list_type: 2.14 only
+    with contextlib.nullcontext() if rules.gmm_add_group_list_type else refused:
+        torch.ops.npu.npu_grouped_matmul_add_(main_grad, dy, x, ends, transpose_x=True, transpose_weight=False,
+                                              group_type=2, group_list_type=0)  # fmt: skip

@@ -13,9 +13,10 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from npu_parallel.parallel import device as _device
+from npu_parallel.parallel.kernels import probe_device, release
 from npu_parallel.parallel.probe import probe
 
-__all__ = ["NpuOps", "accumulate_wgrad", "enable_main_grad", "npu_grouped_mm", "npu_ops"]
+__all__ = ["NpuOps", "accumulate_wgrad", "enable_main_grad", "gmm_add_ok", "npu_grouped_mm", "npu_ops"]
 
 _REQUIRED = ("npu_moe_token_permute", "npu_moe_token_unpermute", "npu_grouped_matmul")
 
@@ -136,8 +137,20 @@ def _main_grad(w: torch.Tensor) -> torch.Tensor | None:
 def enable_main_grad(*params: torch.nn.Parameter) -> None:
     """Give expert weights ``[E, N, K]`` a float32 ``main_grad`` buffer that the ``"npu"`` backward accumulates
     into (``npu_grouped_matmul_add_`` on bf16/fp16 compute), instead of setting ``.grad``: fp32 master weights
-    read their gradient from there; zero it (``main_grad.zero_()``) where ``.grad`` would be set to None."""
+    read their gradient from there; zero it (``main_grad.zero_()``) where ``.grad`` would be set to None.
+
+    Not for weights sharded by ``data_parallel`` (FSDP2): there the backward sees FSDP's all-gathered copy, and
+    FSDP2 already reduce-scatters and accumulates the gradient in float32 (docs/npu_kernels.md); a ValueError.
+    """
+    from torch.distributed.tensor import DTensor
+
     for p in params:
+        if isinstance(p, DTensor):
+            raise ValueError(
+                f"enable_main_grad: a parameter of shape {tuple(p.shape)} is sharded by data_parallel (FSDP2), "
+                "whose float32 reduce-scatter already accumulates its gradient in .grad (fp32 master weights); "
+                "drop the enable_main_grad call (it is for unsharded bf16 expert weights outside data_parallel)"
+            )
         if getattr(p, "main_grad", None) is None:
             p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)  # type: ignore[attr-defined]
 
@@ -151,7 +164,7 @@ def accumulate_wgrad(
     ``npu_grouped_matmul_add_`` (k-axis grouping straight into the fp32 buffer) for bf16/fp16 rows where its
     probe passed; else the twin: the k-axis grouped matmul, then ``add_`` in float32.
     """
-    if x.dtype in (torch.bfloat16, torch.float16) and _gmm_add_ok(ops, x.device.type):
+    if x.dtype in (torch.bfloat16, torch.float16) and gmm_add_ok(ops, x.device.type):
         # transpose_x: the kernel reads grad [R, N] as its transposed x [N, R]; group_list: cumulative ends
         ops.npu_grouped_matmul_add_(main_grad, grad, x, counts.cumsum(0), transpose_x=True, transpose_weight=False,
                                     group_type=2)  # fmt: skip
@@ -159,10 +172,18 @@ def accumulate_wgrad(
     return main_grad.add_(_wgrad(ops, grad, x, counts).float())
 
 
-def _gmm_add_ok(ops, device_type: str) -> bool:
-    if not hasattr(ops, "npu_grouped_matmul_add_"):
-        return False
+# the first torch_npu with a META kernel for npu_grouped_matmul_add_ (2.5.1 has the schema only): graph mode
+# cannot trace it before (tests/test_npu_wheels.py)
+GMM_ADD_META = (2, 6)
+
+
+def gmm_add_ok(ops, device_type: str) -> bool:
+    """Whether :func:`accumulate_wgrad` uses ``npu_grouped_matmul_add_`` for ``ops`` (runs its probe once)."""
     module = getattr(ops, "module", ops)
+    if not hasattr(module, "npu_grouped_matmul_add_"):
+        return False  # the release lacks the kernel: never tried
+    if torch.compiler.is_compiling() and release(module) < GMM_ADD_META:
+        return False
     label = (
         "npu_grouped_matmul_add_"
         if module is _device.torch_npu_module()
@@ -173,15 +194,16 @@ def _gmm_add_ok(ops, device_type: str) -> bool:
 
 def _check_gmm_add(ops, device_type: str) -> None:
     """Two groups (one empty) of bf16 rows into a non-zero fp32 buffer, against the twin."""
+    dev = probe_device(device_type)
     with _disable_current_modes():
         g = torch.Generator().manual_seed(0)
         x, grad = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
-        counts = torch.tensor([2, 0, 3], device=device_type)
-        x, grad = x.to(device_type, torch.bfloat16), grad.to(device_type, torch.bfloat16)
-        got = torch.full((3, 3, 4), 0.5, device=device_type)
+        counts = torch.tensor([2, 0, 3], device=dev)
+        x, grad = x.to(dev, torch.bfloat16), grad.to(dev, torch.bfloat16)
+        got = torch.full((3, 3, 4), 0.5, device=dev)
         ops.npu_grouped_matmul_add_(got, grad, x, counts.cumsum(0), transpose_x=True, transpose_weight=False,
                                     group_type=2)  # fmt: skip
-        want = torch.full((3, 3, 4), 0.5, device=device_type)
+        want = torch.full((3, 3, 4), 0.5, device=dev)
         want[0] += grad[:2].float().t() @ x[:2].float()
         want[2] += grad[2:].float().t() @ x[2:].float()
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)

@@ -26,8 +26,10 @@ from npu_parallel.parallel import device as _device
 from npu_parallel.parallel.probe import probe
 
 __all__ = [
+    "FUSED_KERNELS",
     "fused",
     "fusion_attention",
+    "probe_all",
     "rms_norm",
     "rms_norm_twin",
     "rotary_interleaved",
@@ -59,17 +61,50 @@ def fused(name: str, device_type: str) -> Any | None:
         module, label = _device.torch_npu_module(), name
     else:
         return None
-    if module is None:
-        return None
+    if module is None or not hasattr(module, name):
+        return None  # a release without the kernel: never tried
     ok = probe(label, functools.partial(_run_check, name, module, device_type), device_type=device_type)
     return module if ok else None
+
+
+def probe_device(device_type: str) -> torch.device:
+    """The device the probes run their tiny inputs on (a test routes an ``npu`` probe to the CPU stand-in)."""
+    return torch.device(device_type)
+
+
+def probe_all(device_type: str) -> dict[str, str]:
+    """Run every fused kernel's probe for ``device_type`` now (``npu-parallel env``; verdicts in probe_results);
+    returns the kernels this torch_npu does not have, each with that verdict."""
+    module = _forced[-1] if _forced else _device.torch_npu_module()
+    absent = {}
+    for name in FUSED_KERNELS:
+        if not hasattr(module, name):
+            absent[name] = "absent from this torch_npu (the twin runs)"
+        else:
+            fused(name, device_type)
+    return absent
+
+
+def release(module: Any) -> tuple[int, int]:
+    """``(major, minor)`` of the torch_npu ``module`` (``(0, 0)`` when it does not say: treated as the oldest)."""
+    try:
+        major, minor = str(module.__version__).split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return 0, 0
+
+
+# the first torch_npu whose npu_fusion_attention META kernel shapes the output like the value ([B, N, S, Dv]);
+# 2.5.1 and 2.6.0 shape it like the query (Dq), so a traced call with Dk > Dv is mis-shaped there
+# (tests/test_npu_wheels.py); eager is right on every release
+ATTENTION_META_DV = (2, 7)
 
 
 def _run_check(name: str, module: Any, device_type: str) -> None:
     # hidden from dispatch modes (an OpAudit would count the comparisons' host syncs as the model's), with grad on
     # (the first use may come under no_grad)
     with _disable_current_modes(), torch.enable_grad():
-        _CHECKS[name](module, torch.device(device_type))
+        _CHECKS[name](module, probe_device(device_type))
 
 
 # -- the twins -----------------------------------------------------------------------------------------------
@@ -167,13 +202,16 @@ def fusion_attention(
     no padding) -> ``[B, N, S, Dv]``; None when the kernel is not usable here (the caller runs SDPA).
 
     ``attention_mask``: transformers' SDPA mask (bool, True = attend, ``[B or 1, 1, Sq, Skv]``) or None with
-    ``is_causal``.
+    ``is_causal``. Graph mode (``torch.compile``) with ``Dk > Dv`` on torch_npu < 2.7: None (the meta kernel of
+    those releases shapes the output like the query).
     """
     if value.shape[-1] > key.shape[-1] or query.shape[-1] != key.shape[-1] or key.shape[-1] > 768:
         return None
     kernels = fused("npu_fusion_attention", query.device.type)
     if kernels is None:
         return None
+    if value.shape[-1] < key.shape[-1] and torch.compiler.is_compiling() and release(kernels) < ATTENTION_META_DV:
+        return None  # graph mode: this release's meta kernel would give [B, N, S, Dq]; SDPA traces right
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
             return None  # an additive float mask: SDPA's path keeps its exact meaning
@@ -256,9 +294,10 @@ def _check_attention(kernels: Any, device: torch.device) -> None:
     _compare(run, twin, [q, k, v], "npu_fusion_attention(Dk > Dv, causal)")
 
 
-_CHECKS: dict[str, Callable[[Any, torch.device], None]] = {
+_CHECKS: dict[str, Callable[[Any, torch.device], None]] = {  # the probe of each kernel in FUSED_KERNELS
     "npu_swiglu": _check_swiglu,
     "npu_rms_norm": _check_rms_norm,
     "npu_rotary_mul": _check_rotary,
     "npu_fusion_attention": _check_attention,
 }
+FUSED_KERNELS = tuple(_CHECKS)

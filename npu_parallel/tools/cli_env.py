@@ -78,11 +78,19 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def _probes(kind: str) -> dict[str, str]:
-    """Run the torch_npu kernels' capability probes (only on an NPU) and return every verdict of this process."""
+    """Run every torch_npu kernel's capability probe (only on an NPU): the MoE path, the fused dense kernels and
+    the fp32 weight-gradient kernel; return every verdict of this process."""
     from npu_parallel.parallel.probe import probe_results
 
     if kind == "npu":
+        from npu_parallel.moe import npu_ops
         from npu_parallel.moe.dispatchers.npu import NpuDispatcher
+        from npu_parallel.parallel import device, kernels
 
         NpuDispatcher.usable(kind)
+        absent = kernels.probe_all(kind)
+        module = device.torch_npu_module()
+        if module is not None:
+            npu_ops.gmm_add_ok(npu_ops.NpuOps(module), kind)
+        return {**probe_results(), **absent}
     return probe_results()
