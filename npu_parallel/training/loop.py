@@ -159,7 +159,12 @@ def train(cfg: TrainConfig) -> dict:
     # the master weights: fp32 under mixed precision (a bf16 checkpoint upcast; a resumed one's fp32 kept)
     if cfg.resume and not resumes_lora(cfg):
         model = load_sharded(
-            cfg.resume, state, moe_impl=cfg.moe_impl, dtype=mode.master, aux_loss_coef=cfg.aux_loss_coef
+            cfg.resume,
+            state,
+            moe_impl=cfg.moe_impl,
+            dtype=mode.master,
+            aux_loss_coef=cfg.aux_loss_coef,
+            trust_remote_code=cfg.trust_remote_code,
         )
     else:
         model = load_pretrained(
