@@ -101,3 +101,35 @@ def build(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(path))
     write_code(path)  # ours, whatever save_pretrained copied
     return path
+
+
+def sharded_round_trip(src: str, out: str, tp: int) -> dict:
+    """Rank worker: load_pretrained (trusted) at tp, one AdamW step, save_sharded with the optimizer; then
+    load_sharded without the flag (the refusal), with it (weights and logits against the trained model) and
+    the training state, as ``--resume`` does."""
+    import npu_parallel
+    from npu_parallel.checkpoint.load import load_pretrained, load_sharded
+    from npu_parallel.checkpoint.remote_code import RemoteCodeError
+    from npu_parallel.checkpoint.save import load_training_state, save_sharded
+
+    state = npu_parallel.init_distributed(tp)
+    model = load_pretrained(src, state, dtype=torch.float32, progress=False, trust_remote_code=True).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.arange(32).view(2, 16) % CONFIG["vocab_size"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    save_sharded(model, out, state, optimizer=opt, extra={"step": 1})
+    try:
+        load_sharded(out, state)
+        refused = None
+    except RemoteCodeError as exc:
+        refused = str(exc)
+    loaded = load_sharded(out, state, trust_remote_code=True)
+    trained = dict(model.named_parameters())
+    differ = [n for n, p in loaded.named_parameters() if not torch.equal(p, trained[n])]
+    model.eval()
+    with torch.no_grad():
+        same_logits = torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    extra = load_training_state(out, state, optimizer=torch.optim.AdamW(loaded.parameters(), lr=1e-3))
+    return {"refused": refused, "differ": differ, "same_logits": same_logits, "extra": extra}

@@ -21,6 +21,7 @@ from npu_parallel.checkpoint.save import save_sharded
 from npu_parallel.parallel.state import single_rank_state
 
 from . import remote_fixture
+from .dist import run_ranks
 
 IDS = torch.arange(24).view(2, 12) % remote_fixture.CONFIG["vocab_size"]
 
@@ -102,3 +103,17 @@ def test_convert_keeps_the_code_and_a_tampered_file_is_refused(tmp_path, monkeyp
         f.write("\n# changed\n")
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_sharded(out, single_rank_state(), trust_remote_code=True)
+
+
+def test_trained_remote_code_model_saved_and_resumed_at_tp2(tmp_path):
+    """tp 2: a trained step saved with its optimizer, refused without the flag, restored bit-exact with it,
+    and merged into a folder from_pretrained(trust_remote_code=True) loads with the trained weights."""
+    src = remote_fixture.build(tmp_path / "src")
+    out = tmp_path / "step-1"
+    got = run_ranks(2, "tests.remote_fixture:sharded_round_trip", str(src), str(out), 2)
+    assert got["refused"] and "--trust_remote_code" in got["refused"] and "deepseek" in got["refused"]
+    assert got["differ"] == [] and got["same_logits"] and got["extra"] == {"step": 1}
+    merged = _reference(merge_checkpoint(out, tmp_path / "merged", progress=False))
+    assert type(merged).__module__.startswith("transformers_modules")
+    with torch.no_grad():  # trained: the weights moved away from the source checkpoint's
+        assert not torch.equal(merged.model.embed_tokens.weight, _reference(src).model.embed_tokens.weight)
