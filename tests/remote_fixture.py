@@ -1,7 +1,7 @@
 """A tiny model that exists only as its checkpoint's own code (``auto_map``), written at test time.
 
 Our own three files, as DeepSeek-MoE 16B is published (``model_type: deepseek``, which transformers has no
-class for): ``configuration_tinyds.py`` (a MixtralConfig subclass), ``modeling_tinyds.py`` (MixtralForCausalLM
+class for): ``configuration_tinyds.py`` (a LlamaConfig subclass), ``modeling_tinyds.py`` (LlamaForCausalLM
 with DeepSeek-MoE's blocks) and ``moe_blocks.py``, the local module it imports (tests/remote_deepseek.py's
 text). No upstream code.
 """
@@ -16,21 +16,21 @@ import torch
 FILES = ("configuration_tinyds.py", "modeling_tinyds.py", "moe_blocks.py")
 
 CONFIGURATION = """
-from transformers import MixtralConfig
+from transformers import LlamaConfig
 
 
-class TinyDeepseekConfig(MixtralConfig):
+class TinyDeepseekConfig(LlamaConfig):
     model_type = "deepseek"
 """
 
 MODELING = """
-from transformers import MixtralForCausalLM
+from transformers import LlamaForCausalLM
 
 from .configuration_tinyds import TinyDeepseekConfig
 from .moe_blocks import DeepseekMLP, DeepseekMoE
 
 
-class TinyDeepseekForCausalLM(MixtralForCausalLM):
+class TinyDeepseekForCausalLM(LlamaForCausalLM):
     config_class = TinyDeepseekConfig
 
     def __init__(self, config):
@@ -54,11 +54,9 @@ CONFIG = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=4,
-    num_local_experts=4,
     num_experts_per_tok=2,
     max_position_embeddings=64,
     tie_word_embeddings=False,
-    output_router_logits=False,
     use_cache=False,
     n_routed_experts=4,
     n_shared_experts=1,
