@@ -117,7 +117,7 @@ def sharded_round_trip(src: str, out: str, tp: int) -> dict:
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     opt.zero_grad()
-    save_sharded(model, out, state, optimizer=opt, extra={"step": 1})
+    save_sharded(model, out, state, optimizer=opt, extra={"step": 1, "data_position": 32})
     try:
         load_sharded(out, state)
         refused = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 
 import pytest
 import torch
@@ -112,7 +113,15 @@ def test_trained_remote_code_model_saved_and_resumed_at_tp2(tmp_path):
     out = tmp_path / "step-1"
     got = run_ranks(2, "tests.remote_fixture:sharded_round_trip", str(src), str(out), 2)
     assert got["refused"] and "--trust_remote_code" in got["refused"] and "deepseek" in got["refused"]
-    assert got["differ"] == [] and got["same_logits"] and got["extra"] == {"step": 1}
+    assert got["differ"] == [] and got["same_logits"] and got["extra"] == {"step": 1, "data_position": 32}
+    # --resume reads the saved config by the same rule (before any rank loads anything)
+    from npu_parallel.training.config import ConfigError, TrainConfig, _resumed
+
+    state = types.SimpleNamespace(world_size=2, tp_size=2)
+    with pytest.raises(ConfigError, match=r"^--resume .*--trust_remote_code"):
+        _resumed(TrainConfig(resume=str(out)), str(out), state)  # type: ignore[arg-type]
+    config, step, position = _resumed(TrainConfig(resume=str(out), trust_remote_code=True), str(out), state)  # type: ignore[arg-type]
+    assert type(config).__module__.startswith("transformers_modules") and (step, position) == (1, 32)
     merged = _reference(merge_checkpoint(out, tmp_path / "merged", progress=False))
     assert type(merged).__module__.startswith("transformers_modules")
     with torch.no_grad():  # trained: the weights moved away from the source checkpoint's
