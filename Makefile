@@ -33,7 +33,7 @@ test: $(STAMP) sysdeps
 # huggingface_hub each release wants). NPU_PARALLEL_UPSTREAM_DIR (see tests/upstream.py) adds DeepSeek's own code.
 COMPAT_TRANSFORMERS ?= 4.51 4.57
 COMPAT_VARIANTS := deepseek_v2,deepseek_v2_lite,deepseek_v2_group,deepseek_v3
-COMPAT_TESTS := tests/test_equivalence.py tests/test_upstream_remote_code.py tests/test_smoke_example.py
+COMPAT_TESTS := tests/test_equivalence.py tests/test_upstream_remote_code.py tests/test_remote_code_checkpoint.py tests/test_smoke_example.py
 
 .venv-tf%/.installed: setup.py pyproject.toml
 	test -x .venv-tf$*/bin/python || $(PYTHON) -m venv .venv-tf$*

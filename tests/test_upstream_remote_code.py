@@ -171,3 +171,44 @@ def test_cli_runs_the_published_code_with_the_flag(remote_root, tmp_path, capsys
     assert code == 0, err
     code, out, err = run_cli(capsys, ["verify", str(path), "--tp", "1,2", "--trust_remote_code"])
     assert code == 0, err + out
+
+
+def test_published_code_saved_resumed_and_merged(remote_root, tmp_path, capsys):
+    """DeepSeek-MoE 16B's own code kept by save_sharded and `convert`, run by load_sharded only with the flag,
+    and written by `merge` so that from_pretrained(trust_remote_code=True) loads the merged folder bit-exact."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from npu_parallel.checkpoint.load import load_sharded
+    from npu_parallel.checkpoint.save import save_sharded
+
+    from .upstream import FILES
+
+    path = remote_root / "deepseek_moe"
+    state = single_rank_state()
+    model = load_pretrained(path, state, dtype=torch.float32, progress=False, trust_remote_code=True)
+    ckpt = save_sharded(model, tmp_path / "sharded", state)
+    assert json.loads((ckpt / "manifest.json").read_text())["remote_code"]["files"] == sorted(FILES)
+    with pytest.raises(RemoteCodeError, match="--trust_remote_code"):
+        load_sharded(ckpt, state)
+    loaded = load_sharded(ckpt, state, trust_remote_code=True)
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in loaded.named_parameters())
+
+    reference = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).eval()
+    code, _, err = run_cli(capsys, ["convert", str(path), "--tp", "2", "--out", str(tmp_path / "tp2"), "-q"])
+    assert code == 2 and "--trust_remote_code" in err, err
+    code, _, err = run_cli(
+        capsys, ["convert", str(path), "--tp", "2", "--out", str(tmp_path / "tp2"), "-q", "--trust_remote_code"]
+    )
+    assert code == 0, err
+    for src in (ckpt, tmp_path / "tp2"):
+        out = tmp_path / f"merged-{src.name}"
+        code, _, err = run_cli(capsys, ["merge", str(src), "--out", str(out), "-q"])
+        assert code == 0, err
+        merged = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+        assert type(merged).__module__.startswith("transformers_modules")
+        ours, theirs = merged.state_dict(), reference.state_dict()
+        assert sorted(ours) == sorted(theirs)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -142,14 +142,16 @@ def load_sharded(
     dtype=None,
     verify: bool = True,
     aux_loss_coef: float | None = None,
+    trust_remote_code: bool | None = None,
 ) -> PreTrainedModel:
     """Restore a model saved by save_sharded or `npu-parallel convert`, at this tp size (resharded if it differs).
 
     With ``model``, weights are copied into its parameters in place (an optimizer built on them stays valid).
-    ``aux_loss_coef``: as in convert_model (a new model only).
+    ``aux_loss_coef``: as in convert_model (a new model only). ``trust_remote_code``: as in load_pretrained,
+    for the model code saved with the checkpoint (its ``auto_map`` files, checksummed in the manifest).
     """
     started = time.perf_counter()
-    with ShardedSource(path, verify=verify) as source:
+    with ShardedSource(path, verify=verify, trust_remote_code=trust_remote_code) as source:
         if model is None:
             model, info, items = _build(source, state, dtype, moe_impl, None, aux_loss_coef)
             materialize(items, source, RebindInto(model, state.device, source))

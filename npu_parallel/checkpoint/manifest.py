@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from npu_parallel.checkpoint.hf_source import INDEX_FILE
-from npu_parallel.checkpoint.safetensors_io import ST_DTYPES, CheckpointError
+from npu_parallel.checkpoint.safetensors_io import ST_DTYPES, CheckpointError, sha256_file
 from npu_parallel.parallel.shard_spec import ShardSpec
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ TOKENIZER_FILES = (
 GENERATION_CONFIG = "generation_config.json"
 _SHARDED_NAME = re.compile(r"(train-)?rank-\d{5}-of-\d{5}\.safetensors")
 _MERGED_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|config\.json")
+_CODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.py")  # a checkpoint's own code (auto_map), copied as it is
 
 
 def rank_file(rank: int, tp: int) -> str:
@@ -97,10 +98,12 @@ def build_manifest(
     key_aliases=(),
     source_path: str | None = None,
     ep: int | None = None,
+    remote_code: list[str] | None = None,
 ) -> dict:
     """The manifest.json object; field order and names are the on-disk format.
 
-    The config loses any ``quantization_config``: rank files always hold dequantized weights.
+    The config loses any ``quantization_config``: rank files always hold dequantized weights. ``remote_code``:
+    the checkpoint's own ``*.py`` files copied beside the rank files (listed in ``files`` with their sha256 too).
     """
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
@@ -120,7 +123,18 @@ def build_manifest(
         "files": files,
         "training": training,
         "source_path": source_path,  # the Hugging Face folder the weights came from (merge copies its tokenizer)
+        # the model's own code (auto_map): what load_sharded runs with trust_remote_code and merge writes out
+        "remote_code": {"auto_map": cfg.get("auto_map"), "files": sorted(remote_code)} if remote_code else None,
     }
+
+
+def copy_code(folder: Path, names: Collection[str], tmp: Path) -> dict:
+    """Copy the checkpoint's own code files from ``folder`` into ``tmp``: their ``files`` entries (sha256, bytes)."""
+    out = {}
+    for name in names:
+        shutil.copyfile(folder / name, tmp / name)
+        out[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+    return out
 
 
 def write_json(path: Path, obj) -> None:
@@ -158,7 +172,7 @@ def _sharded_owned(out: Path) -> tuple[set[str] | None, str]:
     m = _read_json(out / MANIFEST)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         return None, f"{MANIFEST} is not an {FORMAT} manifest"
-    names, why = _listed(out, m.get("files"), _SHARDED_NAME.fullmatch)
+    names, why = _listed(out, m.get("files"), lambda n: bool(_SHARDED_NAME.fullmatch(n) or _CODE_NAME.fullmatch(n)))
     if names is None:
         return None, f"{MANIFEST}: {why}"
     training = m.get("training")
@@ -182,7 +196,11 @@ def _merged_owned(out: Path) -> tuple[set[str] | None, str]:
             return None, f"{INDEX_FILE} is missing or unreadable"
         files = dict.fromkeys([*weight_map.values(), INDEX_FILE, "config.json"], None)
     names, why = _listed(
-        out, files, lambda n: bool(_MERGED_NAME.fullmatch(n) or n == GENERATION_CONFIG or is_tokenizer_file(n))
+        out,
+        files,
+        lambda n: bool(
+            _MERGED_NAME.fullmatch(n) or _CODE_NAME.fullmatch(n) or n == GENERATION_CONFIG or is_tokenizer_file(n)
+        ),
     )
     return (None, f"{MARKER}: {why}") if names is None else (names | {MARKER}, "")
 
@@ -276,6 +294,7 @@ def _writes_name(name: str) -> bool:
         or name.endswith(".tmp")
         or _SHARDED_NAME.fullmatch(name)
         or _MERGED_NAME.fullmatch(name)
+        or _CODE_NAME.fullmatch(name)
         or is_tokenizer_file(name)
     )
 

@@ -28,6 +28,7 @@ from npu_parallel.checkpoint.manifest import (
     TOKENIZER_FILES,
     build_manifest,
     check_output_dir,
+    copy_code,
     discard_partial,
     fresh_partial_dir,
     is_tokenizer_file,
@@ -47,6 +48,7 @@ from npu_parallel.checkpoint.materialize import (
     plan_tensors,
 )
 from npu_parallel.checkpoint.mtp_keys import check_mtp_complete, check_shared_copies, mtp_count, shared_copies
+from npu_parallel.checkpoint.remote_code import code_files
 from npu_parallel.checkpoint.safetensors_io import (
     CheckpointError,
     SafetensorsWriter,
@@ -125,6 +127,9 @@ def convert_checkpoint(
         config = source.config
         if dtype is not None:
             config.dtype = str(dtype).removeprefix("torch.")
+        code = code_files(src, getattr(config, "auto_map", None))  # the checkpoint's own code travels with it
+        at.path = tmp
+        files.update(copy_code(src, code, tmp))
         at.path = tmp / MANIFEST
         write_json(
             at.path,
@@ -138,6 +143,7 @@ def convert_checkpoint(
                 key_aliases=source.plan.checkpoint_aliases,
                 source_path=str(src.resolve()),
                 ep=ep,
+                remote_code=code,
             ),
         )
         at.path = out
@@ -170,7 +176,7 @@ def hf_entries(source: ShardedSource) -> Iterator[Entry]:
     keys = source.keys
     per_expert = (source.expert_layout() or {}).get("kind") == "per_expert"
     copies: dict[str, list[str]] = {}
-    for key, main in shared_copies(source.config, set(source.tensors)):
+    for key, main in shared_copies(source.saved_config(), set(source.tensors)):
         copies.setdefault(main, []).append(key)
     for name, info in source.tensors.items():
         dtype, shape = source.dtype(name), tuple(info["shape"])
@@ -261,11 +267,13 @@ def merge_checkpoint(
     """
     src, out = Path(src), Path(out)
     source = ShardedSource(src, verify=True)
+    code = source.code_files()
+    source.verify(code)
     target = merge_dtype(source, dtype)
     entries = [_cast(e, target, source) for e in hf_entries(source)]
     shards = _shards(entries, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    owned = check_output_dir(out, overwrite, source=src, writes=[*names, INDEX_FILE, "config.json", MARKER])
+    owned = check_output_dir(out, overwrite, source=src, writes=[*names, INDEX_FILE, "config.json", MARKER, *code])
     theirs = {p.name for p in out.iterdir()} - owned if keep_others and out.is_dir() else set()
     tok = tokenizer_source(source, tokenizer, theirs, out)
     if tok["note"]:
@@ -293,6 +301,8 @@ def merge_checkpoint(
         for name in tok["files"]:
             at.path = tmp / name
             shutil.copyfile(Path(tok["from"]) / name, at.path)
+        at.path = tmp
+        copy_code(src, code, tmp)  # the model's own code beside config.json's auto_map: from_pretrained runs it
         written = {p.name: {"bytes": p.stat().st_size} for p in tmp.iterdir()}
         at.path = tmp / MARKER
         write_json(

@@ -53,29 +53,98 @@ def use_remote_code(path: str | Path, trust_remote_code: bool | None = None) -> 
         raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False  # load_config reports the unreadable file
+    return remote_rule(path, raw, trust_remote_code)
+
+
+def remote_rule(where: str | Path, raw: Any, trust_remote_code: bool | None = None) -> bool:
+    """The rule of the module docstring applied to a config dict (``config.json``, or a sharded manifest's)."""
     auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
     if not isinstance(auto_map, dict) or "AutoModelForCausalLM" not in auto_map:
         return False
     trusted = trust_from_env(trust_remote_code)
     model_type = raw.get("model_type")
     if has_native_class(model_type):
-        if not trusted and str(path) not in _warned and os.environ.get("RANK", "0") == "0":  # once, on rank 0
-            _warned.add(str(path))
+        if not trusted and str(where) not in _warned and os.environ.get("RANK", "0") == "0":  # once, on rank 0
+            _warned.add(str(where))
             logger.warning(
                 "%s: model_type %r has transformers' own class, used instead of the checkpoint's code (%s); "
                 "pass trust_remote_code=True (CLI: --trust_remote_code) to run the checkpoint's code",
-                path,
+                where,
                 model_type,
                 auto_map["AutoModelForCausalLM"],
             )
         return trusted
     if not trusted:
         raise RemoteCodeError(
-            f"{path}: model_type {model_type!r} has no class in transformers; the checkpoint's own code "
+            f"{where}: model_type {model_type!r} has no class in transformers; the checkpoint's own code "
             f"({auto_map['AutoModelForCausalLM']}) runs only with trust_remote_code=True "
             f"(CLI: --trust_remote_code); read that code first"
         )
     return True
+
+
+def code_files(folder: str | Path, auto_map: Any) -> list[str]:
+    """The ``*.py`` files of ``folder`` the ``auto_map`` names, plus the local modules they import (recursively).
+
+    A module named but absent (or code in another repository, ``repo--module.Class``) is left out: the caller
+    decides whether that is an error.
+    """
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    folder = Path(folder)
+    refs: list[str] = []
+    for value in (auto_map or {}).values() if isinstance(auto_map, dict) else ():
+        refs += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)]
+    names: set[str] = set()
+    for ref in refs:
+        if "--" in ref:
+            continue
+        path = folder / (ref.rpartition(".")[0] + ".py")
+        if path.is_file():
+            names.add(path.name)
+            names.update(Path(f).name for f in get_relative_import_files(str(path)))
+    return sorted(n for n in names if (folder / n).is_file())
+
+
+def model_code(model: Any, source_path: str | None) -> tuple[Path, list[str]] | None:
+    """Where a live model's own code is (folder, file names), for save_sharded to keep with its weights.
+
+    A model built from its checkpoint's code: the folder transformers imported that code from; else (a
+    transformers class, the config still mapping to code) the Hugging Face folder it came from, if it has
+    the files. None when the config has no ``auto_map``.
+    """
+    import sys
+
+    auto_map = getattr(model.config, "auto_map", None)
+    if not isinstance(auto_map, dict):
+        return None
+    # the class itself, or the one a wrapper (FSDP2's FSDP<cls>) derives from
+    remote = next((c for c in type(model).__mro__ if c.__module__.startswith("transformers_modules")), None)
+    if remote is not None:
+        folder = Path(sys.modules[remote.__module__].__file__ or ".").parent
+        names = code_files(folder, auto_map)
+        if not names:
+            raise RemoteCodeError(f"{folder}: the code of {remote.__name__} is not there any more; cannot save it")
+        return folder, names
+    if source_path and Path(source_path).is_dir() and (names := code_files(source_path, auto_map)):
+        return Path(source_path), names
+    return None
+
+
+def config_from_code(folder: str | Path, cfg: dict) -> Any:
+    """The config of ``cfg`` (a config dict with an ``auto_map``) built by the ``AutoConfig`` class of the code
+    files in ``folder``; its ``name_or_path`` is ``folder``, where ``from_config`` finds the model class."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    cfg = dict(cfg)
+    cfg.pop("_name_or_path", None)
+    try:
+        config_class: Any = get_class_from_dynamic_module(cfg["auto_map"]["AutoConfig"], str(folder))
+        config = config_class.from_dict(cfg)
+    except (ImportError, AttributeError, TypeError, KeyError) as exc:
+        raise remote_code_failed(folder, exc) from None
+    config._name_or_path = str(folder)
+    return config
 
 
 def remote_code_failed(path: str | Path, exc: Exception) -> RemoteCodeError:

@@ -18,6 +18,7 @@ from npu_parallel.checkpoint.manifest import (
     MANIFEST,
     build_manifest,
     check_output_dir,
+    copy_code,
     discard_partial,
     fresh_partial_dir,
     legacy_train_file,
@@ -30,6 +31,7 @@ from npu_parallel.checkpoint.manifest import (
     write_json,
 )
 from npu_parallel.checkpoint.materialize import global_shape, local_shape, tensors_to_load
+from npu_parallel.checkpoint.remote_code import model_code
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.train_state import STATE_FORMAT, read_state, rng_state, set_rng_state, write_state
@@ -168,6 +170,8 @@ def save_sharded(
             _write_manifest(model, conv, state, tmp, out, local, everyone, optimizer, extra, owned)
         except OSError as exc:
             error = str(write_error(exc, out, tmp / MANIFEST, WHAT))
+        except CheckpointError as exc:  # the model's own code cannot be found to keep with it
+            error = str(exc)
     error = _gather(error, state)[0]  # also the barrier: nobody returns before the checkpoint is published
     if error:
         if state.rank == 0:
@@ -197,6 +201,9 @@ def _write_manifest(model, conv, state, tmp, out, local, everyone, optimizer, ex
             "state_format": STATE_FORMAT if optimizer is not None else None,
             "extra": extra or {},
         }
+    code = model_code(model, conv.source_path)  # the model's own code (auto_map) travels with its weights
+    if code is not None:
+        all_files.update(copy_code(*code, tmp))
     plan = conv.plan
     layout = conv.expert_layout or {"kind": "per_expert", "names": list(plan.expert_key_names)}
     manifest = build_manifest(
@@ -210,6 +217,7 @@ def _write_manifest(model, conv, state, tmp, out, local, everyone, optimizer, ex
         key_aliases=plan.checkpoint_aliases,
         source_path=conv.source_path,
         ep=state.ep_size,
+        remote_code=code[1] if code else None,
     )
     write_json(tmp / MANIFEST, manifest)
     publish(tmp, out, owned)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from npu_parallel.checkpoint.keys import KeyMap
 from npu_parallel.checkpoint.manifest import FORMAT, FORMAT_VERSION, MANIFEST, rank_file
+from npu_parallel.checkpoint.remote_code import RemoteCodeError, code_files, config_from_code, remote_rule
 from npu_parallel.checkpoint.safetensors_io import (
     TORCH_DTYPES,
     CheckpointError,
@@ -30,8 +32,9 @@ class ShardedSource(TensorSource):
 
     mismatch_hint = "the checkpoint is from a different model"
 
-    def __init__(self, path: str | Path, verify: bool = False):
+    def __init__(self, path: str | Path, verify: bool = False, trust_remote_code: bool | None = None):
         super().__init__(path)
+        self.trust_remote_code = trust_remote_code
         mf = self.path / MANIFEST
         if not mf.is_file():
             raise CheckpointError(
@@ -88,10 +91,33 @@ class ShardedSource(TensorSource):
                     f"file {digest[:12]}...); the file is corrupted, restore it"
                 )
 
+    def code_files(self) -> list[str]:
+        """The checkpoint's own ``*.py`` files (``auto_map`` and what it imports) saved beside the rank files."""
+        return list((self.manifest.get("remote_code") or {}).get("files") or [])
+
+    def saved_config(self) -> Any:
+        """The saved config's values as attributes, read without transformers (nor the checkpoint's code)."""
+        return SimpleNamespace(**self.manifest["config"])
+
     def read_config(self) -> Any:
+        """The saved config; from the checkpoint's own code only by the rule of :mod:`.remote_code`."""
         from transformers import AutoConfig
 
         cfg = dict(self.manifest["config"])
+        if remote_rule(self.path, cfg, self.trust_remote_code):
+            names = self.code_files()
+            listed = bool(names)
+            names = names or code_files(self.path, cfg["auto_map"])  # copied in by hand: not checksummed
+            if not names:
+                raise RemoteCodeError(
+                    f"{self.path}: its config maps to the checkpoint's own code "
+                    f"({cfg['auto_map']['AutoModelForCausalLM']}), which was not saved with it (written before "
+                    f"sharded checkpoints kept it); copy the model's *.py files from its Hugging Face folder "
+                    f"into {self.path}"
+                )
+            if listed:
+                self.verify(names)  # the code that runs is the code that was saved
+            return config_from_code(self.path, cfg)
         try:
             return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         except (ValueError, KeyError, TypeError) as exc:

@@ -245,7 +245,7 @@ def is_checkpoint(path: Path) -> bool:
 def _resumed(cfg: TrainConfig, resume: str, state: ParallelState) -> tuple[Any, int, int]:
     """(model config, step, data position) of the --resume checkpoint, checked against this run's layout."""
     try:
-        source = ShardedSource(resume)
+        source = ShardedSource(resume, trust_remote_code=cfg.trust_remote_code)
         model_config = source.read_config()
     except CheckpointError as exc:
         raise ConfigError(f"--resume {exc}") from None

@@ -161,7 +161,12 @@ def train(cfg: TrainConfig) -> dict:
     lora = bool(cfg.lora_r or cfg.lora_adapter) or resumes_lora(cfg)
     if cfg.resume and not lora:
         model = load_sharded(
-            cfg.resume, state, moe_impl=cfg.moe_impl, dtype=mode.master, aux_loss_coef=cfg.aux_loss_coef
+            cfg.resume,
+            state,
+            moe_impl=cfg.moe_impl,
+            dtype=mode.master,
+            aux_loss_coef=cfg.aux_loss_coef,
+            trust_remote_code=cfg.trust_remote_code,
         )
     else:
         model = load_pretrained(
