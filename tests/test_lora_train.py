@@ -57,14 +57,16 @@ def test_lora_run_resumes_exactly_and_merges(checkpoints, tmp_path):
 
 def test_lora_mixed_precision_keeps_the_base_bf16_and_the_adapters_fp32(checkpoints):
     """--precision bf16 with LoRA: the frozen base is held in bf16 (no fp32 copy of what never updates), the
-    adapters are the fp32 master weights, and the losses follow the fp32 run's step by step."""
+    adapters are the fp32 master weights, and the losses follow the fp32 run's step by step, under data_parallel
+    at dp 1 (tp 2) and dp 2 (tp 1)."""
     cfg = dict(BASE, model_path=str(checkpoints / "deepseek_v2"), steps=4, lr=1e-3)
-    fp32, mixed = run_ranks(
-        2, "tests.train_worker:run_many", [dict(cfg, precision="fp32"), dict(cfg, precision="bf16")]
-    )
-    assert mixed["param_dtypes"]["trainable"] == ["torch.float32"]
+    jobs = [dict(cfg, tp_size=tp, precision=p) for tp in (2, 1) for p in ("fp32", "bf16")]
+    fp32, mixed, fp32_dp, mixed_dp = run_ranks(2, "tests.train_worker:run_many", jobs)
     # the base in bf16, but for the modules transformers keeps in fp32 (DeepSeek-V2's router: _keep_in_fp32_modules)
     assert "torch.bfloat16" in mixed["param_dtypes"]["frozen"]
     assert fp32["param_dtypes"] == {"trainable": ["torch.float32"], "frozen": ["torch.float32"]}
-    gaps = (torch.tensor(mixed["losses"]) - torch.tensor(fp32["losses"])).abs()
-    assert gaps.max() < 0.05, (fp32["losses"], mixed["losses"])  # bf16 rounding of ~5.5, not a different run
+    assert mixed_dp["state"]["dp"] == 2
+    for want, got in ((fp32, mixed), (fp32_dp, mixed_dp)):
+        assert got["param_dtypes"]["trainable"] == ["torch.float32"]
+        gaps = (torch.tensor(got["losses"]) - torch.tensor(want["losses"])).abs()
+        assert gaps.max() < 0.05, (want["losses"], got["losses"])  # bf16 rounding of ~5.5, not a different run
