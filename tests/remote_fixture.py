@@ -126,7 +126,7 @@ def sharded_round_trip(src: str, out: str, tp: int) -> dict:
     loaded = load_sharded(out, state, trust_remote_code=True)
     trained = dict(model.named_parameters())
     differ = [n for n, p in loaded.named_parameters() if not torch.equal(p, trained[n])]
-    model.eval()
+    model.eval(), loaded.eval()
     with torch.no_grad():
         same_logits = torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     extra = load_training_state(out, state, optimizer=torch.optim.AdamW(loaded.parameters(), lr=1e-3))

@@ -19,6 +19,7 @@ from npu_parallel.checkpoint.offline import convert_checkpoint, merge_checkpoint
 from npu_parallel.checkpoint.remote_code import ENV, RemoteCodeError
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.save import save_sharded
+from npu_parallel.hf_compat import dtype_kwargs
 from npu_parallel.parallel.state import single_rank_state
 
 from . import remote_fixture
@@ -40,7 +41,7 @@ def _logits(model) -> torch.Tensor:
 def _reference(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, **dtype_kwargs(torch.float32)).eval()
 
 
 def _same_weights(a, b) -> None:

@@ -99,8 +99,22 @@ class MoEBlock(ShardedModule):
         indices, weights = indices.reshape(t, -1), weights.reshape(t, -1)
         if self.training and self.balance is not None:
             logits = router_logits(output, self.experts.num_experts, weights)
+            if logits is None:  # transformers 4.x routers return (indices, weights) only
+                logits = self._recomputed_logits(hidden_states)
             self.balance_term = self.balance.layer(logits, indices, tuple(hidden_states.shape[:-1]), aux_loss)
         return indices, weights
+
+    def _recomputed_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The router's logits ``[T, E]`` as its own forward computes them (fp32 linear of its ``weight [E, H]``),
+        for routers that do not return them; None when it has no such weight."""
+        weight = getattr(self.gate, "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (
+            self.experts.num_experts,
+            hidden_states.shape[-1],
+        ):
+            return None
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        return nn.functional.linear(rows.float(), weight.float())  # [T, E]
 
     def shared_module(self) -> nn.Module | None:
         return getattr(self, self.shared_name, None)
