@@ -34,6 +34,7 @@ def no_env_opt_in(monkeypatch):
 
 
 def _logits(model) -> torch.Tensor:
+    model.eval()
     with torch.no_grad():
         return model(input_ids=IDS).logits
 
@@ -77,7 +78,7 @@ def test_remote_code_round_trip(tmp_path):
     assert len(str(refused.value).splitlines()) == 1
     loaded = load_sharded(ckpt, state, trust_remote_code=True)
     _same_weights(loaded, model)
-    assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.allclose(_logits(loaded), _logits(model), rtol=0, atol=1e-5)  # equal under 5.x; see TEST_GUIDE §7
 
     merged = merge_checkpoint(ckpt, tmp_path / "merged", progress=False)
     for name in remote_fixture.FILES:
@@ -85,7 +86,7 @@ def test_remote_code_round_trip(tmp_path):
     assert json.loads((merged / "config.json").read_text())["auto_map"] == remote_fixture.CONFIG["auto_map"]
     again = _reference(merged)
     _same_weights(again, reference)
-    assert torch.equal(_logits(again), expected)
+    assert torch.allclose(_logits(again), expected, rtol=0, atol=1e-5)
 
     # a merge over the earlier one: the code files are ours, so --overwrite may replace them
     merge_checkpoint(ckpt, tmp_path / "merged", progress=False, overwrite=True)
