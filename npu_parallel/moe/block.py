@@ -99,7 +99,8 @@ class MoEBlock(ShardedModule):
         indices, weights = indices.reshape(t, -1), weights.reshape(t, -1)
         if self.training and self.balance is not None:
             logits = router_logits(output, self.experts.num_experts, weights)
-            if logits is None:  # transformers 4.x routers return (indices, weights) only
+            if logits is None and self.balance.active and self.balance.loss != "router":
+                # transformers 4.x routers return (indices, weights) only
                 logits = self._recomputed_logits(hidden_states)
             self.balance_term = self.balance.layer(logits, indices, tuple(hidden_states.shape[:-1]), aux_loss)
         return indices, weights
