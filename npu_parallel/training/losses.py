@@ -7,18 +7,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from npu_parallel.convert.mtp import mtp_states
 from npu_parallel.moe.load import balance_loss
 from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
 
 IGNORE = -100
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def lm_head_of(model: nn.Module) -> ParallelLMHead:
@@ -77,11 +71,10 @@ def causal_lm_loss(
     loss once (the converted model adds it to its own loss; here it is added to the vocab-parallel one) and
     ``aux_loss`` is that term (None when the model has none).
     """
-    module = unwrap(model)
     captured: list[torch.Tensor] = []
     hook = None
     if mtp_weight:  # the main model's final normed hidden states h^0, as its forward computes them
-        base: Any = module.model
+        base: Any = model.model
         final_norm: nn.Module = base.norm
         hook = final_norm.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
@@ -90,15 +83,15 @@ def causal_lm_loss(
             loss = out.loss
         else:
             out = model(input_ids=input_ids)
-            loss = token_loss(out.logits[:, :-1], labels[:, 1:], lm_head_of(module), True)
+            loss = token_loss(out.logits[:, :-1], labels[:, 1:], lm_head_of(model), True)
     finally:
         if hook is not None:
             hook.remove()
-    aux = balance_loss(module) if module.training else None
+    aux = balance_loss(model) if model.training else None
     if vocab_parallel and aux is not None:  # the weighted term, which the model adds to its own loss given labels
         loss = loss + aux.to(loss.dtype)
     if mtp_weight:
-        mtp = mtp_loss(module, captured[-1], input_ids, labels, vocab_parallel=vocab_parallel)
+        mtp = mtp_loss(model, captured[-1], input_ids, labels, vocab_parallel=vocab_parallel)
         loss = loss + mtp_weight * mtp
         if parts is not None:
             parts["mtp_loss"] = mtp.detach()
