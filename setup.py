@@ -20,6 +20,9 @@ setup(
         "accelerate>=0.30",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "pyyaml>=6",  # run configs (npu-parallel train --config)
+        "datasets>=2.14",  # data files: parquet, save_to_disk folders (with pyarrow)
+        "pyarrow>=14",
     ],
     extras_require={
         "npu": ["torch_npu"],

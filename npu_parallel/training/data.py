@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from npu_parallel.training.batch import Batch
 from npu_parallel.training.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -175,13 +176,13 @@ class PackedData:
     def __post_init__(self):
         self._order = torch.randperm(len(self.sequences), generator=torch.Generator().manual_seed(self.seed))
 
-    def batch(self, g: int) -> torch.Tensor:
+    def batch(self, g: int) -> Batch:
         n = len(self.sequences)
         start = (g * self.dp_size + self.dp_rank) * self.batch_size
         idx = self._order[torch.arange(start, start + self.batch_size) % n]
-        return self.sequences[idx]
+        return Batch.from_windows(self.sequences[idx])
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> Batch:
         b = self.batch(self.position)
         self.position += 1
         return b

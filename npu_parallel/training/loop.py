@@ -35,6 +35,7 @@ from npu_parallel.training.lora import add_lora, resumes_lora
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
 from npu_parallel.training.metrics import MetricsLog, peak_memory_mb
 from npu_parallel.training.optim import build_optimizer, clip_grad_norm_, warmup_cosine
+from npu_parallel.training.step import train_step
 
 __all__ = ["TrainConfig", "add_train_args", "config_from_args", "train"]  # the flags live in training.config
 
@@ -74,14 +75,13 @@ def jit_warmup(model, state, vocab_parallel: bool, steps: int, vocab: int) -> fl
     return time.perf_counter() - t0
 
 
-def _dp_mean(values: list[torch.Tensor | None], state: ParallelState) -> list[float | None]:
-    """Mean over the data-parallel group of fp32 scalars on the device (None stays None): one all-reduce of one
-    fp32 vector on ``state.device`` (a dtype and a device every backend reduces), one host sync."""
+def _dp_sum(values: list[torch.Tensor | None], state: ParallelState) -> list[float | None]:
+    """Sum over the data-parallel group of each rank's share of the step's losses (None stays None): one
+    all-reduce of one fp32 vector on ``state.device`` (a dtype and a device every backend reduces), one host sync."""
     present = [v for v in values if v is not None]
     t = torch.stack(present).to(device=state.device, dtype=torch.float32)
     if state.dp_size > 1:
         torch.distributed.all_reduce(t, group=state.dp_group)
-        t = t / state.dp_size
     means = iter(t.tolist())
     return [None if v is None else next(means) for v in values]
 
@@ -220,32 +220,15 @@ def train(cfg: TrainConfig) -> dict:
     try:
         for step in range(start, last):
             t0 = time.perf_counter()
-            # fp32 on the device: no host sync per micro-batch. FSDP2 reduce-scatters each micro-batch's gradient
-            # (fp32 under mixed precision) into the sharded fp32 gradient, which accumulates the micro-batches
-            loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
-            aux_sum: torch.Tensor | None = None
-            mtp_sum: torch.Tensor | None = None
-            for micro in range(cfg.grad_accum):
-                batch = data.next().to(state.device)
-                if step == start and micro == 0:
-                    check_same_batch(batch, state, step + 1)
-                parts: dict = {}
-                loss, aux = causal_lm_loss(
-                    model,
-                    batch,
-                    batch,
-                    vocab_parallel=cfg.vocab_parallel_loss,
-                    mtp_weight=cfg.mtp_loss_weight,
-                    parts=parts,
-                )
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float() / cfg.grad_accum
-                if aux is not None:
-                    aux_sum = (0 if aux_sum is None else aux_sum) + aux.detach().float() / cfg.grad_accum
-                if "mtp_loss" in parts:
-                    mtp_sum = (0 if mtp_sum is None else mtp_sum) + parts["mtp_loss"].float() / cfg.grad_accum
-            # the global batch's losses, not this replica's
-            total, aux_total, mtp_total = _dp_mean([loss_sum, aux_sum, mtp_sum], state)
+            batches = [data.next().to(state.device) for _ in range(cfg.grad_accum)]
+            if step == start:
+                check_same_batch(batches[0].input_ids, state, step + 1)
+            # the global batch's loss: summed over its supervised targets, divided by their global count
+            # (training/step.py); FSDP2 reduces the gradients on the last micro-batch only
+            losses = train_step(
+                model, batches, state, vocab_parallel=cfg.vocab_parallel_loss, mtp_weight=cfg.mtp_loss_weight
+            )
+            total, aux_total, mtp_total = _dp_sum([losses.loss, losses.aux, losses.mtp], state)
             assert total is not None
             norm = clip_grad_norm_(model, cfg.grad_clip, state)
             lr = sched.get_last_lr()[0]

@@ -1,7 +1,13 @@
-"""Causal-LM loss of a converted model: transformers' own (full logits) or vocab-parallel (no full logits)."""
+"""Causal-LM loss of a converted model: transformers' own (full logits) or vocab-parallel (no full logits).
+
+:func:`batch_loss` is what training and eval use: the *sum* of cross-entropy over a :class:`Batch`'s supervised
+targets and their count, so a step can divide by the global batch's count (:mod:`npu_parallel.training.step`).
+:func:`causal_lm_loss` (the mean of one forward) stays for tools and tests that compare with ``out.loss``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,8 +17,9 @@ from torch import nn
 from npu_parallel.convert.mtp import mtp_states
 from npu_parallel.moe.load import balance_loss
 from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
+from npu_parallel.training.batch import IGNORE_INDEX, Batch
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 
 
 def lm_head_of(model: nn.Module) -> ParallelLMHead:
@@ -96,3 +103,51 @@ def causal_lm_loss(
         if parts is not None:
             parts["mtp_loss"] = mtp.detach()
     return loss, aux
+
+
+def token_loss_sum(logits: torch.Tensor, target: torch.Tensor, head: nn.Module, vocab_parallel: bool) -> torch.Tensor:
+    """Summed cross-entropy (fp32) of ``logits`` [B, L, V or V/tp] against ``target`` [B, L], ignored tokens 0."""
+    if vocab_parallel:
+        assert isinstance(head, ParallelLMHead)
+        per_token = vocab_parallel_cross_entropy(logits, target, head.vocab_start, head.vocab_stop, head.tp, IGNORE)
+        return per_token.float().sum()
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+@dataclass
+class BatchLoss:
+    """One micro-batch's loss terms, unnormalized: the step divides them by the global batch's counts."""
+
+    ce_sum: torch.Tensor  # fp32 scalar with its graph: cross-entropy summed over the supervised targets
+    targets: int  # how many (host-side, from the batch)
+    aux: torch.Tensor | None = None  # the weighted load-balancing term of this forward (train mode), with its graph
+    mtp_sums: list[torch.Tensor] | None = None  # MTP: per depth k = 1..D, cross-entropy summed over its targets
+
+
+def batch_loss(model: nn.Module, batch: Batch, *, vocab_parallel: bool, mtp_weight: float = 0.0) -> BatchLoss:
+    """Forward one :class:`Batch` and return its summed losses (see :class:`BatchLoss`).
+
+    The model is called without labels (so it adds nothing to a loss of its own); the cross-entropy is taken
+    from its logits, full or vocab-parallel, shifted here: position ``i`` predicts ``labels[i + 1]``.
+    """
+    if batch.packed:
+        raise NotImplementedError("packed batches (document_ids) need the document-aware attention")
+    captured: list[torch.Tensor] = []
+    hook = None
+    if mtp_weight:  # the main model's final normed hidden states h^0, as its forward computes them
+        base: Any = model.model
+        hook = base.norm.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    finally:
+        if hook is not None:
+            hook.remove()
+    head: Any = model.get_output_embeddings()
+    ce = token_loss_sum(out.logits[:, :-1], batch.targets(0), head, vocab_parallel)
+    result = BatchLoss(ce, batch.num_targets, balance_loss(model) if model.training else None)
+    if mtp_weight:
+        result.mtp_sums = [
+            token_loss_sum(head(states)[:, :-1], batch.targets(k), head, vocab_parallel)
+            for k, states in enumerate(mtp_states(model, captured[-1], batch.input_ids), start=1)
+        ]
+    return result
