@@ -93,13 +93,13 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on ``device`` (the host-side counts and lengths kept)."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        docs = None if self.document_ids is None else self.document_ids.to(device, non_blocking=True)
         return replace(
             self,
-            input_ids=move(self.input_ids),
-            labels=move(self.labels),
-            position_ids=move(self.position_ids),
-            document_ids=move(self.document_ids),
+            input_ids=self.input_ids.to(device, non_blocking=True),
+            labels=self.labels.to(device, non_blocking=True),
+            position_ids=self.position_ids.to(device, non_blocking=True),
+            document_ids=docs,
         )
 
 

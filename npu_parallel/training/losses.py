@@ -142,7 +142,7 @@ def batch_loss(model: nn.Module, batch: Batch, *, vocab_parallel: bool, mtp_weig
     finally:
         if hook is not None:
             hook.remove()
-    head: Any = model.get_output_embeddings()
+    head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (nn.Module types it as a Tensor)
     ce = token_loss_sum(out.logits[:, :-1], batch.targets(0), head, vocab_parallel)
     result = BatchLoss(ce, batch.num_targets, balance_loss(model) if model.training else None)
     if mtp_weight:
