@@ -138,7 +138,8 @@ def batch_loss(model: nn.Module, batch: Batch, *, vocab_parallel: bool, mtp_weig
         base: Any = model.model
         hook = base.norm.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids)
+        # one document per row: the model's own causal attention and positions (no mask to build or check)
+        out = model(input_ids=batch.input_ids)
     finally:
         if hook is not None:
             hook.remove()
