@@ -38,6 +38,7 @@ def test_every_module_registers_in_listing_order():
 def test_auto_picks_per_device(monkeypatch):
     assert type(resolve_dispatcher("auto", "cpu")) is GroupedDispatcher
     assert type(resolve_dispatcher("auto", "cuda")) is GroupedDispatcher
+    assert resolve_dispatcher("auto", "cpu", cross_group=True).name == "alltoall"  # ep above tp: tokens must move
     monkeypatch.setattr(device, "torch_npu_module", lambda: fake_torch_npu("2.14.0"))
     monkeypatch.setattr(npu_dispatcher, "probe_device", lambda kind: torch.device("cpu"))  # the "device" here
     reset_probes()

@@ -226,7 +226,7 @@ def test_annotated_plan_is_deepseeks():
 
 def test_documented_tp_error_is_the_real_one():
     """README "Use": the ValueError shown for tp_size=3 on 6 ranks and an 8-head DeepSeek-V2 is what is raised."""
-    from npu_parallel.convert.plan import plan_for
+    from npu_parallel.convert.plans import plan_for
 
     from .models import VARIANTS
 

@@ -81,6 +81,47 @@ def test_the_import_check_sees_upward_imports(tmp_path):
     ]
 
 
+def import_cycles(package: Path) -> list[list[str]]:
+    """Every import cycle between modules of one sub-package (function-level imports count: they hide a circle,
+    they do not remove it), each as the modules around it."""
+    modules = {_dotted(p, package): p for p in _modules(package)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = {t if t in modules else t.rpartition(".")[0] for _, t in _imports(path, package)}
+        graph[name] = {t for t in targets if t in modules and t != name and _layer(t) == _layer(name) is not None}
+    cycles, done = [], set()
+
+    def visit(node: str, trail: list[str]) -> None:
+        if node in trail:
+            cycle = trail[trail.index(node) :]
+            if frozenset(cycle) not in done:
+                done.add(frozenset(cycle))
+                cycles.append(cycle + [node])
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, trail + [node])
+
+    for start in sorted(graph):
+        visit(start, [])
+    return cycles
+
+
+def test_no_import_cycle_inside_a_sub_package():
+    cycles = import_cycles(PACKAGE)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_sees_hidden_cycles(tmp_path):
+    root = tmp_path / "npu_parallel"
+    (root / "convert" / "plans").mkdir(parents=True)
+    (root / "convert" / "__init__.py").write_text("")
+    (root / "convert" / "plan.py").write_text("def f():\n    from npu_parallel.convert.plans import PLANS\n")
+    (root / "convert" / "plans" / "__init__.py").write_text("from npu_parallel.convert.plan import Plan\n")
+    (root / "convert" / "other.py").write_text("from npu_parallel.convert import plan\n")
+    plan, plans = "npu_parallel.convert.plan", "npu_parallel.convert.plans"
+    assert import_cycles(root) == [[plan, plans, plan]]
+
+
 def test_no_module_over_the_size_limit():
     big = {
         str(p.relative_to(PACKAGE.parent)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES

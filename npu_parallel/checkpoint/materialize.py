@@ -40,18 +40,12 @@ def tensors_to_load(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.T
 
 
 def global_shape(t: torch.Tensor, spec: ShardSpec | None) -> tuple[int, ...]:
-    shape = list(t.shape)
-    if spec is not None:
-        shape[spec.dim] = spec.full
-    return tuple(shape)
+    return tuple(t.shape) if spec is None else spec.global_shape(t.shape)
 
 
 def local_shape(t: torch.Tensor, spec: ShardSpec | None) -> tuple[int, ...]:
     """The shape of this rank's rows without vocab padding (what a rank file stores)."""
-    shape = list(t.shape)
-    if spec is not None:
-        shape[spec.dim] = spec.length
-    return tuple(shape)
+    return tuple(t.shape) if spec is None else tuple(spec.trim(t).shape)
 
 
 def keep_fp32(model: nn.Module, name: str, dtype: torch.dtype) -> bool:

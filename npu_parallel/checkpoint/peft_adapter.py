@@ -126,11 +126,9 @@ def _assemble(pieces: list[tuple[torch.Tensor, Any]]) -> torch.Tensor:
     tensor, spec = pieces[0]
     if spec is None:
         return tensor
-    shape = list(tensor.shape)
-    shape[spec.dim] = spec.full
-    out = tensor.new_zeros(shape)
+    out = tensor.new_zeros(spec.global_shape(tensor.shape))
     for piece, s in pieces:
-        out.narrow(s.dim, s.start, s.length).copy_(piece.narrow(s.dim, 0, s.length))
+        s.place(piece, out)
     return out
 
 

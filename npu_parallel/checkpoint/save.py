@@ -51,7 +51,7 @@ def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, ShardSpec |
 
 def trim(t: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
     """The local tensor without vocab padding: exactly the global rows it stands for."""
-    return t if spec is None or spec.padded == spec.length else t.narrow(spec.dim, 0, spec.length)
+    return t if spec is None else spec.trim(t)
 
 
 def writer(state: ParallelState) -> bool:

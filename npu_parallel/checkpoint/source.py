@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from typing_extensions import Self
 
-from npu_parallel.convert.plan import Plan, plan_for
+from npu_parallel.convert.plan import Plan
+from npu_parallel.convert.plans import plan_for
 from npu_parallel.parallel.shard_spec import ShardSpec
 
 

@@ -15,7 +15,8 @@ from transformers import PreTrainedModel
 
 from npu_parallel.convert.attention import use_fused_attention
 from npu_parallel.convert.fused import use_fused_kernels
-from npu_parallel.convert.plan import Plan, matches, plan_for
+from npu_parallel.convert.plan import Plan, matches
+from npu_parallel.convert.plans import plan_for
 from npu_parallel.convert.styles import Context
 from npu_parallel.moe.dispatchers import Dispatcher, resolve_dispatcher
 from npu_parallel.moe.load import install as install_balance
@@ -94,9 +95,9 @@ def apply_plan(
     ep = ep or tp
     plan.check_tp(config, tp.size, world_size)
     plan.check_ep(config, ep.size, tp.size, world_size)
-    if ep.size > tp.size and moe_impl == "auto":
-        moe_impl = "alltoall"
-    dispatcher = resolve_dispatcher(moe_impl, device_type, capacity_factor=capacity_factor)
+    dispatcher = resolve_dispatcher(
+        moe_impl, device_type, cross_group=ep.size > tp.size, capacity_factor=capacity_factor
+    )
     if ep.size > tp.size and not dispatcher.cross_group:
         raise ValueError(
             f"moe_impl={dispatcher.name!r} computes only its tp group's tokens; ep_size={ep.size} > tp_size="

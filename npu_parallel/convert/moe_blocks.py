@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from npu_parallel.convert.plan import Plan, config_value, matches, plan_for
+from npu_parallel.convert.plan import Plan, config_value, matches
+from npu_parallel.convert.plans import plan_for
 from npu_parallel.convert.styles import MoE
 from npu_parallel.moe.load import layer_index
 

@@ -2,7 +2,7 @@
 
 Module rules (path pattern -> parallel style), the sizes tp must divide, where the routed experts'
 count lives in the config, how the family's checkpoints name their tensors. Plans are declared one per
-file in :mod:`npu_parallel.convert.plans` and found by ``model_type`` through :func:`plan_for`.
+file in :mod:`npu_parallel.convert.plans`, the registry, which finds them by ``model_type`` (``plan_for``).
 """
 
 from __future__ import annotations
@@ -139,29 +139,3 @@ ATTENTION = ("model.layers.*.self_attn", GQAttention())
 # transformers' load_balancing_loss_func (Mixtral, Qwen-MoE): router_aux_loss_coef, which transformers itself
 # adds only with output_router_logits; the converted model adds it in train mode either way
 SWITCH_BALANCE = BalanceRule("switch", coef_key="router_aux_loss_coef", model_coef_attr="router_aux_loss_coef")
-
-
-# -- the registry -----------------------------------------------------------------------------------
-
-
-def all_plans() -> tuple[Plan, ...]:
-    from npu_parallel.convert.plans import PLANS
-
-    return PLANS
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for p in all_plans() for t in p.model_types)
-
-
-def plan_for(config: object) -> Plan:
-    """The plan of ``config.model_type``; a ValueError listing the supported types otherwise."""
-    model_type = config_value(config, "model_type")
-    for plan in all_plans():
-        if model_type in plan.model_types:
-            return plan
-    archs = config_value(config, "architectures") or [type(config).__name__]
-    raise ValueError(
-        f"no parallel plan for model_type={model_type!r} ({', '.join(archs)}); supported: "
-        f"{', '.join(supported_model_types())}. See README section 'Adding an architecture'."
-    )

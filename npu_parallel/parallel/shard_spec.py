@@ -29,6 +29,21 @@ class ShardSpec:
     def length(self) -> int:
         return self.stop - self.start
 
+    def global_shape(self, local: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """The whole tensor's shape, from a local shard's."""
+        shape = list(local)
+        shape[self.dim] = self.full
+        return tuple(shape)
+
+    def trim(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's rows without the zero padding past ``stop`` (a view)."""
+        return local if local.shape[self.dim] == self.length else local.narrow(self.dim, 0, self.length)
+
+    def place(self, local: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+        """Copy this rank's rows (padding dropped) into ``whole`` at ``[start, stop)``; returns ``whole``."""
+        whole.narrow(self.dim, self.start, self.length).copy_(self.trim(local))
+        return whole
+
 
 def even_range(n: int, parts: int, index: int) -> tuple[int, int]:
     """Contiguous block ``index`` of ``n`` items split into ``parts`` equal blocks."""

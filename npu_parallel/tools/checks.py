@@ -128,7 +128,7 @@ def check_weights(path: str | Path, *, need_plan: bool = True) -> None:
     from npu_parallel.checkpoint.hf_source import HFSource
     from npu_parallel.checkpoint.offline import rank_items
     from npu_parallel.checkpoint.safetensors_io import read_header
-    from npu_parallel.convert.plan import plan_for
+    from npu_parallel.convert.plans import plan_for
 
     with HFSource(path) as source:  # closes the files the shape checks open
         for name in source.files():

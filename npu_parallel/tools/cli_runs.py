@@ -24,7 +24,7 @@ def check_tp_sizes(path: str, sizes: list[int], moe_impl: str) -> None:
     """Bad input (exit 2) before any rank starts: unreadable config, no plan, a tp size the model cannot use,
     an unknown MoE implementation, corrupt safetensors files or weights of another config."""
     from npu_parallel.checkpoint.hf_source import load_config
-    from npu_parallel.convert.plan import plan_for
+    from npu_parallel.convert.plans import plan_for
     from npu_parallel.tools.checks import check_moe_impl, check_weights
 
     config = load_config(path)

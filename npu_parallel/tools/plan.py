@@ -23,6 +23,7 @@ Shapes: T = B * S tokens per dp rank, H hidden, V vocab, E experts, k top-k, I_e
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def count_parameters(config, tp: int) -> Counts:
             layer = _LAYER.search(f".{mod_name}.{name}")
             slot = per_layer.setdefault(int(layer.group(1)) if layer else -1, [0, 0])
             if is_experts and spec is not None:
-                n = p.numel() // spec.length * spec.full  # all E experts
+                n = math.prod(spec.global_shape(p.shape))  # all E experts
                 experts += n
                 slot[1] += n
             else:
@@ -235,7 +236,7 @@ def plan(
     recompute: bool = False,
 ) -> list[Layout]:
     """Every valid layout, ranked: those that fit first, by bytes sent per step, then by memory."""
-    from npu_parallel.convert.plan import plan_for
+    from npu_parallel.convert.plans import plan_for
     from npu_parallel.parallel.state import divisors
 
     if dtype not in BYTES:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import cast
 
 import torch
@@ -24,7 +25,8 @@ from torch import nn
 
 from npu_parallel.convert.conversion import conversion_info
 from npu_parallel.convert.moe_blocks import MoEBlockInfo, find_moe_blocks, layer_index
-from npu_parallel.convert.plan import matches, plan_for
+from npu_parallel.convert.plan import matches
+from npu_parallel.convert.plans import plan_for
 from npu_parallel.convert.styles import MLP, MoE
 from npu_parallel.parallel.state import ParallelState
 from npu_parallel.tools.jobs import in_torchrun, quiet, random_batch, run_jobs, timed
@@ -149,18 +151,14 @@ def _full_grads(model, state) -> dict[str, torch.Tensor]:
         g = full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=state.device)
         spec = spec_of(p)
         if spec is None or state.tp_size == 1:
-            if spec is not None and spec.padded > spec.length:
-                g = g.narrow(spec.dim, 0, spec.length)
-            grads[name] = g.detach().float().cpu()
+            grads[name] = (g if spec is None else spec.trim(g)).detach().float().cpu()
             continue
         parts = [torch.empty_like(g) for _ in range(state.tp_size)]
         dist.all_gather(parts, g.contiguous(), group=state.tp_group)
-        shape = list(g.shape)
-        shape[spec.dim] = spec.full
-        full = torch.zeros(shape, dtype=torch.float32)
+        full = torch.zeros(spec.global_shape(g.shape), dtype=torch.float32)
         for r, part in enumerate(parts):
             start, stop = ranges[r][name]
-            full.narrow(spec.dim, start, stop - start).copy_(part.narrow(spec.dim, 0, stop - start).float().cpu())
+            replace(spec, start=start, stop=stop).place(part.float().cpu(), full)
         grads[name] = full
     return grads
 

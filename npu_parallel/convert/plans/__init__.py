@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from npu_parallel.convert.plan import Plan
+from npu_parallel.convert.plan import Plan, config_value
 
 
 def _discover() -> tuple[Plan, ...]:
@@ -29,3 +29,24 @@ def _discover() -> tuple[Plan, ...]:
 
 
 PLANS: tuple[Plan, ...] = _discover()
+
+
+def all_plans() -> tuple[Plan, ...]:
+    return PLANS
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for p in PLANS for t in p.model_types)
+
+
+def plan_for(config: object) -> Plan:
+    """The plan of ``config.model_type``; a ValueError listing the supported types otherwise."""
+    model_type = config_value(config, "model_type")
+    for plan in PLANS:
+        if model_type in plan.model_types:
+            return plan
+    archs = config_value(config, "architectures") or [type(config).__name__]
+    raise ValueError(
+        f"no parallel plan for model_type={model_type!r} ({', '.join(archs)}); supported: "
+        f"{', '.join(supported_model_types())}. See README section 'Adding an architecture'."
+    )

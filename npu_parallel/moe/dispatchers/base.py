@@ -138,7 +138,13 @@ def option_names(impl: str | type[Dispatcher]) -> set[str]:
     return {p.name for p in params if p.kind is p.KEYWORD_ONLY}
 
 
-def _auto(device_type: str) -> str:
+def _auto(device_type: str, cross_group: bool) -> str:
+    """What ``"auto"`` means on ``device_type``: the one place it is decided. Tokens that leave their tp group
+    (``cross_group``: ep above tp) need the first usable implementation that moves them."""
+    if cross_group:
+        movers = [n for n in implementations() if _REGISTRY[n].cross_group and _REGISTRY[n].usable(device_type)]
+        if movers:
+            return movers[0]
     for wanted in (device_type, ANY_DEVICE):
         for name in implementations():
             if wanted in _REGISTRY[name].auto_for and _REGISTRY[name].usable(device_type):
@@ -146,8 +152,11 @@ def _auto(device_type: str) -> str:
     raise ValueError(f"no MoE implementation claims device type {device_type!r}; use one of {implementations()}")
 
 
-def resolve_dispatcher(moe_impl: str | Dispatcher, device_type: str, **options: Any) -> Dispatcher:
-    """The dispatcher for ``moe_impl`` (a name, ``"auto"`` or a Dispatcher) with ``options`` (None: default).
+def resolve_dispatcher(
+    moe_impl: str | Dispatcher, device_type: str, *, cross_group: bool = False, **options: Any
+) -> Dispatcher:
+    """The dispatcher for ``moe_impl`` (a name, ``"auto"`` or a Dispatcher) with ``options`` (None: default);
+    ``cross_group``: tokens travel between tp groups (ep above tp), which ``"auto"`` honours.
 
     Raises ValueError for an unknown name, an option the implementation does not take or a bad option value,
     and an implementation that cannot run here (``"npu"`` without torch_npu).
@@ -157,7 +166,7 @@ def resolve_dispatcher(moe_impl: str | Dispatcher, device_type: str, **options: 
         if given:
             raise ValueError(f"moe_impl is a Dispatcher already; give {sorted(given)} to its constructor")
         return moe_impl
-    name = _auto(device_type) if moe_impl == AUTO else moe_impl
+    name = _auto(device_type, cross_group) if moe_impl == AUTO else moe_impl
     if name not in _REGISTRY:
         raise ValueError(f"moe_impl={moe_impl!r} is not an implementation; use one of {choices()}")
     cls = _REGISTRY[name]
