@@ -10,7 +10,6 @@ No tensor data is ever read.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 from npu_parallel.checkpoint.fp8 import as_dequantized
@@ -21,6 +20,7 @@ from npu_parallel.checkpoint.safetensors_io import CheckpointError, read_header
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.source import TensorSource
 from npu_parallel.convert.plan import Plan, config_value
+from npu_parallel.moe.load import layer_index
 
 # bits per element of each safetensors dtype code
 DTYPE_BITS = {
@@ -60,7 +60,6 @@ SPLIT_PATTERNS = (
 ROUTED_EXPERTS = ".experts."  # not ".shared_experts.": those run for every token
 MAX_TP = 16
 ROUTING_FIELDS = ("topk_method", "scoring_func", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 # -- small helpers ------------------------------------------------------------------------------------
@@ -103,8 +102,7 @@ def _tensor_bytes(shape, dtype: str) -> int:
 
 
 def _layer_of(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+    return layer_index(name)
 
 
 # -- reading the tensors' headers ------------------------------------------------------------------------

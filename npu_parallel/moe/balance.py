@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Balance", "BalanceRule", "LayerTerm", "slot_counts"]
+from npu_parallel.moe.dispatchers.base import slot_counts
+
+__all__ = ["Balance", "BalanceRule", "LayerTerm"]
 
 LOSSES = ("switch", "deepseek")
 SCORINGS = ("softmax", "sigmoid")
@@ -44,14 +46,6 @@ def _config_value(config: object, name: str | None):
         return getattr(config, name)
     except AttributeError:
         return None
-
-
-def slot_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Token-slots per expert ``[E]`` (float32) from ``indices [..., k]``: a scatter_add into a fixed buffer."""
-    flat = indices.reshape(-1)
-    return torch.zeros(num_experts, dtype=torch.float32, device=flat.device).scatter_add_(
-        0, flat, torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
-    )
 
 
 @dataclass
@@ -94,7 +88,7 @@ class Balance:
         router_aux: torch.Tensor | None = None,
     ) -> LayerTerm:
         """This layer's term: ``logits [T, E]`` (None when the router returns none), routed ``indices [T, k]``."""
-        term = LayerTerm(counts=slot_counts(indices.detach(), self.num_experts))
+        term = LayerTerm(counts=slot_counts(indices.detach(), self.num_experts, torch.float32))
         if not self.active:
             return term
         if self.loss == "router":
@@ -124,7 +118,7 @@ class Balance:
             ce.scatter_add_(1, per_seq, torch.ones(per_seq.shape, dtype=torch.float32, device=scores.device))
             ce = ce.div_(s * k / e)  # [B, E] f per sequence
             return (ce * scores.view(b, s, e).mean(dim=1)).sum(dim=1).mean() * self.coef
-        f = slot_counts(indices, e) / indices.numel() * e  # [E]
+        f = slot_counts(indices, e, torch.float32) / indices.numel() * e  # [E]
         return (scores.mean(dim=0) * f).sum() * self.coef
 
     def total(self, terms: list[LayerTerm]) -> tuple[torch.Tensor, torch.Tensor] | None:

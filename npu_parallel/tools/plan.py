@@ -28,8 +28,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from npu_parallel.moe.load import layer_index
+
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ def count_parameters(config, tp: int) -> Counts:
                 continue
             seen.add(id(p))
             spec = spec_of(p)
-            layer = _LAYER.search(f".{mod_name}.{name}")
-            slot = per_layer.setdefault(int(layer.group(1)) if layer else -1, [0, 0])
+            layer = layer_index(f"{mod_name}.{name}")
+            slot = per_layer.setdefault(-1 if layer is None else layer, [0, 0])
             if is_experts and spec is not None:
                 n = math.prod(spec.global_shape(p.shape))  # all E experts
                 experts += n

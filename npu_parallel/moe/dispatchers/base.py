@@ -188,9 +188,12 @@ def local_keys(indices: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
     return torch.where(inside, local, torch.full_like(local, experts.num_local))
 
 
-def slot_counts(keys: torch.Tensor, num_local: int) -> torch.Tensor:
-    """Slots per local expert ``[E_local + 1]`` (the last: other ranks' slots) from flat ``keys [T*k]``.
-
-    ``scatter_add`` into a fixed-size buffer: ``bincount`` sizes its output from the data (a hidden sync).
-    """
-    return keys.new_zeros(num_local + 1).scatter_add_(0, keys, torch.ones_like(keys))
+def slot_counts(ids: torch.Tensor, bins: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Slots per bin ``[bins]`` from ids of any shape (``[T, k]`` expert ids, flat local keys), in ``dtype``
+    (default: the ids'). ``scatter_add`` into a fixed-size buffer: ``bincount`` sizes its output from the data
+    (a hidden host sync)."""
+    flat = ids.reshape(-1)
+    dtype = dtype or flat.dtype
+    return torch.zeros(bins, dtype=dtype, device=flat.device).scatter_add_(
+        0, flat, torch.ones(flat.shape, dtype=dtype, device=flat.device)
+    )

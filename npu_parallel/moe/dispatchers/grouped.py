@@ -33,7 +33,7 @@ class GroupedDispatcher(Dispatcher, name="grouped", order=0):
         k, n_local = indices.shape[-1], experts.num_local
         keys = local_keys(indices, experts).reshape(-1)  # [T*k], E_local for other ranks' slots
         order = torch.sort(keys.to(torch.float32), stable=True).indices  # [T*k] local slots first, by expert
-        counts_dev = slot_counts(keys, n_local)  # [E_local + 1]
+        counts_dev = slot_counts(keys, n_local + 1)  # [E_local + 1]
         counts = counts_dev.tolist()[:n_local]  # the one host sync
         order = order[: sum(counts)]  # [R]
         offs = counts_dev[:n_local].cumsum(0).to(torch.int32)

@@ -73,7 +73,7 @@ class NpuDispatcher(Dispatcher, name="npu", order=30):
             )
         keys = local_keys(indices, experts)  # [T, k], E_local for other ranks' slots
         permuted, sorted_indices = self.ops.npu_moe_token_permute(x, keys.to(torch.int32))  # [T*k, H], [T*k]
-        counts = slot_counts(keys.reshape(-1), n_local)[:n_local]  # [E_local]
+        counts = slot_counts(keys, n_local + 1)[:n_local]  # [E_local]
         if experts.expert_start == 0 and n_local == experts.num_experts:
             rows = slots  # every slot is local: no sentinel rows, no sync
         else:
