@@ -13,6 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import npu_parallel
 from npu_parallel.tools.audit import OpAudit
 
+from .common import seeded_ids
+
 # (checkpoint, config overrides for both models, overrides for the converted one only, reference kind)
 CASES = {
     "v2_seq": ("deepseek_v2_group", dict(aux_loss_alpha=0.1, seq_aux=True), {}, "deepseek"),
@@ -99,7 +101,7 @@ def _reference(path: Path, both: dict, kind: str, ids: torch.Tensor) -> dict:
 
 def router_grads(ckpt_root: str, tps: list[int], audit_tp: int) -> dict:
     """Every case at every tp size of ``tps`` in this one launch: (case, tp) -> the differences to the reference."""
-    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(5))
+    ids = seeded_ids(250, 2, 12, 5)
     refs = {name: _reference(Path(ckpt_root) / ckpt, both, kind, ids) for name, (ckpt, both, _, kind) in CASES.items()}
     out = {}
     for tp in tps:

@@ -16,6 +16,8 @@ from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.save import load_training_state, save_sharded
 from npu_parallel.convert.conversion import conversion_info
 
+from .common import seeded_ids
+
 
 def _diff_states(a, b) -> list[str]:
     sa, sb = a.state_dict(), b.state_dict()
@@ -25,7 +27,7 @@ def _diff_states(a, b) -> list[str]:
 
 
 def _ids(vocab):
-    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(7))
+    return seeded_ids(vocab, 2, 12, 7)
 
 
 def load_matches_convert(paths: list[str], tp: int, dtype: str | None = None) -> dict:

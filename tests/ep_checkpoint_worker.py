@@ -15,11 +15,12 @@ from npu_parallel.checkpoint.offline import convert_checkpoint, merge_checkpoint
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.save import load_training_state, save_sharded
 
+from .common import seeded_ids
 from .ep_worker import ROWS, SEQ, average_grads
 
 
 def _ids(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (ROWS, SEQ), generator=torch.Generator().manual_seed(99))
+    return seeded_ids(vocab, ROWS, SEQ, 99)
 
 
 def _max_diff(model, ids, ref) -> float:

@@ -16,6 +16,7 @@ import npu_parallel
 from npu_parallel.moe.experts import LocalExperts
 from npu_parallel.tools.audit import OpAudit
 
+from .common import seeded_ids, sgd_step
 from .equivalence import SGD_LR
 from .models import load_reference
 
@@ -23,15 +24,7 @@ ROWS, SEQ = 4, 16  # the global batch: every dp size here (1, 2, 4) divides its 
 
 
 def _batch(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (ROWS, SEQ), generator=torch.Generator().manual_seed(1234))
-
-
-def _sgd(model) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p -= SGD_LR * p.grad
-    model.zero_grad(set_to_none=True)
+    return seeded_ids(vocab, ROWS, SEQ, 1234)
 
 
 def average_grads(model, state) -> None:
@@ -64,7 +57,7 @@ def _reference(path: Path, name: str):
     ref.train()
     out = ref(input_ids=ids, labels=ids)
     out.loss.backward()
-    _sgd(ref)
+    sgd_step(ref, SGD_LR)
     with torch.no_grad():
         after = ref(input_ids=ids, labels=ids).loss
     return ids, out.logits.detach(), out.loss.detach(), after
@@ -90,7 +83,7 @@ def compare(ckpt_root: str, names: list[str], layouts: list[tuple[int, int, str]
             with OpAudit(model=model) as audit:
                 out = model(input_ids=mine, labels=mine)
                 out.loss.backward()
-            _sgd(model)
+            sgd_step(model, SGD_LR)
             with torch.no_grad():
                 after = model(input_ids=mine, labels=mine).loss
             losses = torch.stack([out.loss.detach(), after])

@@ -10,14 +10,14 @@ import torch.distributed as dist
 import npu_parallel
 from npu_parallel.tools.audit import OpAudit
 
+from .common import seeded_ids, sgd_step
 from .models import load_reference
 
 SGD_LR = 2.0
 
 
 def _batch(vocab: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1234)
-    return torch.randint(0, vocab, (2, 16), generator=g)
+    return seeded_ids(vocab, 2, 16, 1234)
 
 
 def _gate_losses(model) -> list:
@@ -40,11 +40,7 @@ def _step(model, ids, reference: bool = False):
     out = model(input_ids=ids, labels=ids)
     loss = out.loss.detach() + sum(seen)
     out.loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p -= SGD_LR * p.grad
-    model.zero_grad(set_to_none=True)
+    sgd_step(model, SGD_LR)
     seen.clear()
     with torch.no_grad():
         after = model(input_ids=ids, labels=ids).loss + sum(seen)

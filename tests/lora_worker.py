@@ -13,6 +13,7 @@ import npu_parallel
 from npu_parallel.parallel.shard_spec import spec_of
 from npu_parallel.tools.audit import OpAudit
 
+from .common import seeded_ids, sgd_step
 from .models import load_reference
 
 LR = 0.5
@@ -34,18 +35,15 @@ def lora_config() -> LoraConfig:
 
 
 def _batch(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(99))
+    return seeded_ids(vocab, 2, 12, 99)
 
 
 def _sgd_step(model, ids) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Logits, then one SGD step on the trainable parameters; returns (logits, loss, loss after)."""
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
+    sgd_step(model, LR)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.grad is not None:
-                p -= LR * p.grad
-                p.grad = None
         after = model(input_ids=ids, labels=ids).loss.item()
     return out.logits.detach(), out.loss.detach(), after
 

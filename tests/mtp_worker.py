@@ -12,9 +12,11 @@ import npu_parallel
 from npu_parallel.tools.verify import _full_grads
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
 
+from .common import seeded_ids
+
 
 def _ids(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(7))
+    return seeded_ids(vocab, 2, 12, 7)
 
 
 def fp8_logits(fp8: str, plain: str, tps: list[int]) -> dict:

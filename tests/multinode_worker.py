@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import npu_parallel
 
+from .common import seeded_ids
+
 
 def two_nodes(src: str) -> dict:
     """tp inside a node, ep across both: a tiny load_pretrained + forward against transformers' model."""
@@ -19,7 +21,7 @@ def two_nodes(src: str) -> dict:
     except ValueError as exc:
         spanning = str(exc)
     state = npu_parallel.init_distributed(2, ep_size=4)
-    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(5))
+    ids = seeded_ids(250, 2, 12, 5)
     model = npu_parallel.load_pretrained(src, state, progress=False)
     with torch.no_grad():
         diff = (model(input_ids=ids).logits - AutoModelForCausalLM.from_pretrained(src)(input_ids=ids).logits).abs()

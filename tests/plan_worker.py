@@ -8,6 +8,7 @@ import torch
 
 import npu_parallel
 
+from .common import seeded_ids
 from .ep_worker import ROWS, SEQ, _load, average_grads
 
 
@@ -40,7 +41,7 @@ def measure(ckpt_root: str, names: list[str], layouts: list[tuple[int, int]]) ->
         for name in names:
             model = npu_parallel.convert_model(_load(Path(ckpt_root) / name, name), state)
             model.train()
-            ids = torch.randint(0, model.config.vocab_size, (rows, SEQ), generator=torch.Generator().manual_seed(3))
+            ids = seeded_ids(model.config.vocab_size, rows, SEQ, 3)
             weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
             saved = _saved_bytes(model, ids, weights)
             loss = saved.pop("loss")

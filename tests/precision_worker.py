@@ -11,11 +11,13 @@ from npu_parallel.parallel.data_parallel import local_tensor
 from npu_parallel.parallel.state import ParallelState
 from npu_parallel.tools.verify import _full_grads
 
+from .common import seeded_ids
+
 SEQ = 16
 
 
 def _batch(vocab: int, rows: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (rows, SEQ), generator=torch.Generator().manual_seed(11))
+    return seeded_ids(vocab, rows, SEQ, 11)
 
 
 def _grad_diffs(path: str, state: ParallelState, ids: torch.Tensor, expert_units: bool = False) -> dict:

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from .common import seeded_ids
 from .dist import run_ranks
 from .test_train import BASE
 
@@ -57,7 +58,7 @@ def test_bias_update_rule(checkpoints):
 
     model = _converted(checkpoints, "deepseek_v3")
     state = npu_parallel.init_distributed()
-    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = seeded_ids(250, 2, 16, 0)
     gates = [b.gate for _, b in moe_blocks(model)]
     before = [g.e_score_correction_bias.clone() for g in gates]
     with torch.no_grad():
@@ -80,7 +81,7 @@ def test_bias_update_rule(checkpoints):
 
 def test_coefficient_override_and_eval_mode(checkpoints):
     """aux_loss_coef replaces the config's; 0 turns the loss off; eval mode computes what transformers does."""
-    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = seeded_ids(250, 2, 16, 0)
     off = _converted(checkpoints, "deepseek_v2_remote", aux_loss_coef=0.0)
     assert off(input_ids=ids, labels=ids).aux_loss is None
     half = _converted(checkpoints, "mixtral", aux_loss_coef=0.5)
@@ -168,7 +169,7 @@ def test_static_dispatcher_drops_are_counted(checkpoints):
     from npu_parallel.moe.load import moe_blocks, read_load
 
     model = _converted(checkpoints, "deepseek_v2", moe_impl="static", capacity_factor=0.5)
-    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = seeded_ids(250, 2, 16, 0)
     with torch.no_grad():
         model(input_ids=ids)
     expected = [int(b.dispatcher.stats["dropped"]) for _, b in moe_blocks(model)]

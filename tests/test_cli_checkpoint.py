@@ -50,7 +50,7 @@ def test_convert_bf16_and_merge_small_shards(capsys, src, tmp_path):
         m["tensors"]["model.layers.1.mlp.gate.e_score_correction_bias"]["dtype"] == "F32"
     )  # kept fp32, as transformers does
     assert (
-        run_cli(capsys, "merge", str(tmp_path / "tp"), "--out", str(tmp_path / "hf"), "--max-shard-gb", "0.0001", "-q")[
+        run_cli(capsys, "merge", str(tmp_path / "tp"), "--out", str(tmp_path / "hf"), "--max_shard_gb", "0.0001", "-q")[
             0
         ]
         == 0

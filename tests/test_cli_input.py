@@ -96,8 +96,8 @@ CASES = [
     ("convert {mismatch} --tp 2 --out {out}", ["but the config implies [8, 32, 64]"]),
     ("convert {good} --tp 2 --out {good}/sub", ["is inside the source checkpoint"]),
     ("merge {good} --out {out}", ["no manifest.json"]),
-    ("merge {converted} --out {out} --max-shard-gb 0", ["--max-shard-gb 0.0: must be a positive number of GB"]),
-    ("merge {converted} --out {out} --max-shard-gb -1", ["--max-shard-gb -1.0: must be a positive number"]),
+    ("merge {converted} --out {out} --max_shard_gb 0", ["--max_shard_gb 0.0: must be a positive number of GB"]),
+    ("merge {converted} --out {out} --max_shard_gb -1", ["--max_shard_gb -1.0: must be a positive number"]),
     ("merge {missing_rank} --out {out}", ["rank file rank-00001-of-00002.safetensors is missing"]),
     ("audit {corrupt} --unconverted", ["model.safetensors: not a readable safetensors file"]),
     ("audit {mismatch} --unconverted", ["but the config implies [8, 32, 64]"]),
@@ -108,7 +108,7 @@ CASES = [
     ("audit {good} --tp 0", ["--tp 0: must be a positive integer"]),
     ("audit {good} --tp 3", ["tp_size=3 must divide the attention heads"]),
     ("audit {good} --unconverted --tp 2", ["--unconverted audits transformers' own single-process model"]),
-    ("audit {good} --tp 2 --moe-impl fast", ["moe_impl='fast' is not an implementation"]),
+    ("audit {good} --tp 2 --moe_impl fast", ["moe_impl='fast' is not an implementation"]),
     ("audit {good} --json /proc/npu-parallel/a.json", ["--json /proc/npu-parallel/a.json: cannot write there"]),
     ("verify {good} --batch 0", ["--batch 0: must be a positive integer"]),
     ("verify {good} --seq 0", ["--seq 0: must be a positive integer"]),
@@ -118,7 +118,7 @@ CASES = [
     ("verify {good} --dtype int8", ["--dtype 'int8' is not one of"]),
     ("verify {good} --atol -1", ["--atol -1.0: must be a number >= 0"]),
     ("verify {good} --min-agree 101", ["--min-agree 101.0: must be a percentage in [0, 100]"]),
-    ("verify {good} --tp 1,2 --moe-impl fast", ["moe_impl='fast' is not an implementation"]),
+    ("verify {good} --tp 1,2 --moe_impl fast", ["moe_impl='fast' is not an implementation"]),
     ("verify {corrupt} --tp 1,2", ["model.safetensors: not a readable safetensors file"]),
     ("verify {mismatch} --tp 2", ["but the config implies [8, 32, 64]"]),
     ("verify {good} --json {dir}", ["--json {dir}: is a directory"]),
@@ -166,3 +166,39 @@ def test_help_does_not_import_torch(verb):
     ).stdout.splitlines()
     assert "usage: npu-parallel" in out[0]
     assert out[-1] == "[]", f"npu-parallel {' '.join(argv)} imported {out[-1]}"
+
+
+def _verb_parsers() -> dict[str, object]:
+    """Every verb's parser, read from the command's own parser (never a copied list)."""
+    import argparse
+
+    from npu_parallel.tools.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"": parser, **sub.choices}
+
+
+REST_MARKUP = ("``", ":func:", ":mod:", ":class:", ":meth:", "**")
+
+
+def test_help_is_plain_text():
+    """``npu-parallel --help`` and every verb's: no reStructuredText left over from docstrings."""
+    for verb, parser in _verb_parsers().items():
+        text = parser.format_help()  # type: ignore[attr-defined]
+        found = [m for m in REST_MARKUP if m in text]
+        assert not found, f"npu-parallel {verb} --help shows {found}:\n{text}"
+
+
+def test_one_flag_spelling_with_the_other_an_alias():
+    """Help shows ``--moe_impl``; ``--moe-impl`` parses to the same value and is never shown."""
+    import re
+
+    parsers = _verb_parsers()
+    for verb, parser in parsers.items():
+        text = parser.format_help()  # type: ignore[attr-defined]
+        hyphenated = [f for f in re.findall(r"--[a-z]+(?:-[a-z]+)+", text) if not f.startswith("--no-")]
+        assert not hyphenated, f"npu-parallel {verb} --help shows hyphenated flags {hyphenated}"
+    audit = parsers["audit"]
+    for spelling in ("--moe_impl", "--moe-impl"):
+        assert audit.parse_args(["x", spelling, "static"]).moe_impl == "static"  # type: ignore[attr-defined]

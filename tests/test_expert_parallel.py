@@ -10,7 +10,7 @@ import torch
 
 from npu_parallel.checkpoint.materialize import empty_model
 from npu_parallel.convert.conversion import apply_plan
-from npu_parallel.moe.dispatchers import resolve_dispatcher
+from npu_parallel.moe.dispatchers import implementation, implementations, resolve_dispatcher
 from npu_parallel.moe.dispatchers.masked import MaskedDispatcher
 from npu_parallel.parallel.state import Group, check_ep_size, check_local_world, group_layout
 from npu_parallel.tools.launch import launch
@@ -98,7 +98,7 @@ def test_two_node_launch(checkpoints):
     assert r["meshes"] == ((2, 2), 2, (1, 4), 4)  # DeviceMesh views: (dp, tp) and (edp, ep)
 
 
-@pytest.mark.parametrize("impl", ["alltoall", "alltoall_static"])
+@pytest.mark.parametrize("impl", [n for n in implementations() if implementation(n).cross_group])
 def test_alltoall_on_one_rank_is_the_reference(impl):
     """Groups of one rank: the all-to-all dispatchers compute what the masked reference computes, gradients too."""
     from .test_dispatchers import _experts

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from npu_parallel.tools.cli import main
 
+from .common import seeded_ids
 from .dist import run_ranks
 
 BASE = dict(batch_size=1, max_length=32, steps=5, lr=1e-2, warmup_steps=1, jit_warmup_steps=1, seed=5, lora_r=4)
@@ -40,7 +41,7 @@ def test_lora_run_resumes_exactly_and_merges(checkpoints, tmp_path):
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     assert main(["merge", str(ckpt / "step-5"), "--out", str(adapter), "-q"]) == 0
     assert main(["merge", str(ckpt / "step-5"), "--out", str(merged), "--merge_lora", "-q"]) == 0
-    ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = seeded_ids(250, 1, 12, 0)
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(adapter))
     base = AutoModelForCausalLM.from_pretrained(path)
     folded = AutoModelForCausalLM.from_pretrained(str(merged))

@@ -54,7 +54,7 @@ def test_published_sizes():
 def test_bad_input_is_one_line(capsys, tmp_path):
     assert main(["plan", str(tmp_path), "--nodes", "1"]) == 2
     assert "no config.json in this folder" in capsys.readouterr().err
-    assert main(["plan", "examples/configs/deepseek_v2_lite.json", "--card-memory", "64XB"]) == 2
+    assert main(["plan", "examples/configs/deepseek_v2_lite.json", "--card_memory", "64XB"]) == 2
     assert "'64XB' is not a size; write e.g. 64GB or 32GiB" in capsys.readouterr().err
     assert main(["plan", "examples/configs/deepseek_v2_lite.json", "--nodes", "0"]) == 2
     assert parse_bytes("64GB") == 64 * 10**9 and parse_bytes("32GiB") == 32 * 2**30

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from .common import seeded_ids
 from .dist import run_ranks
 
 BASE = dict(batch_size=1, max_length=32, steps=4, lr=1e-3, warmup_steps=1, jit_warmup_steps=1, seed=5, grad_clip=1.0)
@@ -96,7 +97,6 @@ def test_metrics_file_and_loss_curve(checkpoints, tmp_path):
 def test_remote_code_aux_loss_is_reported(checkpoints):
     """The MoEGate auxiliary loss of the source model reaches the training loss report (its gradient is in the
     graph)."""
-    import torch
 
     import npu_parallel
     from npu_parallel.training.losses import causal_lm_loss
@@ -104,7 +104,7 @@ def test_remote_code_aux_loss_is_reported(checkpoints):
     from .models import load_reference
 
     ref = load_reference("deepseek_v2_remote", checkpoints / "deepseek_v2_remote").train()
-    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = seeded_ids(250, 2, 16, 0)
     model = npu_parallel.convert_model(
         load_reference("deepseek_v2_remote", checkpoints / "deepseek_v2_remote"), npu_parallel.init_distributed()
     ).train()

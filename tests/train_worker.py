@@ -11,6 +11,8 @@ from npu_parallel.training.loop import TrainConfig, train
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
 from npu_parallel.training.optim import global_grad_norm
 
+from .common import seeded_ids
+
 
 def run_train(kwargs: dict) -> dict:
     result = train(TrainConfig(**kwargs))
@@ -26,7 +28,7 @@ def run_many(jobs: list[dict]) -> list[dict]:
 def norms_and_losses(path: str, tp: int) -> dict:
     """Global grad norm vs the unconverted model's; vocab-parallel loss and grads vs the gathered loss."""
     state = npu_parallel.init_distributed(tp)
-    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(3))
+    ids = seeded_ids(250, 2, 16, 3)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
     ref(input_ids=ids, labels=ids).loss.backward()
     ref_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters() if p.grad is not None)).item()

@@ -155,4 +155,4 @@ def check_moe_impl(moe_impl: str) -> None:
     try:
         resolve_dispatcher(moe_impl, device_type())
     except ValueError as exc:
-        raise UserError(f"--moe-impl: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"--moe_impl: {str(exc).splitlines()[0]}") from None

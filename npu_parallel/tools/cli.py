@@ -1,4 +1,4 @@
-"""The ``npu-parallel`` command: env, inspect, convert, merge, audit, verify, plan.
+"""The npu-parallel command: env, inspect, convert, merge, audit, verify, plan.
 
 Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr, never a traceback).
 """
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="join tp rank files back into a Hugging Face checkpoint")
     p.add_argument("path", help="folder written by save_sharded or `npu-parallel convert`")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file to write (GB)")
+    p.add_argument("--max_shard_gb", type=float, default=5.0, help="largest safetensors file to write (GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier npu-parallel output in --out")
     p.add_argument(
         "--tokenizer", default=None, metavar="DIR", help="tokenizer files from DIR (default: the source checkpoint)"
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="op audit of one forward+backward: banned ops, host syncs, collectives")
     p.add_argument("path", help="Hugging Face checkpoint folder")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (>1 launches the ranks with torchrun)")
-    p.add_argument("--moe-impl", default="auto", help="MoE implementation of the converted model")
+    p.add_argument("--moe_impl", default="auto", help="MoE implementation of the converted model")
     p.add_argument("--unconverted", action="store_true", help="audit transformers' own model instead of ours")
     p.add_argument(
         "--experts-implementation",
@@ -189,11 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", default="1,2", help="comma-separated tp sizes (default 1,2); each >1 launches torchrun")
     p.add_argument("--backward", action="store_true", help="also compare every gradient, gathered to full shape")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--moe-impl", default="auto", help="MoE implementation of the converted model")
+    p.add_argument("--moe_impl", default="auto", help="MoE implementation of the converted model")
     p.add_argument(
         "--atol", type=float, default=None, help="max abs diff of outputs (fp32 1e-4, bf16 2.5e-2, fp16 5e-2)"
     )
-    p.add_argument("--grad-atol", type=float, default=None, help="max abs diff of gradients (default: --atol)")
+    p.add_argument("--grad_atol", type=float, default=None, help="max abs diff of gradients (default: --atol)")
     p.add_argument(
         "--min-agree", type=float, default=None, help="router top-k agreement in percent (fp32 100, bf16 90, fp16 99)"
     )

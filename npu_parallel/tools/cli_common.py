@@ -3,16 +3,17 @@ mapping of checkpoint errors and failed ranks to exit codes."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from npu_parallel.tools.checks import UserError
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_FAILED
+from npu_parallel.training.flags import FlagParser
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block) with exit code 2, like every other bad input."""
+class Parser(FlagParser):
+    """argparse whose errors are one line (no usage block) with exit code 2, like every other bad input; one
+    flag spelling (``--moe_impl``, with ``--moe-impl`` accepted)."""
 
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

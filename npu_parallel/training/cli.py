@@ -19,6 +19,7 @@ from npu_parallel.hf_compat import unsupported_transformers
 from npu_parallel.parallel.state import ParallelState, init_distributed
 from npu_parallel.training.config import add_train_args, check_args, config_from_args
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, ConfigError, NonFiniteError
+from npu_parallel.training.flags import FlagParser
 
 __all__ = ["run", "summary"]
 
@@ -51,7 +52,7 @@ def run(
     fills defaults that depend on other flags (before any check), ``prepare(args, state)`` runs once the process
     group exists and before the inputs are checked (e.g. building a default model on rank 0).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = FlagParser(prog=prog, description=description)
     add_train_args(parser, **(defaults or {}))
     if add_arguments is not None:
         add_arguments(parser)

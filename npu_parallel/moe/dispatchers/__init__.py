@@ -13,6 +13,7 @@ from npu_parallel.moe.dispatchers.base import (
     Dispatcher,
     Routed,
     choices,
+    implementation,
     implementations,
     option_names,
     resolve_dispatcher,
@@ -21,4 +22,4 @@ from npu_parallel.moe.dispatchers.base import (
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["Dispatcher", "Routed", "choices", "implementations", "option_names", "resolve_dispatcher"]
+__all__ = ["Dispatcher", "Routed", "choices", "implementation", "implementations", "option_names", "resolve_dispatcher"]

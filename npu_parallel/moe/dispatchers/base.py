@@ -29,6 +29,7 @@ __all__ = [
     "Dispatcher",
     "Routed",
     "choices",
+    "implementation",
     "implementations",
     "local_keys",
     "option_names",
@@ -124,6 +125,11 @@ _REGISTRY: dict[str, type[Dispatcher]] = {}
 def implementations() -> list[str]:
     """The registered names in listing order (``"auto"`` not included)."""
     return [cls.name for cls in sorted(_REGISTRY.values(), key=lambda c: (c.order, c.name))]
+
+
+def implementation(name: str) -> type[Dispatcher]:
+    """The registered class of ``name`` (KeyError for an unknown one)."""
+    return _REGISTRY[name]
 
 
 def choices() -> list[str]:
