@@ -99,7 +99,8 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 have = ", ".join(repr(k) for k in list(record)[:8]) or "none"
                 raise ConfigError(
                     f"--data {path}:{n}: no {text_field!r} field (it has {have}); pass --text_field to name the field "
-                    f"that holds the text"
+                    f"that holds the text, or give chat records (no known format has these fields: messages, "
+                    f"sharegpt conversations, alpaca instruction/output, prompt/completion; rename with --field_map)"
                 )
             value = record[text_field]
             if not isinstance(value, str):
