@@ -113,3 +113,22 @@ def test_check_inputs_builds_the_sft_stream_and_eval_set(chat_model, tmp_path):
     assert batch.packed and batch.num_targets > 0 and batch.input_ids.max() < 250
     with pytest.raises(ConfigError, match="--train_on_prompt and --last_turn_only together"):
         check_args(TrainConfig(train_on_prompt=True, last_turn_only=True))
+
+
+def test_text_data_keeps_the_window_path_and_eval_data_alone_builds_an_eval_set(chat_model, tmp_path):
+    from npu_parallel.training.data import PackedData
+    from npu_parallel.training.dataset import build_eval_batches
+
+    from .sft_data_helpers import tokenizer
+
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "Hi there " * 20} for _ in range(8)])
+    held = write_jsonl(tmp_path / "eval.jsonl", [chat(i) for i in range(3)])
+    cfg = TrainConfig(model_path=str(chat_model["model"]), data=[str(text)], max_length=32, eval_data=str(held))
+    state = layout()
+    state.world_size, state.tp_size, state.ep_size = 1, 1, 1
+    inputs = check_inputs(cfg, state)
+    assert isinstance(inputs.data, PackedData) and inputs.eval is not None and inputs.eval.examples == 3
+    alone = TrainConfig(eval_data=str(held), max_length=32)  # what an eval-only command hands the data code
+    tok = tokenizer({"deepseek": chat_model["model"]}, "deepseek")
+    parts = [build_eval_batches(alone, tok, layout(2, r)) for r in range(2)]
+    assert sum(e.batches[0].num_targets for e in parts if e is not None) > 0

@@ -99,9 +99,11 @@ def _read(cfg: Any, specs: Any, tokenizer: Any, stats: DataStats) -> tuple[list[
     return docs, source, [s.weight for s, *_ in loaded]
 
 
-def prepare(cfg: Any, tokenizer: Any, with_train: bool = True) -> Prepared:
-    """Read, encode and split the run's data (``cfg`` a TrainConfig; ``with_train`` False: its --eval_data only);
-    ConfigError on any bad input."""
+def prepare(cfg: Any, tokenizer: Any, with_train: bool | None = None) -> Prepared:
+    """Read, encode and split the run's data (``cfg`` a TrainConfig; ``with_train`` False, or None without --data:
+    its --eval_data only, as ``npu-parallel eval`` needs); ConfigError on any bad input."""
+    if with_train is None:
+        with_train = bool(cfg.data) or not cfg.eval_data
     stats = DataStats()
     docs, source, weights = _read(cfg, cfg.data, tokenizer, stats) if with_train else ([], [], [])
     if with_train and not docs:
