@@ -222,3 +222,23 @@ def test_chat_data_without_a_template_is_an_error(chat_tokenizers, tmp_path):
     with pytest.raises(ConfigError, match="no chat template"):
         prepare(cfg(data=[str(_data(tmp_path, 2))]), tok)
     assert len(prepare(cfg(data=[str(_data(tmp_path, 2))], template="chatml"), tok).docs) == 2
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_every_micro_batch_keeps_the_batch_conventions(chat_tokenizers, tmp_path, packing):
+    """What batch_loss and the attention rely on (training/batch.py), over more than an epoch of micro-batches."""
+    tok = tokenizer(chat_tokenizers, "deepseek")
+    stream = build_train_stream(cfg(data=[str(_data(tmp_path))], packing=packing, batch_size=3), tok, layout())
+    for _ in range(12):
+        b = stream.next()
+        for r, lengths in enumerate(b.lengths):
+            at = 0
+            for d, n in enumerate(lengths):
+                assert b.labels[r, at] == -100  # never predicted from the document before
+                assert b.position_ids[r, at : at + n].tolist() == list(range(n))
+                assert set(b.document_ids[r, at : at + n].tolist()) == {d}
+                trained = b.labels[r, at : at + n] != -100
+                assert torch.equal(b.labels[r, at : at + n][trained], b.input_ids[r, at : at + n][trained])
+                at += n
+            assert (b.document_ids[r, at:] == -1).all() and (b.labels[r, at:] == -100).all()
+        assert b.num_targets == int((b.labels[:, 1:] != -100).sum()) > 0
