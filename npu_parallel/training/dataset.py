@@ -27,8 +27,16 @@ from npu_parallel.training.packing import best_fit, make_batch, padding_fraction
 from npu_parallel.training.sources import load_examples, parse_field_map, parse_sources
 from npu_parallel.training.templates import resolve_template
 
-__all__ = ["DataStats", "DataStream", "EvalSet", "Prepared", "build_datasets", "build_eval_batches"]
-__all__ += ["build_train_stream", "prepare"]
+__all__ = [
+    "DataStats",
+    "DataStream",
+    "EvalSet",
+    "Prepared",
+    "build_datasets",
+    "build_eval_batches",
+    "build_train_stream",
+    "prepare",
+]
 
 logger = logging.getLogger(__name__)
 
