@@ -5,6 +5,7 @@ import pytest
 from .dist import run_ranks
 from .models import VARIANTS, build_checkpoint, build_layout_checkpoints
 from .repo import digest
+from .sft_fixtures import chat_tokenizers  # noqa: F401  (a session fixture for the SFT tests)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,9 @@ parallelism across, AdamW with warmup and cosine decay, accumulation, clipping b
 JIT warmup, sharded checkpoints and exact resume); ``config`` holds its flags and checks every argument and
 input before the model loads; ``cli`` is the command line the examples share (exit codes 0, 2, 3);
 ``guards`` makes the decisions every rank must take alike (input errors, non-finite steps, a tp group's
-batch); ``data`` packs text into fixed-length sequences per data-parallel rank; ``optim`` builds the
-optimizer and computes the global gradient norm; ``losses`` gives the causal-LM loss, gathered or
+batch); ``data`` packs text into fixed-length sequences per data-parallel rank; chat and instruction data go
+``formats`` (one module per format) -> ``templates`` -> ``labels`` (assistant-only targets) -> ``dataset``
+(``packing``, the per-step micro-batches and the eval set), read by ``sources`` and checked by ``data_inputs``;
+``optim`` builds the optimizer and computes the global gradient norm; ``losses`` gives the causal-LM loss, gathered or
 vocab-parallel; ``metrics`` writes the JSONL log and loss curve; ``errors`` names what a run reports.
 """

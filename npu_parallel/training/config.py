@@ -21,10 +21,14 @@ from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.moe.dispatchers import choices as moe_impl_choices
 from npu_parallel.parallel.state import ParallelState
-from npu_parallel.training.data import PackedData, build_data
+from npu_parallel.training.data import PackedData
+from npu_parallel.training.data_inputs import build_run_data, check_data_args
+from npu_parallel.training.dataset import DataStream, EvalSet
 from npu_parallel.training.errors import ConfigError
+from npu_parallel.training.formats import FORMATS
 from npu_parallel.training.lora import DEFAULT_TARGETS, check_lora_args
 from npu_parallel.training.metrics import METRICS_FILE, read_metrics
+from npu_parallel.training.templates import builtin_templates
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +52,18 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     max_nonfinite_steps: int = 3
-    data: str | None = None
+    data: str | list[str] | None = None
     text_field: str = "text"
+    # sft-data: chat / instruction data (issue 21): formats, chat template, labels, packing, eval data
+    format: str = "auto"
+    field_map: str | None = None
+    template: str | None = None
+    train_on_prompt: bool = False
+    last_turn_only: bool = False
+    packing: bool | None = None
+    truncation: str = "truncate"
+    eval_data: str | None = None
+    eval_split: float = 0.0
     save_dir: str | None = None
     save_every: int = 0
     resume: str | None = None
@@ -92,8 +106,21 @@ HELP = {
     "grad_clip": "clip the global gradient norm to this (0: off)",
     "max_nonfinite_steps": "a step with a non-finite loss or gradient norm is skipped; stop (exit 3) after this "
     "many in a row",
-    "data": "a .txt or .jsonl file (UTF-8); default: the .py files of Python's standard library",
+    "data": "PATH[:WEIGHT] ... (repeatable): .jsonl, .json, .parquet, .txt or a datasets save_to_disk folder; "
+    "WEIGHT repeats (2) or subsamples (0.5) a source per epoch; default: the .py files of Python's standard library",
     "text_field": "JSONL field holding the text",
+    "format": "data format: auto (detected from the first record), " + ", ".join(FORMATS),
+    "field_map": "rename fields, OURS=THEIRS,... (e.g. messages=conversation,role=speaker,content=text)",
+    "template": "chat template: the tokenizer's own by default, a built-in ("
+    + ", ".join(builtin_templates())
+    + ") or a .jinja file",
+    "train_on_prompt": "train on every token of a conversation, not only the assistant's",
+    "last_turn_only": "train on the last assistant turn only",
+    "packing": "pack examples best-fit into --max_length rows, attention kept inside each (default for chat and "
+    "instruction data; --no-packing pads each micro-batch to its longest example)",
+    "truncation": "an example longer than --max_length: truncate (keep its start) or drop",
+    "eval_data": "an eval file (any --data format): eval loss over every example once",
+    "eval_split": "hold out this fraction of --data for eval (deterministic from --seed; 0: none)",
     "save_dir": "where checkpoints go (step-N folders)",
     "save_every": "save every N steps (0: only at the end)",
     "resume": "a step-N checkpoint folder to continue from exactly (metrics.jsonl continues from its step)",
@@ -132,7 +159,12 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
     for f in fields(TrainConfig):
         value = getattr(base, f.name)
         flag = f"--{f.name}"
-        if f.type in ("bool", bool):
+        if f.name == "data":  # PATH[:WEIGHT], several after one --data or with --data repeated
+            parser.add_argument(
+                flag, nargs="+", action="extend", default=None, metavar="PATH[:WEIGHT]", help=HELP[f.name]
+            )
+            continue
+        if f.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=HELP[f.name])
             continue
         if f.name == "warmup_steps":  # a default above a short run's --steps is lowered to it, an explicit one is not
@@ -205,6 +237,7 @@ def check_args(cfg: TrainConfig) -> None:
         f"--moe_impl {cfg.moe_impl!r}: must be one of {', '.join(moe_impl_choices())}",
     )
     _need(bool(cfg.text_field), "--text_field is empty; name the JSONL field that holds the text")
+    check_data_args(cfg)
     _need(
         not (cfg.resume and cfg.overwrite),
         "--resume and --overwrite together: --resume continues the run in --save_dir/--log_dir, --overwrite "
@@ -224,8 +257,9 @@ class RunInputs:
     model_path: str
     model_config: Any
     start: int
-    data: PackedData
+    data: PackedData | DataStream
     replaced: list[Path] = field(default_factory=list)
+    eval: EvalSet | None = None  # this dp rank's eval batches (--eval_data / --eval_split)
 
 
 def step_dirs(save_dir: Path) -> dict[int, Path]:
@@ -353,18 +387,7 @@ def check_inputs(cfg: TrainConfig, state: ParallelState) -> RunInputs:
     )
     replaced = _checkpoints_to_replace(cfg, start, state.rank == 0)
     _check_log_dir(cfg)
-    data = build_data(
-        model_path,
-        cfg.data,
-        vocab_size=model_config.vocab_size,
-        eos_token_id=_first_eos(getattr(model_config, "eos_token_id", None)),
-        seq_len=cfg.max_length,
-        batch_size=cfg.batch_size,
-        micro_batches=cfg.steps * cfg.grad_accum,
-        dp_size=state.dp_size,
-        dp_rank=state.dp_rank,
-        seed=cfg.seed,
-        text_field=cfg.text_field,
-    )
+    eos = _first_eos(getattr(model_config, "eos_token_id", None))
+    data, evals = build_run_data(cfg, state, model_path, model_config.vocab_size, eos)
     data.position = position
-    return RunInputs(model_path, model_config, start, data, replaced)
+    return RunInputs(model_path, model_config, start, data, replaced, evals)

@@ -99,7 +99,8 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 have = ", ".join(repr(k) for k in list(record)[:8]) or "none"
                 raise ConfigError(
                     f"--data {path}:{n}: no {text_field!r} field (it has {have}); pass --text_field to name the field "
-                    f"that holds the text"
+                    f"that holds the text, or give chat records (no known format has these fields: messages, "
+                    f"sharegpt conversations, alpaca instruction/output, prompt/completion; rename with --field_map)"
                 )
             value = record[text_field]
             if not isinstance(value, str):
@@ -172,6 +173,7 @@ class PackedData:
     dp_rank: int
     seed: int = 0
     position: int = 0  # micro-batches consumed by each dp rank
+    grad_accum: int = 1
 
     def __post_init__(self):
         self._order = torch.randperm(len(self.sequences), generator=torch.Generator().manual_seed(self.seed))
@@ -186,6 +188,12 @@ class PackedData:
         b = self.batch(self.position)
         self.position += 1
         return b
+
+    def next_step(self) -> list[Batch]:
+        """The ``grad_accum`` micro-batches of the next step (the same interface as training.dataset.DataStream)."""
+        return [self.next() for _ in range(self.grad_accum)]
+
+    padding_fraction = 0.0  # fixed windows: no padding
 
     @property
     def tokens_per_batch(self) -> int:
@@ -205,6 +213,7 @@ def build_data(
     dp_rank: int,
     seed: int = 0,
     text_field: str = "text",
+    grad_accum: int = 1,
 ) -> PackedData:
     """Enough packed sequences for ``micro_batches`` per dp rank (cycled when the corpus is smaller)."""
     tokenizer = load_tokenizer(model_path, vocab_size, eos_token_id)
@@ -214,4 +223,4 @@ def build_data(
     logger.info(
         "data: %d sequences of %d tokens from %s (%s)", len(sequences), seq_len, source, type(tokenizer).__name__
     )
-    return PackedData(sequences, batch_size, dp_size, dp_rank, seed)
+    return PackedData(sequences, batch_size, dp_size, dp_rank, seed, grad_accum=grad_accum)
