@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -237,7 +238,11 @@ def _choice_share(mark: Watermark) -> dict:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="Hugging Face MoE checkpoint folder")
+    p.add_argument(
+        "--model",
+        default=os.environ.get("DEEPSEEK_MOE_LOCAL_PATH"),
+        help="Hugging Face MoE checkpoint folder (default: $DEEPSEEK_MOE_LOCAL_PATH)",
+    )
     p.add_argument("--out", required=True, help="folder for results.json")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1; torchrun for more)")
     p.add_argument("--epsilon", type=float, default=2.0, help="logit margin of the candidates (default 2.0)")
@@ -252,6 +257,8 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.prompts < 1 or args.new_tokens < 1 or args.decoys < 1 or args.epsilon < 0:
         p.error("--prompts, --new_tokens and --decoys must be >= 1 and --epsilon >= 0")
+    if not args.model:
+        p.error("--model PATH is required (or set DEEPSEEK_MOE_LOCAL_PATH)")
     if not Path(args.model).is_dir():
         p.error(f"--model {args.model}: no such folder")
     return args

@@ -147,3 +147,25 @@ def test_hooks_cost_nothing_and_check_their_input(checkpoints):
         model(input_ids=ids)
         model(input_ids=ids[:, :4])
     assert sorted(rec.layers) == [2] and [r.ids.shape for r in rec.layers[2]] == [(10, 3), (4, 3)]
+
+
+def test_watermark_on_deepseek_moe_16b(tmp_path):
+    """The example on the published DeepSeek-MoE 16B (remote code, top-8 of 64, epsilon 2.0), as the seed runs it."""
+    import os
+    import subprocess
+    import sys
+
+    path = os.environ.get("DEEPSEEK_MOE_LOCAL_PATH")
+    if not path:
+        pytest.skip("DEEPSEEK_MOE_LOCAL_PATH is not set (a local deepseek-moe-16b folder; never downloaded)")
+    from .repo import ROOT
+
+    cmd = [sys.executable, str(ROOT / "examples" / "okr_watermark.py"), "--model", path, "--out", str(tmp_path)]
+    cmd += ["--trust_remote_code", "--prompts", "2", "--new_tokens", "16", "--decoys", "4"]
+    subprocess.run(cmd, check=True, timeout=3600)
+    import json
+
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["top_k"] == 8 and out["epsilon"] == 2.0
+    assert 0.0 < out["choice_share"]["routing_decisions"] <= 1.0
+    assert out["watermarked"]["z_pooled"] > out["plain"]["z_pooled"]
