@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from npu_parallel.checkpoint.save import load_training_state, save_sharded
     from npu_parallel.convert.conversion import convert_model
     from npu_parallel.convert.lora import merge_lora
+    from npu_parallel.moe.routing_hooks import override_routing, record_routing
     from npu_parallel.parallel.data_parallel import data_parallel
     from npu_parallel.parallel.state import ParallelState, init_distributed
 
@@ -29,6 +30,8 @@ _LAZY = {
     "load_sharded": "npu_parallel.checkpoint.load",
     "load_training_state": "npu_parallel.checkpoint.save",
     "merge_lora": "npu_parallel.convert.lora",
+    "override_routing": "npu_parallel.moe.routing_hooks",
+    "record_routing": "npu_parallel.moe.routing_hooks",
     "save_lora": "npu_parallel.checkpoint.peft_adapter",
     "save_sharded": "npu_parallel.checkpoint.save",
 }
@@ -44,6 +47,8 @@ __all__ = [
     "load_sharded",
     "load_training_state",
     "merge_lora",
+    "override_routing",
+    "record_routing",
     "save_lora",
     "save_sharded",
 ]

@@ -105,7 +105,9 @@ def apply_plan(
         )
     if plan.balance is not None:
         plan.balance.coefficient(config, aux_loss_coef)  # a bad value raises here, before anything changes
-    ctx = Context(tp, config, dispatcher, balance=plan.balance, aux_loss_coef=aux_loss_coef, ep=ep)
+    ctx = Context(
+        tp, config, dispatcher, balance=plan.balance, aux_loss_coef=aux_loss_coef, ep=ep, router_rule=plan.router
+    )
     used: dict[str, int] = {}
     _convert_children(model, "", plan, ctx, used)
     unused = sorted({p for p, _ in plan.rules} - set(used) - set(plan.optional))

@@ -8,11 +8,12 @@ file in :mod:`npu_parallel.convert.plans`, the registry, which finds them by ``m
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from npu_parallel.convert.styles import GQAttention, LMHead, MoE, Style, VocabParallel
 from npu_parallel.moe.balance import BalanceRule
+from npu_parallel.moe.routing_rule import RouterRule
 from npu_parallel.parallel.state import divisors
 
 SizeOf = Callable[[object], "int | None"]
@@ -53,6 +54,8 @@ class Plan:
     optional: tuple[str, ...] = ()
     # the family's load-balancing loss and its config keys (None: dense, or no such loss)
     balance: BalanceRule | None = None
+    # the family's routing math (scores its top-k ranks, weights at chosen ids): the routing hooks' adapter
+    router: RouterRule = field(default_factory=RouterRule)
 
     def styles_for(self, path: str) -> Iterator[Style]:
         """Styles whose pattern matches ``path``, in rule order."""

@@ -16,6 +16,7 @@ from npu_parallel.moe.balance import BalanceRule
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.experts import LocalExperts, is_silu
+from npu_parallel.moe.routing_rule import RouterRule
 from npu_parallel.parallel import kernels
 from npu_parallel.parallel.collectives import copy_to_tp
 from npu_parallel.parallel.linear import (
@@ -40,6 +41,7 @@ class Context:
     balance: BalanceRule | None = None  # the family's load-balancing loss
     aux_loss_coef: float | None = None  # its coefficient, overriding the config's (0: off)
     ep: Group | None = None  # the ranks splitting the routed experts (None: the tp group)
+    router_rule: RouterRule | None = None  # the family's routing math (routing hooks)
 
 
 class Style:
@@ -216,6 +218,7 @@ class MoE(Style):
             shared_expert_gate=getattr(module, self.shared_gate, None) if self.shared_gate else None,
             balance=balance,
         )
+        new.router_rule = ctx.router_rule  # the family's routing math, for the routing hooks
         if hasattr(module, "config"):
             new.config = module.config
         return new

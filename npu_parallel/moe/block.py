@@ -5,6 +5,8 @@ Shapes: B batch, S sequence, T = B*S tokens, k top-k, H hidden.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -12,6 +14,7 @@ from npu_parallel.moe.balance import Balance, LayerTerm
 from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.experts import LocalExperts
 from npu_parallel.moe.router import router_logits, router_outputs
+from npu_parallel.moe.routing_rule import RouterRule
 from npu_parallel.parallel.collectives import copy_to_tp, reduce_from_tp, reduce_grad
 from npu_parallel.parallel.shard_spec import ShardedModule
 from npu_parallel.parallel.state import Group
@@ -62,6 +65,10 @@ class MoEBlock(ShardedModule):
         self.dropped: torch.Tensor | None = None  # int64 slots the static dispatcher dropped since the last read
         self.ep = ep or tp  # the ranks splitting the routed experts: the tp group or several whole ones
         self.dispatcher.bind(tp, self.ep)
+        # routing hooks (npu_parallel.moe.routing_hooks): the family's routing math, and the hook when one is
+        # installed (record_routing / override_routing); None costs one check per forward
+        self.router_rule: RouterRule | None = None
+        self.routing_hook: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape  # [B, S, H]
@@ -97,6 +104,8 @@ class MoEBlock(ShardedModule):
             )
         t = hidden_states.numel() // hidden_states.shape[-1]
         indices, weights = indices.reshape(t, -1), weights.reshape(t, -1)
+        if self.routing_hook is not None:  # record_routing / override_routing: sees, or replaces, the top-k
+            indices, weights = self.routing_hook(self, hidden_states, output, indices, weights)
         if self.training and self.balance is not None:
             logits = router_logits(output, self.experts.num_experts, weights)
             if logits is None and self.balance.active and self.balance.loss != "router":

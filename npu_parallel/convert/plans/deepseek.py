@@ -3,6 +3,7 @@
 from npu_parallel.convert.plan import EMBEDDING, LM_HEAD, Plan
 from npu_parallel.convert.styles import MLP, Colwise, MoE, ReplicatedSumGradFrom, Rowwise, ShardHeads
 from npu_parallel.moe.balance import BalanceRule
+from npu_parallel.moe.routing_rule import RouterRule
 
 PLAN = Plan(
     name="DeepSeek-V2/V2-Lite/V3",
@@ -33,6 +34,9 @@ PLAN = Plan(
         router_coef_attr="alpha",  # remote-code MoEGate computes its own loss with this coefficient
         bias_attr="e_score_correction_bias",  # V3's routing bias: --bias_update_rate moves it
     ),
+    # routing: softmax (V2) or sigmoid + e_score_correction_bias (V3), group-limited by the router's topk_method /
+    # n_group; weights scaled by routed_scaling_factor, normalised where the router's norm_topk_prob says so
+    router=RouterRule(bias_attr="e_score_correction_bias", grouped=True),
     # q_proj without q LoRA (V2-Lite), q_b_proj with it
     optional=("model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.q_b_proj"),
 )

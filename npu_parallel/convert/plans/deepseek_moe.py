@@ -3,6 +3,7 @@
 from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, Plan, kv_heads_rule
 from npu_parallel.convert.styles import MLP, MoE
 from npu_parallel.moe.balance import BalanceRule
+from npu_parallel.moe.routing_rule import RouterRule
 
 PLAN = Plan(
     name="DeepSeek-MoE",
@@ -18,4 +19,5 @@ PLAN = Plan(
     checks=(kv_heads_rule,),
     # MoEGate computes its own loss (aux_loss_alpha, seq_aux) and keeps the coefficient as `alpha`
     balance=BalanceRule("deepseek", coef_key="aux_loss_alpha", seq_key="seq_aux", router_coef_attr="alpha"),
+    router=RouterRule(),  # MoEGate: greedy softmax top-k, normalised when norm_topk_prob (16B: not)
 )

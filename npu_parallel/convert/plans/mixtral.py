@@ -2,6 +2,7 @@
 
 from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, SWITCH_BALANCE, Plan, kv_heads_rule
 from npu_parallel.convert.styles import MoE
+from npu_parallel.moe.routing_rule import RouterRule
 
 PLAN = Plan(
     name="Mixtral",
@@ -16,6 +17,7 @@ PLAN = Plan(
     experts_attr="num_local_experts",
     checks=(kv_heads_rule,),
     balance=SWITCH_BALANCE,
+    router=RouterRule(normalize=True, normalize_attr=None),  # softmax top-k, always renormalised
     checkpoint_aliases=((".mlp.", ".block_sparse_moe."),),  # experts.N.w1/w3/w2 under block_sparse_moe
     expert_key_names=("w1", "w3", "w2"),
     optional=("model.layers.*.block_sparse_moe", "model.layers.*.mlp"),

@@ -3,6 +3,7 @@ dense layers from `mlp_only_layers` / `decoder_sparse_step` fall through to MLP.
 
 from npu_parallel.convert.plan import ATTENTION, EMBEDDING, LM_HEAD, SWITCH_BALANCE, Plan, kv_heads_rule
 from npu_parallel.convert.styles import MLP, MoE
+from npu_parallel.moe.routing_rule import RouterRule
 
 PLAN = Plan(
     name="Qwen2-MoE/Qwen3-MoE",
@@ -20,4 +21,5 @@ PLAN = Plan(
     experts_attr="num_experts",
     checks=(kv_heads_rule,),
     balance=SWITCH_BALANCE,
+    router=RouterRule(normalize_attr="norm_topk_prob"),  # softmax top-k, renormalised when norm_topk_prob
 )
