@@ -63,3 +63,23 @@ def compare(root: str, names: list[str]) -> dict:
             "rng_after_as_ref": bool(torch.equal(after, ref_after)),
         }
     return results
+
+
+def compare_ep(root: str, names: list[str]) -> dict:
+    """tp 1, ep 2: each rank its own prompt and seed; tokens against the reference on that prompt, rank 0's seed."""
+    state = npu_parallel.init_distributed(1, ep_size=2)
+    results = {}
+    for name in names:
+        path = Path(root) / name
+        ref = load_reference(name, path).eval()
+        model = npu_parallel.load_pretrained(path, state, progress=False).eval()
+        ids = _prompt(model.config.vocab_size)[state.rank : state.rank + 1]  # a different prompt on each rank
+        with torch.no_grad():
+            torch.manual_seed(SEED + 1000 * state.rank)
+            sampled = model.generate(ids, **SAMPLING, max_new_tokens=NEW)  # EOS allowed: synced_gpus keeps step
+            refs = []
+            for r in range(2):
+                torch.manual_seed(SEED)
+                refs.append(ref.generate(_prompt(model.config.vocab_size)[r : r + 1], **SAMPLING, max_new_tokens=NEW))
+        results[name] = {"sampled": _all(sampled), "ref": [t.tolist() for t in refs]}
+    return results
