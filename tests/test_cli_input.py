@@ -117,7 +117,7 @@ CASES = [
     ("verify {good} --tp two", ["--tp 'two': expected comma-separated integers"]),
     ("verify {good} --dtype int8", ["--dtype 'int8' is not one of"]),
     ("verify {good} --atol -1", ["--atol -1.0: must be a number >= 0"]),
-    ("verify {good} --min-agree 101", ["--min-agree 101.0: must be a percentage in [0, 100]"]),
+    ("verify {good} --min_agree 101", ["--min_agree 101.0: must be a percentage in [0, 100]"]),
     ("verify {good} --tp 1,2 --moe_impl fast", ["moe_impl='fast' is not an implementation"]),
     ("verify {corrupt} --tp 1,2", ["model.safetensors: not a readable safetensors file"]),
     ("verify {mismatch} --tp 2", ["but the config implies [8, 32, 64]"]),

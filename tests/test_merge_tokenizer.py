@@ -61,7 +61,9 @@ def test_convert_merge_gives_a_folder_that_tokenizes_and_generates(capsys, caplo
     copied = _tokenizer_names(src)
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(copied)
     assert _tokenizer_names(hf) == copied
-    assert all((hf / n).read_bytes() == (src / n).read_bytes() for n in copied)
+    assert all((hf / n).read_bytes() == (src / n).read_bytes() for n in copied if n != "generation_config.json")
+    gen, src_gen = (json.loads((d / "generation_config.json").read_text()) for d in (hf, src))
+    assert gen == {**src_gen, "pad_token_id": 2}  # merge adds the pad id serving engines want (eos: end of turn)
     assert f"from {src.resolve()}" in out and "tokenizer.json" in out
     mark = json.loads((hf / "npu_parallel.json").read_text())
     assert mark["tokenizer"]["files"] == copied and set(copied) <= set(mark["files"])
@@ -89,7 +91,7 @@ def test_without_a_tokenizer_merge_warns_once_and_says_so(capsys, caplog, src, t
     assert code == 0 and len(warnings) == 1 and "\n" not in warnings[0]
     assert warnings[0].startswith(f"no tokenizer: its source folder {src.resolve()} is gone")
     assert f"AutoTokenizer.from_pretrained({hf}) fails" in warnings[0] and "--tokenizer DIR" in warnings[0]
-    assert "tokenizer: none" in out and _tokenizer_names(hf) == []
+    assert "tokenizer: none" in out and _tokenizer_names(hf) == ["generation_config.json"]  # from config.json: eos, pad
     with pytest.raises((OSError, ValueError)):
         AutoTokenizer.from_pretrained(hf)
     # --tokenizer DIR: from anywhere
@@ -106,7 +108,7 @@ def test_a_source_folder_now_holding_another_model_is_not_used(capsys, caplog, s
     with caplog.at_level(logging.WARNING):
         assert cli(capsys, "merge", str(tp), "--out", str(hf), "-q")[0] == 0
     assert any("now holds another model (its vocab_size is 32000" in r.getMessage() for r in caplog.records)
-    assert _tokenizer_names(hf) == []
+    assert _tokenizer_names(hf) == ["generation_config.json"]  # from config.json: eos, pad
 
 
 def test_bad_tokenizer_dir_is_refused(capsys, src, tmp_path):

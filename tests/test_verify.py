@@ -170,7 +170,7 @@ def test_audit_unconverted_eager_reports_nonzero_line(checkpoints, capsys, tmp_p
             "audit",
             str(checkpoints / "deepseek_v2"),
             "--unconverted",
-            "--experts-implementation",
+            "--experts_implementation",
             "eager",
             "--json",
             str(out_json),
@@ -198,7 +198,7 @@ def test_audit_unconverted_eager_reports_nonzero_line(checkpoints, capsys, tmp_p
 def test_audit_unconverted_fused_implementations(checkpoints, capsys, impl):
     """transformers' fused experts: no nonzero, no host sync; what the audit bans is DeepSeek-V2's complex64 rotary
     and grouped_mm's sort of int64 expert ids (transformers/integrations/moe.py)."""
-    assert cli.main(["audit", str(checkpoints / "deepseek_v2"), "--unconverted", "--experts-implementation", impl]) == 1
+    assert cli.main(["audit", str(checkpoints / "deepseek_v2"), "--unconverted", "--experts_implementation", impl]) == 1
     out = capsys.readouterr().out
     assert f"experts_implementation={impl}" in out and "0 host syncs" in out
     banned = [line for line in out.splitlines() if " banned " in line and "banned ops" not in line]
@@ -210,7 +210,7 @@ def test_audit_unconverted_fused_implementations(checkpoints, capsys, impl):
 def test_audit_bad_input(checkpoints, tmp_path, capsys):
     path = str(checkpoints / "deepseek_v2")
     assert cli.main(["audit", path, "--unconverted", "--tp", "2"]) == 2
-    assert cli.main(["audit", path, "--experts-implementation", "eager"]) == 2
+    assert cli.main(["audit", path, "--experts_implementation", "eager"]) == 2
     assert cli.main(["audit", path, "--tp", "3"]) == 2
     assert cli.main(["audit", str(tmp_path)]) == 2
     err = capsys.readouterr().err

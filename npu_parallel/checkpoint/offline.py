@@ -54,6 +54,7 @@ from npu_parallel.checkpoint.safetensors_io import (
     SafetensorsWriter,
     nbytes,
 )
+from npu_parallel.checkpoint.serving_files import write_serving_files
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.convert.conversion import apply_plan
 from npu_parallel.parallel.shard_spec import ShardSpec
@@ -231,6 +232,15 @@ def _cast(entry: Entry, target: torch.dtype | None, source: ShardedSource) -> En
     return key, target, shape, read
 
 
+def _main_dtype(entries: list[Entry]) -> torch.dtype | None:
+    """The floating dtype holding most of the bytes written (None: no floating tensor)."""
+    size: dict[torch.dtype, int] = {}
+    for _, dtype, shape, _ in entries:
+        if dtype.is_floating_point:
+            size[dtype] = size.get(dtype, 0) + nbytes(shape, dtype)
+    return max(size, key=size.__getitem__) if size else None
+
+
 def _shards(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
     shards: list[list[Entry]] = [[]]
     size = 0
@@ -254,6 +264,7 @@ def merge_checkpoint(
     tokenizer: str | Path | None = None,
     keep_others: bool = True,
     dtype: torch.dtype | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Stream rank files back into a Hugging Face checkpoint that ``from_pretrained`` loads.
 
@@ -264,6 +275,9 @@ def merge_checkpoint(
     The tokenizer files and ``generation_config.json`` come from ``tokenizer`` or else from the source
     folder the manifest names; without either, one warning says so (and ``npu_parallel.json`` records it).
     With ``overwrite``, files a user added to an earlier merged ``out`` stay, unless ``keep_others=False``.
+    The folder serves as it is (checkpoint/serving_files.py): ``chat_template`` (a training run's Jinja template)
+    becomes the tokenizer's, generation_config.json stops on the template's end of turn and sets a pad id, the
+    config has no quantization_config (the weights are dequantized) and names the dtype written.
     """
     src, out = Path(src), Path(out)
     source = ShardedSource(src, verify=True)
@@ -295,13 +309,25 @@ def merge_checkpoint(
         write_json(at.path, {"metadata": {"total_size": total}, "weight_map": weight_map})
         at.path = tmp / "config.json"
         config = dict(source.manifest["config"])
-        if target is not None:  # what from_pretrained(dtype="auto") loads it as
-            config["dtype" if "torch_dtype" not in config else "torch_dtype"] = str(target).removeprefix("torch.")
+        config.pop("quantization_config", None)  # the rank files hold dequantized weights: nothing stale to serve by
+        written_dtype = target or _main_dtype(entries)  # what from_pretrained(dtype="auto") and vLLM load it as
+        if written_dtype is not None:
+            config["dtype" if "torch_dtype" not in config else "torch_dtype"] = str(written_dtype).removeprefix(
+                "torch."
+            )
         at.path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in tok["files"]:
             at.path = tmp / name
             shutil.copyfile(Path(tok["from"]) / name, at.path)
         at.path = tmp
+        own_tokenizer = any(is_tokenizer_file(f) for f in tok["files"])
+        serving = write_serving_files(
+            tmp,
+            config,
+            template=chat_template,
+            tokenizer_from=tmp if own_tokenizer else out if any(is_tokenizer_file(f) for f in tok["kept"]) else None,
+            write_generation=GENERATION_CONFIG not in tok["kept"],
+        )
         copy_code(src, code, tmp)  # the model's own code beside config.json's auto_map: from_pretrained runs it
         written = {p.name: {"bytes": p.stat().st_size} for p in tmp.iterdir()}
         at.path = tmp / MARKER
@@ -315,6 +341,7 @@ def merge_checkpoint(
                 "source_tp": source.tp,
                 "tensors": len(entries),
                 "tokenizer": tok,
+                "serving": serving,
                 "files": written,
             },
         )

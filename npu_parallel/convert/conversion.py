@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from npu_parallel.convert.attention import use_fused_attention
 from npu_parallel.convert.fused import use_fused_kernels
+from npu_parallel.convert.generation import install_generate
 from npu_parallel.convert.plan import Plan, matches
 from npu_parallel.convert.plans import plan_for
 from npu_parallel.convert.styles import Context
@@ -121,6 +122,7 @@ def apply_plan(
         install_balance(model, own)
     info = ConversionInfo(plan, tp, dispatcher.name, ep=ep)
     setattr(model, INFO_ATTR, info)
+    install_generate(model, tp, ep)  # sampled tokens agree across the ranks (convert/generation.py)
     experts = plan.num_experts(config)
     if experts and tp.rank == 0:
         logger.info(

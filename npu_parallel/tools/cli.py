@@ -1,4 +1,4 @@
-"""The npu-parallel command: env, inspect, convert, merge, audit, verify, plan.
+"""The npu-parallel command: env, inspect, convert, merge, audit, verify, plan, generate.
 
 Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr, never a traceback).
 """
@@ -14,6 +14,7 @@ import sys
 from npu_parallel.tools.checks import UserError, check_args, check_output_file, write_output
 from npu_parallel.tools.cli_common import Parser, checkpoint_errors, parse_dtype
 from npu_parallel.tools.cli_env import cmd_env
+from npu_parallel.tools.cli_generate import add_generate_parser
 from npu_parallel.tools.cli_plan import add_plan_parser
 from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_OK
@@ -24,6 +25,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """What a user needs before converting: structure, sizes, valid tp sizes."""
     if getattr(args, "routing", False):
         return cmd_inspect_routing(args)
+    if getattr(args, "serving", False):
+        return cmd_inspect_serving(args)
     from npu_parallel.checkpoint.inspect import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
@@ -51,12 +54,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 @checkpoint_errors
 def cmd_merge(args: argparse.Namespace) -> int:
-    """tp rank files -> a Hugging Face checkpoint that from_pretrained loads."""
+    """tp rank files -> a Hugging Face checkpoint that from_pretrained loads and a serving engine serves."""
+    from pathlib import Path
+
     from npu_parallel.checkpoint.lora_checkpoint import checkpoint_lora, export_lora_checkpoint
     from npu_parallel.checkpoint.manifest import MARKER
     from npu_parallel.checkpoint.offline import merge_checkpoint
+    from npu_parallel.tools.merge_serving import merge_with_adapter, serving_lines, training_template
 
-    if args.merge_lora or checkpoint_lora(args.path) is not None:  # a LoRA run: adapters only
+    src = Path(args.path)
+    if args.lora_adapter and (args.merge_lora or ((src / "manifest.json").is_file() and checkpoint_lora(src))):
+        raise UserError("--lora_adapter folds a PEFT adapter into a full model; a LoRA run's folder: --merge_lora")
+    kw = dict(
+        overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_gb * 1e9),
+        progress=not args.quiet,
+        tokenizer=args.tokenizer,
+        keep_others=not args.clean,
+        dtype=parse_dtype(args.dtype),
+        chat_template=training_template(src, args.tokenizer, args.chat_template),
+    )
+    if args.lora_adapter:
+        out = merge_with_adapter(src, args.lora_adapter, Path(args.out), **kw)
+    elif args.merge_lora or checkpoint_lora(args.path) is not None:  # a LoRA run: adapters only
         out = export_lora_checkpoint(
             args.path, args.out, merge=args.merge_lora, base=args.base, overwrite=args.overwrite
         )
@@ -64,16 +84,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             print(f"wrote {out}: a PEFT adapter folder (peft.PeftModel.from_pretrained loads it)")
             return EXIT_OK
     else:
-        out = merge_checkpoint(
-            args.path,
-            args.out,
-            overwrite=args.overwrite,
-            max_shard_bytes=int(args.max_shard_gb * 1e9),
-            progress=not args.quiet,
-            tokenizer=args.tokenizer,
-            keep_others=not args.clean,
-            dtype=parse_dtype(args.dtype),
-        )
+        out = merge_checkpoint(args.path, args.out, **kw)
     mark = json.loads((out / MARKER).read_text())
     tok = mark["tokenizer"]
     got = [f"{', '.join(tok['files'])} from {tok['from']}"] if tok["files"] else []
@@ -81,7 +92,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dtype = f" in {mark['dtype']}" if mark.get("dtype") else ""
     tokenizer = "; ".join(got) or "none (see the warning above)"
     print(f"wrote {out}: {mark['tensors']} tensors{dtype}; tokenizer: {tokenizer}")
+    for line in serving_lines(out):
+        print(line)
     return EXIT_OK
+
+
+@checkpoint_errors
+def cmd_inspect_serving(args: argparse.Namespace) -> int:
+    """What vLLM would miss in a Hugging Face folder: exit 1 when anything would fail."""
+    from npu_parallel.checkpoint.serving_check import format_serving, serving_report
+    from npu_parallel.training.errors import EXIT_FAILED
+
+    findings = serving_report(args.path)
+    print(json.dumps(findings, indent=2) if args.json else format_serving(findings))
+    return EXIT_FAILED if any(f["level"] == "error" for f in findings) else EXIT_OK
 
 
 def cmd_inspect_routing(args: argparse.Namespace) -> int:
@@ -131,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokens", type=int, default=256, help="--routing: tokens in the sample (default 256)")
     p.add_argument("--plot", default=None, help="--routing: PNG heat map, layer x expert")
+    p.add_argument("--serving", action="store_true", help="what vLLM would miss in a HF folder (exit 1 on errors)")
     p.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_inspect)
 
@@ -165,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge_lora", action="store_true", help="a LoRA run: the base model with the adapters folded in (HF folder)"
     )
     p.add_argument("--base", default=None, metavar="DIR", help="a LoRA run's base model (default: the one it trained)")
+    p.add_argument("--lora_adapter", default=None, metavar="DIR", help="fold this PEFT adapter folder into the weights")
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="the merged tokenizer's chat template (default: the run's)",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("audit", help="op audit of one forward+backward: banned ops, host syncs, collectives")
@@ -173,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe_impl", default="auto", help="MoE implementation of the converted model")
     p.add_argument("--unconverted", action="store_true", help="audit transformers' own model instead of ours")
     p.add_argument(
-        "--experts-implementation",
+        "--experts_implementation",
         choices=("eager", "grouped_mm", "batched_mm"),
         default=None,
         help="with --unconverted: transformers' experts implementation (its default: grouped_mm)",
@@ -195,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grad_atol", type=float, default=None, help="max abs diff of gradients (default: --atol)")
     p.add_argument(
-        "--min-agree", type=float, default=None, help="router top-k agreement in percent (fp32 100, bf16 90, fp16 99)"
+        "--min_agree", type=float, default=None, help="router top-k agreement in percent (fp32 100, bf16 90, fp16 99)"
     )
     p.add_argument("--batch", type=int, default=2, help="sequences in the batch (default 2)")
     p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16)")
@@ -206,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_verify)
     add_plan_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

@@ -55,7 +55,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.unconverted and args.tp != 1:
         raise UserError("--unconverted audits transformers' own single-process model: use --tp 1")
     if args.experts_implementation and not args.unconverted:
-        raise UserError("--experts-implementation applies to transformers' model: add --unconverted")
+        raise UserError("--experts_implementation applies to transformers' model: add --unconverted")
     if args.tp < 1:
         raise UserError(f"--tp {args.tp}: must be a positive integer")
     if in_torchrun():
