@@ -50,7 +50,7 @@ ARG_RULES = {
 
 
 def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+    return "--" + dest
 
 
 def check_args(args: argparse.Namespace) -> None:
