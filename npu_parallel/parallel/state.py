@@ -8,8 +8,10 @@ contiguously, so a grid row of tp ranks never spans nodes when tp divides the ca
   holding ``E / ep`` experts; edp ("expert data parallel", torchtitan's dp mod ep) joins the ranks that hold
   the same experts, strided by ep.
 
-A pipeline dimension would be one more leading grid axis (``(pp, dp, tp)`` and ``(pp, edp, ep)``): every
-group here is a row or column of a grid, so adding it changes :func:`grid` and nothing that uses the groups.
+Pipeline stages are the outermost axis (``world = pp x dp x tp``): the ranks form ``pp`` blocks of
+``world / pp`` contiguous ranks, one block per stage, and the two views above are laid out inside each block
+(``(pp, dp, tp)`` and ``(pp, edp, ep)``); a pp group joins the ranks at the same place of every block, strided by
+``world / pp``. So pipeline groups may span nodes and tensor-parallel groups still never do.
 
 Each parallel dimension travels as one typed :class:`Group` handle (this rank's position, the group's
 size, its process group), so layers, styles and collectives never pass loose ``(rank, size, group)``
@@ -74,6 +76,8 @@ class ParallelState:
     local_rank: int = 0
     ep: Group = TRIVIAL  # default: the tp group (experts split over the tp ranks, no dispatch traffic)
     edp: Group = TRIVIAL  # the ranks holding the same experts; default: the dp group
+    pp: Group = TRIVIAL  # pipeline stages (outermost): this rank's stage and the ranks of its pipeline
+    pp_ends: Group = TRIVIAL  # the first and the last stage of this pipeline (their shared embedding's gradient)
 
     def __post_init__(self) -> None:
         if self.ep is TRIVIAL:
@@ -127,6 +131,30 @@ class ParallelState:
         return self.ep.group
 
     @property
+    def pp_size(self) -> int:
+        return self.pp.size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pp.rank
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self.pp.group
+
+    @property
+    def pp_ranks(self) -> tuple[int, ...]:
+        return self.pp.ranks
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp.rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp.rank == self.pp.size - 1
+
+    @property
     def edp_size(self) -> int:
         return self.edp.size
 
@@ -134,17 +162,26 @@ class ParallelState:
     def edp_group(self) -> dist.ProcessGroup | None:
         return self.edp.group
 
-    def device_mesh(self, dims: tuple[str, str] = ("dp", "tp")):
+    def device_mesh(self, dims: tuple[str, ...] = ("dp", "tp")):
         """A torch DeviceMesh over this state's groups: ``("dp", "tp")`` (dense weights) or ``("edp", "ep")``
-        (routed experts), e.g. for ``fully_shard(..., mesh=state.device_mesh(("edp", "ep"))["edp"])``."""
+        (routed experts) of this rank's pipeline stage, e.g. for ``fully_shard(..., mesh=state.device_mesh(("edp",
+        "ep"))["edp"])``; or the whole world ``("pp", "dp", "tp")`` / ``("pp", "edp", "ep")``."""
         from torch.distributed.device_mesh import DeviceMesh
 
-        if dims not in (("dp", "tp"), ("edp", "ep")):
-            raise ValueError(f"dims={dims!r}: use ('dp', 'tp') or ('edp', 'ep')")
+        allowed = (("dp", "tp"), ("edp", "ep"), ("pp", "dp", "tp"), ("pp", "edp", "ep"))
+        if dims not in allowed:
+            raise ValueError(f"dims={dims!r}: use one of {allowed}")
         groups = [getattr(self, d) for d in dims]
         if any(g.group is None for g in groups):
             raise ValueError("a device mesh needs process groups: call init_distributed first")
-        mesh = torch.tensor(grid(self.world_size, groups[1].size))
+        inner = groups[-1].size
+        if dims[0] == "pp":
+            block = self.world_size // self.pp_size
+            mesh = torch.tensor([grid(block, inner, s * block) for s in range(self.pp_size)])
+        else:
+            mesh = torch.tensor(
+                grid(self.world_size // self.pp_size, inner, self.pp_rank * self.world_size // self.pp_size)
+            )
         return DeviceMesh.from_group([g.group for g in groups], self.device.type, mesh, mesh_dim_names=dims)
 
     @property
@@ -155,6 +192,7 @@ class ParallelState:
         return (
             f"rank {self.rank}/{self.world_size} device={self.device} backend={self.backend} "
             f"tp={self.tp_rank}/{self.tp_size} dp={self.dp_rank}/{self.dp_size}"
+            + (f" pp={self.pp_rank}/{self.pp_size}" if self.pp_size > 1 else "")
             + (f" ep={self.ep_rank}/{self.ep_size} edp={self.edp.rank}/{self.edp_size}" if self.ep_size > 1 else "")
         )
 
@@ -163,12 +201,23 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_tp_size(tp_size: int, world_size: int) -> None:
-    """Raise a ValueError naming the valid sizes when tp_size cannot split world_size."""
-    if not isinstance(tp_size, int) or tp_size < 1 or world_size % tp_size:
+def check_pp_size(pp_size: int, world_size: int) -> None:
+    """Raise a ValueError naming the valid sizes when pp_size cannot split world_size into whole stages."""
+    if not isinstance(pp_size, int) or isinstance(pp_size, bool) or pp_size < 1 or world_size % pp_size:
         raise ValueError(
-            f"tp_size={tp_size!r} must be a positive divisor of the world size {world_size} "
-            f"(world = tp x dp); use one of {divisors(world_size)} or change --nproc_per_node"
+            f"pp_size={pp_size!r} must be a positive divisor of the world size {world_size} "
+            f"(world = pp x dp x tp); use one of {divisors(world_size)} or change --nproc_per_node"
+        )
+
+
+def check_tp_size(tp_size: int, world_size: int, pp_size: int = 1) -> None:
+    """Raise a ValueError naming the valid sizes when tp_size cannot split one stage's ``world / pp`` ranks."""
+    stage = world_size // pp_size
+    if not isinstance(tp_size, int) or tp_size < 1 or stage % tp_size:
+        where = f"the world size {world_size}" if pp_size == 1 else f"the {stage} ranks of a stage (world / pp)"
+        raise ValueError(
+            f"tp_size={tp_size!r} must be a positive divisor of {where} "
+            f"(world = pp x dp x tp); use one of {divisors(stage)} or change --nproc_per_node"
         )
 
 
@@ -197,15 +246,29 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
-def grid(world_size: int, inner: int) -> list[list[int]]:
-    """The global ranks as a row-major ``[world / inner, inner]`` grid: rows are inner groups (tp or ep)."""
-    return [list(range(r * inner, (r + 1) * inner)) for r in range(world_size // inner)]
+def grid(world_size: int, inner: int, offset: int = 0) -> list[list[int]]:
+    """The ranks ``offset .. offset + world_size - 1`` as a row-major ``[world / inner, inner]`` grid: rows are
+    inner groups (tp or ep)."""
+    return [list(range(offset + r * inner, offset + (r + 1) * inner)) for r in range(world_size // inner)]
 
 
-def group_layout(world_size: int, inner: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Inner groups of contiguous ranks (tp: one node's cards; ep) and the strided outer groups (dp; edp)."""
-    rows = grid(world_size, inner)
-    return rows, [list(col) for col in zip(*rows, strict=True)]
+def group_layout(world_size: int, inner: int, pp_size: int = 1) -> tuple[list[list[int]], list[list[int]]]:
+    """Inner groups of contiguous ranks (tp: one node's cards; ep) and the strided outer groups (dp; edp), laid
+    out inside each pipeline stage's block of ``world / pp`` contiguous ranks."""
+    block = world_size // pp_size
+    inners: list[list[int]] = []
+    outers: list[list[int]] = []
+    for s in range(pp_size):
+        rows = grid(block, inner, s * block)
+        inners += rows
+        outers += [list(col) for col in zip(*rows, strict=True)]
+    return inners, outers
+
+
+def pp_layout(world_size: int, pp_size: int) -> list[list[int]]:
+    """The pipeline groups: the ranks at the same place of every stage's block (strided by ``world / pp``)."""
+    block = world_size // pp_size
+    return [[s * block + i for s in range(pp_size)] for i in range(block)]
 
 
 def _new_groups(
@@ -232,12 +295,15 @@ def init_distributed(
     tp_size: int | None = None,
     *,
     ep_size: int | None = None,
+    pp_size: int | None = None,
     backend: str | None = None,
     timeout_s: float | None = None,
 ) -> ParallelState:
     """Read torchrun's environment (or run as a single process), pick device and backend, build the groups.
 
-    ``tp_size=None`` means all ranks form one tensor-parallel group. ``ep_size`` (default: tp_size) ranks
+    ``pp_size`` (default 1) pipeline stages are the outermost dimension (``world = pp x dp x tp``): stage ``s``
+    is the block of ranks ``s * world / pp ..``, and tp, dp, ep and edp are laid out inside each block.
+    ``tp_size=None`` means all ranks of a stage form one tensor-parallel group. ``ep_size`` (default: tp_size) ranks
     split the routed experts, ``E / ep`` each: a multiple of tp_size dividing the world size, so an ep group
     is one or more whole tp groups and tokens travel between them by all-to-all. Tensor-parallel groups never
     span nodes: tp must divide LOCAL_WORLD_SIZE. Every size is checked before any collective. Reuses a
@@ -254,10 +320,13 @@ def init_distributed(
     local_rank = _env_int("LOCAL_RANK", 0)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    tp_size = world_size if tp_size is None else tp_size
-    check_tp_size(tp_size, world_size)  # before any collective: every rank raises the same error
+    pp_size = 1 if pp_size is None else pp_size
+    check_pp_size(pp_size, world_size)  # before any collective: every rank raises the same error
+    stage_world = world_size // pp_size
+    tp_size = stage_world if tp_size is None else tp_size
+    check_tp_size(tp_size, world_size, pp_size)
     ep_size = tp_size if ep_size is None else ep_size
-    check_ep_size(ep_size, tp_size, world_size)
+    check_ep_size(ep_size, tp_size, stage_world)
     local_world = os.environ.get("LOCAL_WORLD_SIZE")
     check_local_world(tp_size, int(local_world) if local_world else None)
 
@@ -291,16 +360,29 @@ def init_distributed(
         if timeout is not None:
             logger.info("the world group exists already: its own timeout stays; tp and dp get %g s", timeout_s)
 
-    tp_layout, dp_layout = group_layout(world_size, tp_size)
+    tp_layout, dp_layout = group_layout(world_size, tp_size, pp_size)
     tp = _new_groups(tp_layout, rank, world_size, "tp", timeout)
     dp = _new_groups(dp_layout, rank, world_size, "dp", timeout)
     ep, edp = tp, dp  # ep = tp: the same ranks, no new groups
     if ep_size != tp_size:
-        ep_layout, edp_layout = group_layout(world_size, ep_size)
+        ep_layout, edp_layout = group_layout(world_size, ep_size, pp_size)
         ep = _new_groups(ep_layout, rank, world_size, "ep", timeout)
         edp = _new_groups(edp_layout, rank, world_size, "edp", timeout)
-    state = ParallelState(dev, backend, rank, world_size, tp=tp, dp=dp, local_rank=local_rank, ep=ep, edp=edp)
+    pp = pp_ends = TRIVIAL
+    if pp_size > 1:
+        layout = pp_layout(world_size, pp_size)
+        pp = _new_groups(layout, rank, world_size, "pp", timeout)
+        pp_ends = pp  # pp 2: the first and the last stage are the whole pipeline
+        if pp_size > 2:  # every rank creates every group (collective); the middle stages belong to none
+            for ranks in [[r[0], r[-1]] for r in layout]:
+                g = dist.new_group(ranks, timeout=timeout)
+                if rank in ranks:
+                    pp_ends = Group(ranks.index(rank), 2, g, tuple(ranks))
+    state = ParallelState(
+        dev, backend, rank, world_size, tp=tp, dp=dp, local_rank=local_rank, ep=ep, edp=edp, pp=pp, pp_ends=pp_ends
+    )
     watched = [("tp", tp), ("dp", dp)] + ([("ep", ep), ("edp", edp)] if ep is not tp else [])
+    watched += [("pp", pp)] if pp_size > 1 else []
     watchdog.watch(
         rank,
         world_size,
