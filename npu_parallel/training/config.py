@@ -23,6 +23,7 @@ from npu_parallel.moe.dispatchers import choices as moe_impl_choices
 from npu_parallel.parallel.state import ParallelState
 from npu_parallel.training.data import PackedData, build_data
 from npu_parallel.training.errors import ConfigError
+from npu_parallel.training.eval import check_eval_args
 from npu_parallel.training.lora import DEFAULT_TARGETS, check_lora_args
 from npu_parallel.training.metrics import METRICS_FILE, read_metrics
 
@@ -74,6 +75,10 @@ class TrainConfig:
     warn_idle_steps: int = 20
     warn_load_ratio: float = 4.0
     trust_remote_code: bool = False
+    # sft-step: evaluation during training (issue 21 pt 7); eval_data here until sft-data's block (same name and
+    # type) lands, which then builds it in every data format
+    eval_every: int = 0
+    eval_data: str | None = None
 
 
 HELP = {
@@ -123,6 +128,9 @@ HELP = {
     "warn_load_ratio": "warn when a layer's busiest expert gets more than this times the mean load (0: off)",
     "trust_remote_code": "build the model from the checkpoint's own code (auto_map); needed where transformers "
     "lacks the model type (DeepSeek-MoE 16B)",
+    "eval_every": "eval loss and perplexity over the whole eval set every N steps and at the end (0: at the end "
+    "only, when there is eval data)",
+    "eval_data": "an eval file: eval loss over every example once (.txt/.jsonl text: windows of --max_length)",
 }
 
 
@@ -211,6 +219,7 @@ def check_args(cfg: TrainConfig) -> None:
         "replaces it; pass one",
     )
     check_lora_args(cfg)
+    check_eval_args(cfg)
 
 
 # -- what the values name --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from npu_parallel.parallel.data_parallel import resolve_precision as _resolve
 from npu_parallel.parallel.state import ParallelState, init_distributed
 from npu_parallel.training.config import TrainConfig, add_train_args, check_args, check_inputs, config_from_args
 from npu_parallel.training.errors import ConfigError, NonFiniteError
+from npu_parallel.training.eval import evaluate, run_eval_set
 from npu_parallel.training.expert_load import LoadMonitor
 from npu_parallel.training.guards import (
     agree,
@@ -148,6 +149,7 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
     mode = resolve_precision(cfg.precision, state.device.type)
     torch.manual_seed(cfg.seed)
     inputs = agree(lambda: check_inputs(cfg, state), state)
+    evals = agree(lambda: run_eval_set(cfg, inputs, state), state)
     data, start = inputs.data, inputs.start
     if main:
         for path in inputs.replaced:  # --overwrite: the earlier run's checkpoints go before this run writes any
@@ -239,7 +241,11 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
                 nonfinite.append(step + 1)
             opt.zero_grad(set_to_none=True)
             load_fields = load.step(model, state, step + 1, update=finite)  # and the V3 routing bias, if asked
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0  # the step's own time (tokens/s), the eval after it not counted
+            at_end = step + 1 == last
+            eval_fields = {}
+            if evals is not None and (at_end or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                eval_fields = evaluate(model, evals, state, vocab_parallel=cfg.vocab_parallel_loss).fields()
             log.step(
                 {
                     "step": step + 1,
@@ -253,11 +259,11 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
                     "peak_mem_mb": peak_memory_mb(state.device),
                     "skipped": not finite,
                     **load_fields,
+                    **eval_fields,
                 }
             )
             if not finite:
                 _nonfinite_step(cfg, nonfinite, total, norm.item(), main)
-            at_end = step + 1 == last
             if cfg.save_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or at_end):
                 saved = _save(cfg, model, opt, sched, state, mode, step + 1, data.position)
     finally:
