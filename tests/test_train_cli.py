@@ -156,6 +156,12 @@ def test_text_field_is_honoured(cli):
     assert "content.jsonl" in r["stderr"] and "== done: loss" in r["stdout"]
 
 
+def test_one_distributed_state_per_run(cli):
+    """The command line builds the run's ParallelState once and train() uses it (issue 26): one line per rank."""
+    r = cli["results"]["text_field"]
+    assert r["stderr"].count("initialised rank 0/1") == 1, r["stderr"][-2000:]
+
+
 def test_rerun_into_used_save_and_log_dirs(cli):
     results, save, log = cli["results"], cli["save"], cli["log"]
     assert results["first"]["code"] == 0

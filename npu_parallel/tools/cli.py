@@ -14,6 +14,7 @@ import sys
 from npu_parallel.tools.checks import UserError, check_args, check_output_file, write_output
 from npu_parallel.tools.cli_common import Parser, checkpoint_errors, parse_dtype
 from npu_parallel.tools.cli_env import cmd_env
+from npu_parallel.tools.cli_eval import add_eval_parser
 from npu_parallel.tools.cli_generate import add_generate_parser
 from npu_parallel.tools.cli_plan import add_plan_parser
 from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     add_plan_parser(sub)
     add_generate_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

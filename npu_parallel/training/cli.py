@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.hf_compat import unsupported_transformers
-from npu_parallel.parallel.state import ParallelState, init_distributed
+from npu_parallel.parallel.state import ParallelState
 from npu_parallel.training.config import add_train_args, check_args, config_from_args
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, ConfigError, NonFiniteError
 from npu_parallel.training.flags import FlagParser
@@ -62,18 +62,15 @@ def run(
     try:
         if why := unsupported_transformers():
             raise ConfigError(why)
-        from npu_parallel.training.loop import train  # imports the attention kernels, which need transformers >= 4.51
+        from npu_parallel.training.loop import run_state, train  # the attention kernels need transformers >= 4.51
 
         if resolve is not None:
             resolve(args)
         check_args(config_from_args(args))  # before the process group: a bad value costs no rendezvous
-        try:
-            state = init_distributed(args.tp_size, ep_size=args.ep_size, timeout_s=args.timeout_s)
-        except ValueError as exc:  # a tp or ep size the world cannot split, alike on every rank
-            raise ConfigError(str(exc)) from None
+        state = run_state(config_from_args(args))  # the run's one state: train() uses it, never builds another
         if prepare is not None:
             prepare(args, state)
-        result = train(config_from_args(args))
+        result = train(config_from_args(args), state)
     except (ConfigError, CheckpointError) as exc:
         code, message = EXIT_BAD_INPUT, str(exc)
     except NonFiniteError as exc:

@@ -25,6 +25,7 @@ from npu_parallel.training.data import PackedData
 from npu_parallel.training.data_inputs import build_run_data, check_data_args
 from npu_parallel.training.dataset import DataStream, EvalSet
 from npu_parallel.training.errors import ConfigError
+from npu_parallel.training.eval import check_eval_args
 from npu_parallel.training.formats import FORMATS
 from npu_parallel.training.lora import DEFAULT_TARGETS, check_lora_args
 from npu_parallel.training.metrics import METRICS_FILE, read_metrics
@@ -88,6 +89,8 @@ class TrainConfig:
     warn_idle_steps: int = 20
     warn_load_ratio: float = 4.0
     trust_remote_code: bool = False
+    # evaluation during training (issue 21 pt 7); the eval data itself: eval_data / eval_split above
+    eval_every: int = 0
 
 
 HELP = {
@@ -150,6 +153,8 @@ HELP = {
     "warn_load_ratio": "warn when a layer's busiest expert gets more than this times the mean load (0: off)",
     "trust_remote_code": "build the model from the checkpoint's own code (auto_map); needed where transformers "
     "lacks the model type (DeepSeek-MoE 16B)",
+    "eval_every": "eval loss and perplexity over the whole eval set every N steps and at the end (0: at the end "
+    "only, when there is eval data)",
 }
 
 
@@ -244,6 +249,7 @@ def check_args(cfg: TrainConfig) -> None:
         "replaces it; pass one",
     )
     check_lora_args(cfg)
+    check_eval_args(cfg)
 
 
 # -- what the values name --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from npu_parallel.parallel.data_parallel import resolve_precision as _resolve
 from npu_parallel.parallel.state import ParallelState, init_distributed
 from npu_parallel.training.config import TrainConfig, add_train_args, check_args, check_inputs, config_from_args
 from npu_parallel.training.errors import ConfigError, NonFiniteError
+from npu_parallel.training.eval import evaluate, run_eval_set
 from npu_parallel.training.expert_load import LoadMonitor
 from npu_parallel.training.guards import (
     agree,
@@ -75,15 +76,12 @@ def jit_warmup(model, state, vocab_parallel: bool, steps: int, vocab: int) -> fl
     return time.perf_counter() - t0
 
 
-def _dp_sum(values: list[torch.Tensor | None], state: ParallelState) -> list[float | None]:
-    """Sum over the data-parallel group of each rank's share of the step's losses (None stays None): one
-    all-reduce of one fp32 vector on ``state.device`` (a dtype and a device every backend reduces), one host sync."""
-    present = [v for v in values if v is not None]
-    t = torch.stack(present).to(device=state.device, dtype=torch.float32)
-    if state.dp_size > 1:
-        torch.distributed.all_reduce(t, group=state.dp_group)
-    means = iter(t.tolist())
-    return [None if v is None else next(means) for v in values]
+def run_state(cfg: TrainConfig) -> ParallelState:
+    """The run's one distributed state (ConfigError for a tp or ep size the world cannot split, on every rank)."""
+    try:
+        return init_distributed(cfg.tp_size, ep_size=cfg.ep_size, timeout_s=cfg.timeout_s)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_loaded_weights(cfg: TrainConfig, model_path: str, model) -> None:
@@ -133,8 +131,11 @@ def _save(cfg: TrainConfig, model, opt, sched, state: ParallelState, mode: Preci
     )
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
     """Fine-tune ``cfg.model_path``; returns the per-step losses and where checkpoints and logs went.
+
+    ``state``: the run's distributed state when the caller built it (the command line does, once per run);
+    None builds it here from ``cfg.tp_size``/``cfg.ep_size``.
 
     Every argument and input is checked before the model loads (ConfigError on every rank). A step whose loss
     or gradient norm is not finite on any rank is skipped on all of them: no optimizer step, its gradients
@@ -142,14 +143,13 @@ def train(cfg: TrainConfig) -> dict:
     line holding null; ``cfg.max_nonfinite_steps`` such steps in a row stop the run with NonFiniteError.
     """
     check_args(cfg)
-    try:
-        state = init_distributed(cfg.tp_size, ep_size=cfg.ep_size, timeout_s=cfg.timeout_s)
-    except ValueError as exc:  # a tp or ep size the world cannot split, raised alike on every rank
-        raise ConfigError(str(exc)) from None
+    if state is None:
+        state = run_state(cfg)
     main = state.rank == 0
     mode = resolve_precision(cfg.precision, state.device.type)
     torch.manual_seed(cfg.seed)
     inputs = agree(lambda: check_inputs(cfg, state), state)
+    evals = agree(lambda: run_eval_set(cfg, inputs, state), state)
     data, start = inputs.data, inputs.start
     if main:
         for path in inputs.replaced:  # --overwrite: the earlier run's checkpoints go before this run writes any
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
             losses = train_step(
                 model, batches, state, vocab_parallel=cfg.vocab_parallel_loss, mtp_weight=cfg.mtp_loss_weight
             )
-            total, aux_total, mtp_total = _dp_sum([losses.loss, losses.aux, losses.mtp], state)
+            total, _, aux_total, mtp_total = losses.reduce(state)
             assert total is not None
             norm = clip_grad_norm_(model, cfg.grad_clip, state)
             lr = sched.get_last_lr()[0]
@@ -241,7 +241,11 @@ def train(cfg: TrainConfig) -> dict:
                 nonfinite.append(step + 1)
             opt.zero_grad(set_to_none=True)
             load_fields = load.step(model, state, step + 1, update=finite)  # and the V3 routing bias, if asked
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0  # the step's own time (tokens/s), the eval after it not counted
+            at_end = step + 1 == last
+            eval_fields = {}
+            if evals is not None and (at_end or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                eval_fields = evaluate(model, evals, state, vocab_parallel=cfg.vocab_parallel_loss).fields()
             log.step(
                 {
                     "step": step + 1,
@@ -255,11 +259,11 @@ def train(cfg: TrainConfig) -> dict:
                     "peak_mem_mb": peak_memory_mb(state.device),
                     "skipped": not finite,
                     **load_fields,
+                    **eval_fields,
                 }
             )
             if not finite:
                 _nonfinite_step(cfg, nonfinite, total, norm.item(), main)
-            at_end = step + 1 == last
             if cfg.save_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or at_end):
                 saved = _save(cfg, model, opt, sched, state, mode, step + 1, data.position)
     finally:

@@ -94,12 +94,15 @@ class MetricsLog:
         skipped = " | skipped (non-finite)" if record.get("skipped") else ""
         if record.get("load_max_over_mean"):
             skipped = f" | load max/mean {record['load_max_over_mean']:.2f}{skipped}"
+        if record.get("eval_loss") is not None:
+            ppl = record.get("eval_perplexity")
+            skipped += f" | eval loss {record['eval_loss']:.4f} ppl " + (f"{ppl:.2f}" if ppl is not None else "inf")
         self.bar.write(
-            f"step {record['step']:>5} | loss {record['loss']:.4f}{aux} | lr {record['lr']:.2e} | "
+            f"step {record['step']:>5} | loss {_num(record['loss'])}{aux} | lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
             f"peak {record['peak_mem_mb']:.0f} MB{skipped}"
         )
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+        self.bar.set_postfix_str(f"loss {_num(record['loss'])} | {record['tokens_per_s']:.0f} tok/s", refresh=False)
         self.bar.update(1)
 
     def close(self) -> Path | None:
@@ -114,6 +117,10 @@ class MetricsLog:
         if plot is not None:
             self.plotted = [r["step"] for r in records if isinstance(r.get("step"), int)]
         return plot
+
+
+def _num(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.4f}"
 
 
 def plot_loss(out: Path, records: list[dict]) -> Path | None:
@@ -134,6 +141,10 @@ def plot_loss(out: Path, records: list[dict]) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*series("loss"), marker="o", markersize=3, label="loss")
+    eval_steps, eval_loss = series("eval_loss")
+    if eval_loss:  # the second curve: the whole eval set's token-weighted loss
+        ax.plot(eval_steps, eval_loss, marker="s", markersize=4, color="tab:green", label="eval loss")
+        ax.legend(loc="upper right")
     aux_steps, aux = series("aux_loss")
     if aux:
         ax2 = ax.twinx()

@@ -43,6 +43,18 @@ class StepLoss:
     def values(self) -> list[torch.Tensor | None]:
         return [self.loss, self.ce, self.aux, self.mtp]
 
+    def reduce(self, state: ParallelState) -> list[float | None]:
+        """The global ``[loss, ce, aux, mtp]``: every rank's share summed over the dp group (None stays None), one
+        all-reduce of one fp32 vector on ``state.device`` (a dtype and a device every backend reduces), one host
+        read."""
+        values = self.values()
+        present = [v for v in values if v is not None]
+        t = torch.stack(present).to(device=state.device, dtype=torch.float32)
+        if state.dp_size > 1:
+            dist.all_reduce(t, group=state.dp_group)
+        sums = iter(t.tolist())
+        return [None if v is None else next(sums) for v in values]
+
 
 def global_counts(batches: Sequence[Batch], state: ParallelState, mtp_depth: int = 0) -> torch.Tensor:
     """``[1 + depth]`` float32 on the device: supervised targets (main loss, then each MTP depth) of the global
@@ -73,9 +85,8 @@ def train_step(
 ) -> StepLoss:
     """Forward and backward of this rank's micro-batches of one step (on ``state.device``); no optimizer step.
 
-    Returns this rank's share of the global losses (sum them over the dp ranks for the global values, e.g. with
-    one all-reduce of :meth:`StepLoss.values`). An empty global batch (no supervised target anywhere) is a
-    ValueError on every rank alike.
+    Returns this rank's share of the global losses (:meth:`StepLoss.reduce` sums them over the dp ranks). An
+    empty global batch (no supervised target anywhere) is a ValueError on every rank alike.
     """
     counts = global_counts(batches, state, len(mtp_layers(model)) if mtp_weight else 0)
     host = counts.tolist()  # the step's one host read of the counts (the divisor itself stays on the device)
