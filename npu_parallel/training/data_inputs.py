@@ -48,19 +48,27 @@ def uses_stream(cfg: Any) -> bool:
     sources = parse_sources(cfg.data)
     if not sources:
         return False
-    if cfg.format not in ("auto", "text") or cfg.packing is not None or cfg.eval_split or len(sources) > 1:
+    if cfg.packing is not None or cfg.eval_split or len(sources) > 1 or sources[0].weight != 1:
         return True
-    path = Path(sources[0].path)
-    if sources[0].weight != 1 or path.is_dir() or path.suffix in (".parquet", ".json"):
-        return True
+    return not _plain_text(cfg, sources[0].path)
+
+
+def _plain_text(cfg: Any, file: str) -> bool:
+    """Whether ``file`` is raw text (a .txt, or a .jsonl of text records) under --format auto|text: the
+    fixed-window path, which needs no tokenizer files beside the checkpoint."""
+    if cfg.format not in ("auto", "text"):
+        return False
+    path = Path(file)
+    if path.is_dir() or path.suffix in (".parquet", ".json"):
+        return False
     if cfg.format == "text" or path.suffix != ".jsonl" or not path.is_file():
-        return False  # a plain text file (or a missing one: the text path names it)
+        return True  # a plain text file (or a missing one: the text path names it)
     names = parse_field_map(cfg.field_map)
     names.setdefault("text", cfg.text_field)
     for _, record in read_records(path, cfg.text_field):
         fmt = detect_format(record, names) if isinstance(record, dict) else None
-        return fmt is not None and fmt.name != "text"
-    return False
+        return fmt is None or fmt.name == "text"
+    return True
 
 
 def _hf_tokenizer(model_path: str) -> Any:
@@ -86,7 +94,8 @@ def build_run_data(
     """This rank's training data and eval set (no collective)."""
     main = state.rank == 0
     stream = uses_stream(cfg)
-    tokenizer = _hf_tokenizer(model_path) if stream or cfg.eval_data else None
+    chat_eval = bool(cfg.eval_data) and not _plain_text(cfg, cfg.eval_data)
+    tokenizer = _hf_tokenizer(model_path) if stream or chat_eval else None
     if stream:
         return build_datasets(cfg, tokenizer, state, main)
     sources = parse_sources(cfg.data)
@@ -104,7 +113,6 @@ def build_run_data(
         text_field=cfg.text_field,
         grad_accum=cfg.grad_accum,
     )
-    evals = (
-        build_eval_batches(cfg, tokenizer, state, prepare(cfg, tokenizer, with_train=False)) if cfg.eval_data else None
-    )
+    # raw-text eval data is left to training/eval.text_eval_set (run_eval_set), as raw-text training data is
+    evals = build_eval_batches(cfg, tokenizer, state, prepare(cfg, tokenizer, with_train=False)) if chat_eval else None
     return data, evals
