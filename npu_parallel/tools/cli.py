@@ -16,6 +16,7 @@ from npu_parallel.tools.cli_common import Parser, checkpoint_errors, parse_dtype
 from npu_parallel.tools.cli_env import cmd_env
 from npu_parallel.tools.cli_plan import add_plan_parser
 from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
+from npu_parallel.tools.cli_upcycle import add_upcycle_parser
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_OK
 
 
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_verify)
     add_plan_parser(sub)
+    add_upcycle_parser(sub)
     return parser
 
 
