@@ -18,6 +18,7 @@ from npu_parallel.tools.cli_eval import add_eval_parser
 from npu_parallel.tools.cli_generate import add_generate_parser
 from npu_parallel.tools.cli_plan import add_plan_parser
 from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
+from npu_parallel.tools.cli_upcycle import add_upcycle_parser
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_OK
 
 
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_generate_parser(sub)
     add_eval_parser(sub)
+    add_upcycle_parser(sub)
     return parser
 
 
