@@ -20,6 +20,7 @@ from npu_parallel.convert.plan import Plan, matches
 from npu_parallel.convert.plans import plan_for
 from npu_parallel.convert.styles import Context
 from npu_parallel.moe.dispatchers import Dispatcher, resolve_dispatcher
+from npu_parallel.moe.gate_options import GateOptions
 from npu_parallel.moe.load import install as install_balance
 from npu_parallel.parallel.state import Group, ParallelState
 
@@ -84,12 +85,14 @@ def apply_plan(
     world_size: int | None = None,
     aux_loss_coef: float | None = None,
     ep: Group | None = None,
+    gate_options: GateOptions | None = None,
 ) -> ConversionInfo:
     """Swap modules and slice weights per the plan, leaving tensors where they are (meta included).
 
     Checks every size against the plan first (before any collective), then converts; warns about rules
     that matched no module, as transformers' ``verify_tp_plan`` does. ``aux_loss_coef`` overrides the
-    coefficient of the family's load-balancing loss (None: the config's; 0: off).
+    coefficient of the family's load-balancing loss (None: the config's; 0: off). ``gate_options``: router noise
+    and z-loss for training (:mod:`npu_parallel.moe.gate_options`; None: off).
     """
     config = model.config
     plan = plan or plan_for(config)
@@ -106,9 +109,12 @@ def apply_plan(
         )
     if plan.balance is not None:
         plan.balance.coefficient(config, aux_loss_coef)  # a bad value raises here, before anything changes
+    if gate_options is not None:
+        gate_options.check()
     ctx = Context(
-        tp, config, dispatcher, balance=plan.balance, aux_loss_coef=aux_loss_coef, ep=ep, router_rule=plan.router
-    )
+        tp, config, dispatcher, balance=plan.balance, aux_loss_coef=aux_loss_coef, ep=ep, router_rule=plan.router,
+        gate_options=gate_options,
+    )  # fmt: skip
     used: dict[str, int] = {}
     _convert_children(model, "", plan, ctx, used)
     unused = sorted({p for p, _ in plan.rules} - set(used) - set(plan.optional))
@@ -116,9 +122,12 @@ def apply_plan(
         logger.warning("%s plan: rules that matched no module of %s: %s", plan.name, type(model).__name__, unused)
     use_fused_attention(model)
     use_fused_kernels(model)
-    if plan.balance is not None:  # the load-balancing loss into the output, once per forward
-        attr = plan.balance.model_coef_attr
-        own = (attr, plan.balance.coefficient(config, aux_loss_coef)) if attr and hasattr(model, attr) else None
+    z_loss = gate_options is not None and gate_options.z_loss_coef > 0
+    if plan.balance is not None or z_loss:  # the load-balancing loss (and z-loss) into the output, once per forward
+        attr = plan.balance.model_coef_attr if plan.balance is not None else None
+        own = None
+        if plan.balance is not None and attr and hasattr(model, attr):
+            own = (attr, plan.balance.coefficient(config, aux_loss_coef))
         install_balance(model, own)
     info = ConversionInfo(plan, tp, dispatcher.name, ep=ep)
     setattr(model, INFO_ATTR, info)
@@ -144,6 +153,7 @@ def convert_model(
     moe_impl: str | Dispatcher = "auto",
     capacity_factor: float | None = None,
     aux_loss_coef: float | None = None,
+    gate_options: GateOptions | None = None,
 ) -> PreTrainedModel:
     """Convert a loaded Hugging Face model to tensor/expert-parallel form in place and return it.
 
@@ -151,7 +161,8 @@ def convert_model(
     full-vocab logits as before conversion. ``moe_impl``: a name (``"auto"``, ``"grouped"``, ...) or a
     Dispatcher. ``capacity_factor`` applies to ``moe_impl="static"`` only (None: dropless).
     In train mode ``out.loss`` holds the family's load-balancing loss once and ``out.aux_loss`` reports it
-    (weighted); ``aux_loss_coef`` overrides its coefficient (None: the config's, 0: off).
+    (weighted); ``aux_loss_coef`` overrides its coefficient (None: the config's, 0: off). ``gate_options``: router
+    noise and the router z-loss, train mode only (:class:`~npu_parallel.moe.gate_options.GateOptions`; None: off).
     """
     apply_plan(
         model,
@@ -162,6 +173,7 @@ def convert_model(
         world_size=state.world_size,
         aux_loss_coef=aux_loss_coef,
         ep=state.ep,
+        gate_options=gate_options,
     )
     cast(nn.Module, model).to(state.device)  # in place; cast: transformers' decorated `to` confuses mypy
     return model

@@ -6,6 +6,7 @@ subtree converts the children itself; otherwise conversion continues into the ch
 
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from npu_parallel.moe.balance import BalanceRule
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.experts import LocalExperts, is_silu
+from npu_parallel.moe.gate_options import GateNoise, GateOptions
 from npu_parallel.moe.routing_rule import RouterRule
 from npu_parallel.parallel import kernels
 from npu_parallel.parallel.collectives import copy_to_tp
@@ -28,6 +30,8 @@ from npu_parallel.parallel.linear import (
 )
 from npu_parallel.parallel.state import Group
 from npu_parallel.parallel.vocab import ParallelLMHead, VocabParallelEmbedding
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Context:
     aux_loss_coef: float | None = None  # its coefficient, overriding the config's (0: off)
     ep: Group | None = None  # the ranks splitting the routed experts (None: the tp group)
     router_rule: RouterRule | None = None  # the family's routing math (routing hooks)
+    gate_options: GateOptions | None = None  # router noise and z-loss (training a new MoE; None: off)
 
 
 class Style:
@@ -219,9 +224,28 @@ class MoE(Style):
             balance=balance,
         )
         new.router_rule = ctx.router_rule  # the family's routing math, for the routing hooks
+        _set_gate_options(new, module, ctx.gate_options or GateOptions(), path)
         if hasattr(module, "config"):
             new.config = module.config
         return new
+
+
+def _set_gate_options(block: MoEBlock, source: nn.Module, options: GateOptions, path: str) -> None:
+    """Router noise and z-loss onto a converted block; a source block's own jitter (transformers' Mixtral
+    ``router_jitter_noise``) is kept unless the options name a noise of their own."""
+    from npu_parallel.moe.load import layer_index
+
+    own = getattr(source, "jitter_noise", None)
+    kind, eps = options.noise, options.noise_eps
+    if kind is None and isinstance(own, float) and own > 0:
+        kind, eps = "mixtral", own
+    elif kind is not None and isinstance(own, float) and own > 0 and (kind, eps) != ("mixtral", own):
+        logger.warning(
+            "%s: router noise %s (eps %g) replaces the config's router_jitter_noise %g", path, kind, eps, own
+        )
+    if kind is not None:
+        block.gate_noise = GateNoise(kind, eps, options.seed, layer_index(path) or 0)
+    block.z_loss_coef = options.z_loss_coef
 
 
 def kv_heads_kept(num_heads: int, num_kv: int, tp_size: int, tp_rank: int) -> tuple[int, int, bool]:

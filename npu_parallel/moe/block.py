@@ -13,8 +13,9 @@ from torch import nn
 from npu_parallel.moe.balance import Balance, LayerTerm
 from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.experts import LocalExperts
+from npu_parallel.moe.gate_options import GateNoise, z_loss
 from npu_parallel.moe.router import router_logits, router_outputs
-from npu_parallel.moe.routing_rule import RouterRule
+from npu_parallel.moe.routing_rule import RouterMath, RouterRule
 from npu_parallel.parallel.collectives import copy_to_tp, reduce_from_tp, reduce_grad
 from npu_parallel.parallel.shard_spec import ShardedModule
 from npu_parallel.parallel.state import Group
@@ -68,10 +69,17 @@ class MoEBlock(ShardedModule):
         # routing hooks (npu_parallel.moe.routing_hooks): the family's routing math, and the hook when one is
         # installed (record_routing / override_routing); None costs one check per forward
         self.router_rule: RouterRule | None = None
+        self.router_math: RouterMath | None = None  # resolved from router_rule when first needed
         self.routing_hook: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        # gate options (npu_parallel.moe.gate_options), train mode only: router noise, the router z-loss
+        self.gate_noise: GateNoise | None = None
+        self.z_loss_coef = 0.0
+        self.z_term: torch.Tensor | None = None  # this forward's weighted z-loss; taken by the model's hook
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape  # [B, S, H]
+        if self.training and self.gate_noise is not None and self.gate_noise.kind == "mixtral":
+            hidden_states = self.gate_noise.jitter(hidden_states)  # router and experts see it (transformers' Mixtral)
         tokens = hidden_states.reshape(-1, shape[-1])  # [T, H]
         # route: the replicated router on every rank; the routing weights' gradient is summed over the group
         indices, weights = self.route(hidden_states)  # [T, k] each
@@ -95,7 +103,11 @@ class MoEBlock(ShardedModule):
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [T, k], weights [T, k])`` from the router; in train mode also this layer's balance term."""
-        output = self.gate(hidden_states)
+        noise = self.gate_noise if self.training else None
+        router_in = hidden_states
+        if noise is not None and noise.kind == "jitter":  # DeepSpeed's Jitter: the router's input only
+            router_in = noise.jitter(hidden_states)
+        output = self.gate(router_in)
         indices, weights, aux_loss = router_outputs(output)
         if indices is None or weights is None:
             raise TypeError(
@@ -104,15 +116,57 @@ class MoEBlock(ShardedModule):
             )
         t = hidden_states.numel() // hidden_states.shape[-1]
         indices, weights = indices.reshape(t, -1), weights.reshape(t, -1)
+        own = weights  # the router's own: with k == E its logits have their shape too (router_logits tells them apart)
+        if noise is not None and noise.kind == "rsample":
+            indices, weights = self._rsample(noise, router_in, output, indices, weights)
         if self.routing_hook is not None:  # record_routing / override_routing: sees, or replaces, the top-k
-            indices, weights = self.routing_hook(self, hidden_states, output, indices, weights)
+            indices, weights = self.routing_hook(self, router_in, output, indices, weights)
+        if self.training and self.z_loss_coef > 0:
+            raw = self.raw_logits(router_in, output, own)
+            if raw is None:
+                raise TypeError(f"router z-loss: {type(self.gate).__name__} gives no logits and has no [E, H] weight")
+            self.z_term = z_loss(raw) * self.z_loss_coef
         if self.training and self.balance is not None:
-            logits = router_logits(output, self.experts.num_experts, weights)
+            logits = router_logits(output, self.experts.num_experts, own)
             if logits is None and self.balance.active and self.balance.loss != "router":
                 # transformers 4.x routers return (indices, weights) only
-                logits = self._recomputed_logits(hidden_states)
+                logits = self._recomputed_logits(router_in)
             self.balance_term = self.balance.layer(logits, indices, tuple(hidden_states.shape[:-1]), aux_loss)
         return indices, weights
+
+    def raw_logits(self, router_in: torch.Tensor, output: object, weights: torch.Tensor) -> torch.Tensor | None:
+        """The router's raw logits ``[T, E]``: from its output, else its fp32 linear (None: neither)."""
+        raw = router_logits(output, self.experts.num_experts, weights)
+        if raw is None:
+            raw = self._recomputed_logits(router_in)
+        return None if raw is None else raw.reshape(-1, self.experts.num_experts)
+
+    def _rsample(
+        self, noise: GateNoise, router_in: torch.Tensor, output: object, own_ids: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RSample: the top-k drawn by Gumbel noise on the family's scores, the family's weights at them."""
+        math = self.routing_math()
+        if math.scoring != "softmax":
+            raise ValueError(
+                f"router noise 'rsample' samples from a softmax routing distribution; {type(self.gate).__name__}"
+                f" scores by {math.scoring}: use router noise 'jitter' or 'mixtral'"
+            )
+        raw = self.raw_logits(router_in, output, weights)
+        if raw is None:
+            raise TypeError(f"router noise 'rsample': {type(self.gate).__name__} gives no logits")
+        scores = math.scores(raw, self.gate)  # [T, E]
+        with torch.no_grad():  # once: the rule reproduces the router's own choice and weights (else an error)
+            math.check(raw, scores, own_ids, weights)
+        ids = noise.sample(scores, weights.shape[-1])  # [T, k]
+        return ids, math.weights(raw, ids).to(weights.dtype)
+
+    def routing_math(self) -> RouterMath:
+        """The family's routing math read from this block's router (its plan's rule), resolved once."""
+        if self.router_math is None:
+            rule = self.router_rule or RouterRule()
+            top_k = int(getattr(self.gate, "top_k", 0) or getattr(self.gate, "num_experts_per_tok", 0) or 0)
+            self.router_math = rule.resolve(self.gate, self.experts.num_experts, top_k)
+        return self.router_math
 
     def _recomputed_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """The router's logits ``[T, E]`` as its own forward computes them (fp32 linear of its ``weight [E, H]``),

@@ -77,12 +77,16 @@ class BalanceHook:
             if dropped is not None:
                 dropped = dropped.to(torch.int64)
                 block.dropped = dropped if block.dropped is None else block.dropped + dropped
-        if not terms or terms[0][0].balance is None:
+        total = None
+        if terms and terms[0][0].balance is not None:
+            total = terms[0][0].balance.total([t for _, t in terms])
+        z = _take_z_terms(model)
+        if (total is None and z is None) or out is None or not hasattr(out, "logits"):
             return None
-        total = terms[0][0].balance.total([t for _, t in terms])
-        if total is None or out is None or not hasattr(out, "logits"):
-            return None
-        reported, self.last = total
+        reported, self.last = total if total is not None else (None, None)
+        if z is not None:  # the router z-loss (gate options) beside the family's load-balancing loss
+            self.last = z if self.last is None else self.last + z
+        assert self.last is not None
         if torch.is_grad_enabled() and not self.last.requires_grad and not self.warned:
             if any(p.requires_grad for block, _ in terms for p in block.gate.parameters()):
                 self.warned = True  # numerics never silently degraded: said once
@@ -94,13 +98,26 @@ class BalanceHook:
         loss = getattr(out, "loss", None)
         if loss is not None:
             out["loss"] = loss + self.last.to(loss.dtype)
-        out["aux_loss"] = reported
+        if reported is not None:
+            out["aux_loss"] = reported
+        if z is not None:
+            out["z_loss"] = z
         return out
 
 
+def _take_z_terms(model: nn.Module) -> torch.Tensor | None:
+    """The weighted router z-loss of this forward, summed over the MoE layers (None: off); the blocks' cleared."""
+    found = []
+    for _, block in moe_blocks(model):
+        if block.z_term is not None:
+            found.append(block.z_term)
+            block.z_term = None
+    return torch.stack(found).sum() if found else None
+
+
 def balance_loss(model: nn.Module) -> torch.Tensor | None:
-    """The weighted load-balancing loss of the model's last train-mode forward, with its graph (the amount its
-    ``out.loss`` gained; a loss computed from the logits adds it); None when the model has none."""
+    """The weighted load-balancing loss (plus the router z-loss, when on) of the model's last train-mode forward,
+    with its graph (the amount its ``out.loss`` gained; a loss computed from the logits adds it); None: none."""
     for hook in model._forward_hooks.values():
         if isinstance(hook, BalanceHook):
             return hook.last

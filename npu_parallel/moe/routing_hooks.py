@@ -34,8 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from npu_parallel.moe.block import MoEBlock
-from npu_parallel.moe.router import router_logits
-from npu_parallel.moe.routing_rule import RouterMath, RouterRule
+from npu_parallel.moe.routing_rule import RouterMath
 
 __all__ = [
     "FIELDS",
@@ -103,13 +102,8 @@ class BlockHook:
         self, block: MoEBlock, hidden_states: torch.Tensor, output: object, ids: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-        e = self.math.num_experts
-        raw = router_logits(output, e, weights)
-        if raw is None:  # routers that return no logits (remote code, transformers 4.x): their fp32 linear
-            weight = block.gate.weight
-            assert isinstance(weight, torch.Tensor)
-            raw = nn.functional.linear(rows.float(), weight.float())
-        raw = raw.reshape(rows.shape[0], e)  # [T, E]
+        raw = block.raw_logits(rows, output, weights)  # [T, E]; remote code, transformers 4.x: the fp32 linear
+        assert raw is not None, f"{type(block.gate).__name__} gives no logits and has no [E, H] weight"
         scores = self.math.scores(raw, block.gate)  # [T, E]
         with torch.no_grad():
             self.math.check(raw, scores, ids, weights)
@@ -192,9 +186,7 @@ def _installed(block: MoEBlock) -> BlockHook | None:
 def _hook(block: MoEBlock, layer: int) -> BlockHook:
     hook = _installed(block)
     if hook is None:
-        rule = block.router_rule or RouterRule()
-        top_k = int(getattr(block.gate, "top_k", 0) or getattr(block.gate, "num_experts_per_tok", 0) or 0)
-        hook = BlockHook(layer, rule.resolve(block.gate, block.experts.num_experts, top_k))
+        hook = BlockHook(layer, block.routing_math())  # one math per block: RSample's check is the hook's too
         block.routing_hook = hook
     return hook
 
