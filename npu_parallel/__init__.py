@@ -16,11 +16,13 @@ if TYPE_CHECKING:
     from npu_parallel.checkpoint.save import load_training_state, save_sharded
     from npu_parallel.convert.conversion import convert_model
     from npu_parallel.convert.lora import merge_lora
+    from npu_parallel.moe.gate_options import GateOptions
     from npu_parallel.moe.routing_hooks import override_routing, record_routing
     from npu_parallel.parallel.data_parallel import data_parallel
     from npu_parallel.parallel.state import ParallelState, init_distributed
 
 _LAZY = {
+    "GateOptions": "npu_parallel.moe.gate_options",
     "ParallelState": "npu_parallel.parallel.state",
     "apply_lora": "npu_parallel.checkpoint.peft_adapter",
     "convert_model": "npu_parallel.convert.conversion",
@@ -37,6 +39,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "GateOptions",
     "ParallelState",
     "__version__",
     "apply_lora",

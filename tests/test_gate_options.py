@@ -1,6 +1,7 @@
 """Gate options (issue 25 point 3): router noise changes training-mode routing and never eval-mode routing, each
 kind equals its definition written out on the unconverted model, the ranks of a tp group draw the same noise,
-and the router z-loss equals ST-MoE's formula."""
+the router z-loss equals ST-MoE's formula; eval_capacity_factor and min_capacity give the hand-computed drops;
+the trainer's flags (noise, z-loss, capacity) run, resume bit for bit and count the drops in metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import pytest
 import torch
 
 import npu_parallel
+from npu_parallel.moe.dispatchers.masked import MaskedDispatcher
+from npu_parallel.moe.dispatchers.static import StaticDispatcher
 from npu_parallel.moe.gate_options import GateNoise, GateOptions, set_noise_step
 from npu_parallel.moe.load import moe_blocks
 
 from .common import seeded_ids
 from .dist import run_ranks
 from .models import VARIANTS, load_reference
+from .test_static_moe import _experts
 
 EPS = 0.3  # large enough that the tiny models' routing changes
 
@@ -47,8 +51,10 @@ def test_noise_changes_training_routing_only(checkpoints, kind):
     first, second = _routing(model, ids, train=True), _routing(model, ids, train=True)
     assert any(not torch.equal(first[i].ids, clean[i].ids) for i in clean), "noise left training routing unchanged"
     assert any(not torch.equal(first[i].ids, second[i].ids) for i in clean), "the same noise in two forwards"
-    set_noise_step(model, 5)
-    again = [_routing(model, ids, train=True) for _ in range(2)]  # the trainer's step seeds the draw
+    again = []
+    for _ in range(2):  # the trainer's step (and dp rank) seed the draws, the forwards counted from it
+        set_noise_step(model, 5, 1)
+        again.append(_routing(model, ids, train=True))
     assert all(torch.equal(again[0][i].ids, again[1][i].ids) for i in clean)
 
 
@@ -142,3 +148,72 @@ def test_tp2_ranks_draw_the_same_noise(checkpoints):
     result = run_ranks(2, "tests.gate_worker:run", str(checkpoints / "qwen3_moe"), ["mixtral", "jitter", "rsample"])
     for kind, diff in result.items():
         assert diff <= 1e-5, (kind, diff)
+
+
+def _kept(idx: torch.Tensor, w: torch.Tensor, cap: int, start: int = 8, stop: int = 16) -> tuple[torch.Tensor, int]:
+    """The weights with every slot past its local expert's capacity (in token order) zeroed, and their count."""
+    kept, seen, dropped = w.clone(), {}, 0
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if start <= e < stop:
+                seen[e] = seen.get(e, 0) + 1
+                if seen[e] > cap:
+                    kept[t, j], dropped = 0, dropped + 1
+    return kept, dropped
+
+
+def test_min_capacity_and_eval_capacity_factor_drop_as_hand_computed():
+    """40 tokens, top-2 of 16 experts (8 local), every token to expert 8: capacity_factor 1.25 gives
+    ceil(1.25 * 40 * 2 / 16) = 7 slots; min_capacity 20 raises it to 20; eval_capacity_factor 8 gives 40 (no drop)
+    in eval mode only."""
+    ex = _experts()
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))
+    idx = torch.full((40, 2), 8)
+    idx[:, 1] = torch.arange(40) % 16
+    idx[idx[:, 1] == 8, 1] = 9
+    w = torch.rand(40, 2, generator=torch.Generator().manual_seed(4))
+    # expert 8 gets 40 slots, every other local expert at most 4: 33 dropped at 7 slots, 20 at 20, none at 40
+    for options, train, cap, drops in [
+        (dict(capacity_factor=1.25), True, 7, 33),
+        (dict(capacity_factor=1.25, min_capacity=20), True, 20, 20),
+        (dict(capacity_factor=1.25, eval_capacity_factor=8.0), True, 7, 33),
+        (dict(capacity_factor=1.25, eval_capacity_factor=8.0), False, 40, 0),
+    ]:
+        static = StaticDispatcher(**options)
+        static.training = train
+        out = static(x, idx, w, ex)
+        kept, dropped = _kept(idx, w, cap)
+        assert int(static.stats["dropped"]) == dropped == drops, (options, train)
+        torch.testing.assert_close(out, MaskedDispatcher()(x, idx, kept, ex), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dropless without one; pass capacity_factor"):
+        StaticDispatcher(min_capacity=4)
+
+
+def test_training_with_noise_and_z_loss_resumes_exactly(checkpoints, tmp_path):
+    """A 2-rank run (tp 2) with --router_noise jitter and --router_z_loss: the losses differ from a plain run's, and a
+    run resumed from step-2 gives the uninterrupted run's losses bit for bit (the noise is seeded by the step);
+    --moe_impl static --capacity_factor 0.5 drops slots, counted per layer in the metrics."""
+    base = dict(
+        model_path=str(checkpoints / "qwen3_moe"), batch_size=1, max_length=32, steps=4, lr=1e-3, warmup_steps=1,
+        jit_warmup_steps=1, seed=5, grad_clip=1.0,
+    )  # fmt: skip
+    noisy = dict(base, router_noise="jitter", router_noise_eps=0.3, router_z_loss=1e-2)
+    ckpt = tmp_path / "ckpt"
+    capped = dict(base, moe_impl="static", capacity_factor=0.5, eval_capacity_factor=4.0, steps=2)
+    plain, full, interrupted, dropping = run_ranks(
+        2,
+        "tests.train_worker:run_many",
+        [
+            base,
+            noisy,
+            dict(noisy, stop_after=3, save_dir=str(ckpt), save_every=2, log_dir=str(tmp_path / "a")),
+            dict(capped, log_dir=str(tmp_path / "capped")),
+        ],
+    )
+    assert all(a != b for a, b in zip(plain["losses"], full["losses"], strict=True))
+    records = [r for r in dropping["records"] if "expert_load" in r]
+    assert records and all(sum(row["dropped"] for row in r["expert_load"]) > 0 for r in records)
+    resumed = run_ranks(2, "tests.train_worker:run_train", dict(noisy, resume=str(ckpt / "step-2")))
+    assert interrupted["losses"] == full["losses"][:3]
+    assert resumed["losses"] == full["losses"][2:]  # bit for bit

@@ -29,6 +29,7 @@ from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.source import TensorSource
 from npu_parallel.convert.conversion import ConversionInfo, apply_plan, conversion_info
 from npu_parallel.hf_compat import dtype_kwargs, is_remote_code
+from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.gate_options import GateOptions
 from npu_parallel.parallel.state import ParallelState
 
@@ -39,7 +40,7 @@ def _build(
     source: TensorSource,
     state: ParallelState,
     dtype,
-    moe_impl: str,
+    moe_impl: str | Dispatcher,
     capacity_factor: float | None,
     aux_loss_coef: float | None = None,
     gate_options: GateOptions | None = None,
@@ -87,7 +88,7 @@ def load_pretrained(
     state: ParallelState,
     *,
     dtype=None,
-    moe_impl: str = "auto",
+    moe_impl: str | Dispatcher = "auto",
     capacity_factor: float | None = None,
     progress: bool = True,
     aux_loss_coef: float | None = None,
@@ -142,7 +143,7 @@ def load_sharded(
     state: ParallelState,
     *,
     model: PreTrainedModel | None = None,
-    moe_impl: str = "auto",
+    moe_impl: str | Dispatcher = "auto",
     dtype=None,
     verify: bool = True,
     aux_loss_coef: float | None = None,

@@ -85,6 +85,7 @@ class MoEBlock(ShardedModule):
         indices, weights = self.route(hidden_states)  # [T, k] each
         weights = reduce_grad(weights, self.tp)
         x = copy_to_tp(tokens, self.tp)  # f: the expert input's gradient is summed over the group
+        self.dispatcher.training = self.training
         # dispatch -> compute -> combine: this rank's experts on their rows, weighted back into [T, H]
         routed = self.dispatcher.dispatch(x, indices, weights, self.experts)
         y = self.dispatcher.combine(self.experts(routed.rows, routed.matmul), routed)  # [T, H], partial

@@ -17,10 +17,10 @@ Noise (``GateOptions.noise``), with ``eps`` its size:
 
 Every rank of a tp group routes the same tokens with the replicated router, so the noise must be identical on
 each of them, or the ranks would send tokens to different experts. It is drawn from a generator seeded per
-forward with ``(seed, layer, step)``: the same on every rank without a collective. A recomputation in the
+forward with ``(seed, layer, step, forward)``: the same on every rank without a collective. A recomputation in the
 backward (activation checkpointing) draws the last forward's noise again, which is the recomputed micro-batch's
-while one micro-batch is in flight at a time (not under a pipeline schedule). The trainer sets ``step`` from the
-global micro-batch index (:func:`set_noise_step`), so a resumed run draws what the uninterrupted one drew.
+while one micro-batch is in flight at a time (not under a pipeline schedule). The trainer sets ``step`` (its
+optimizer step and dp rank, :func:`set_noise_step`), so a resumed run draws what the uninterrupted one drew.
 
 z-loss (``z_loss_coef``, ST-MoE eq. 5): ``coef * mean_tokens(logsumexp(raw_logits)^2)`` per MoE layer, summed
 over the layers, added to the loss beside the family's load-balancing loss (:mod:`npu_parallel.moe.load`).
@@ -64,7 +64,7 @@ class GateNoise:
 
     def __init__(self, kind: str, eps: float, seed: int, layer: int) -> None:
         self.kind, self.eps, self.seed, self.layer = kind, eps, seed, layer
-        self.step: int | None = None  # set by the trainer per micro-batch; None: count the forwards here
+        self.step: tuple[int, ...] = ()  # set by the trainer per step (set_noise_step); the forwards count within it
         self.forwards = 0
         self._last: int | None = None  # the seed of the last forward's draw (a recomputation draws it again)
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -72,10 +72,9 @@ class GateNoise:
     def _generator(self, device: torch.device) -> torch.Generator:
         in_backward = torch._C._current_graph_task_id() != -1  # activation checkpointing recomputes the forward
         if not in_backward or self._last is None:
-            step = self.step if self.step is not None else self.forwards
-            self.forwards += 1
             # int tuples hash the same in every process (no hash randomisation for ints)
-            self._last = hash((self.seed, self.layer, step)) & 0x7FFF_FFFF_FFFF_FFFF
+            self._last = hash((self.seed, self.layer, *self.step, self.forwards)) & 0x7FFF_FFFF_FFFF_FFFF
+            self.forwards += 1
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
@@ -101,9 +100,10 @@ def z_loss(raw_logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(raw_logits.float(), dim=-1).square().mean()
 
 
-def set_noise_step(model: torch.nn.Module, step: int) -> None:
-    """Seed the next forward's router noise with ``step`` (the trainer's global micro-batch index)."""
+def set_noise_step(model: torch.nn.Module, step: int, stream: int = 0) -> None:
+    """Seed the router noise of the next forwards by ``(step, stream, i)``, i counting them from 0: the trainer
+    passes its optimizer step and the dp rank (tp ranks share one stream, so they draw alike)."""
     for module in model.modules():
         noise = getattr(module, "gate_noise", None)
         if isinstance(noise, GateNoise):
-            noise.step = step
+            noise.step, noise.forwards = (step, stream), 0

@@ -29,6 +29,7 @@ from npu_parallel.training.eval import check_eval_args
 from npu_parallel.training.formats import FORMATS
 from npu_parallel.training.lora import DEFAULT_TARGETS, check_lora_args
 from npu_parallel.training.metrics import METRICS_FILE, read_metrics
+from npu_parallel.training.moe_options import check_moe_args
 from npu_parallel.training.templates import builtin_templates
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,12 @@ class TrainConfig:
     lora_targets: str = DEFAULT_TARGETS
     lora_adapter: str | None = None
     aux_loss_coef: float | None = None
+    router_noise: str | None = None
+    router_noise_eps: float = 0.01
+    router_z_loss: float = 0.0
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    min_capacity: int | None = None
     bias_update_rate: float = 0.0
     warn_idle_steps: int = 20
     warn_load_ratio: float = 4.0
@@ -147,6 +154,17 @@ HELP = {
     "lora_adapter": "a PEFT adapter folder to continue training (its config sets rank and targets)",
     "aux_loss_coef": "coefficient of the model family's load-balancing loss, replacing the config's "
     "(aux_loss_alpha, router_aux_loss_coef); 0: off",
+    "router_noise": "router noise in training (never in eval or generate): mixtral (the MoE block's input times "
+    "U(1-eps, 1+eps)), jitter (DeepSpeed: the router's input only) or rsample (DeepSpeed: Gumbel noise on the "
+    "selection only); default: none (a Mixtral config's router_jitter_noise still applies)",
+    "router_noise_eps": "the jitter's half-width eps (mixtral, jitter)",
+    "router_z_loss": "coefficient of ST-MoE's router z-loss, mean(logsumexp(router logits)^2) per MoE layer, "
+    "added to the loss (0: off; ST-MoE uses 0.001)",
+    "capacity_factor": "token slots per expert in training, as a multiple of the even share (tokens x top_k / "
+    "experts); slots past it are dropped (they pass through the residual; counted per layer in metrics.jsonl). "
+    "Needs --moe_impl static or alltoall_static (default: dropless)",
+    "eval_capacity_factor": "the same in eval mode (the --eval_every evaluations; default: --capacity_factor)",
+    "min_capacity": "at least this many slots per expert under a capacity factor (DeepSpeed's min_capacity)",
     "bias_update_rate": "DeepSeek-V3 auxiliary-loss-free balancing: after each step every router's "
     "e_score_correction_bias moves by this against its experts' load (0: off)",
     "warn_idle_steps": "warn when an expert gets no token for this many steps in a row (0: off)",
@@ -242,6 +260,7 @@ def check_args(cfg: TrainConfig) -> None:
         f"--moe_impl {cfg.moe_impl!r}: must be one of {', '.join(moe_impl_choices())}",
     )
     _need(bool(cfg.text_field), "--text_field is empty; name the JSONL field that holds the text")
+    check_moe_args(cfg)
     check_data_args(cfg)
     _need(
         not (cfg.resume and cfg.overwrite),

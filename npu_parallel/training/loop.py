@@ -16,6 +16,7 @@ from npu_parallel.checkpoint.load import load_pretrained, load_sharded
 from npu_parallel.checkpoint.lora_checkpoint import lora_extra
 from npu_parallel.checkpoint.save import load_training_state, save_sharded
 from npu_parallel.convert.mtp import MTP_ATTR, mtp_layers
+from npu_parallel.moe.gate_options import set_noise_step
 from npu_parallel.moe.load import has_balance_bias
 from npu_parallel.parallel import device as _device
 from npu_parallel.parallel.data_parallel import Precision, data_parallel
@@ -35,6 +36,7 @@ from npu_parallel.training.guards import (
 from npu_parallel.training.lora import add_lora, resumes_lora
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
 from npu_parallel.training.metrics import MetricsLog, peak_memory_mb
+from npu_parallel.training.moe_options import gate_options, moe_dispatcher
 from npu_parallel.training.optim import build_optimizer, clip_grad_norm_, warmup_cosine
 from npu_parallel.training.step import train_step
 
@@ -163,20 +165,22 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
         model = load_sharded(
             cfg.resume,
             state,
-            moe_impl=cfg.moe_impl,
+            moe_impl=moe_dispatcher(cfg, state),
             dtype=mode.master,
             aux_loss_coef=cfg.aux_loss_coef,
             trust_remote_code=cfg.trust_remote_code,
+            gate_options=gate_options(cfg),
         )
     else:
         model = load_pretrained(
             inputs.model_path,
             state,
             dtype=mode.compute if lora else mode.master,
-            moe_impl=cfg.moe_impl,
+            moe_impl=moe_dispatcher(cfg, state),
             progress=main,
             aux_loss_coef=cfg.aux_loss_coef,
             trust_remote_code=cfg.trust_remote_code,
+            gate_options=gate_options(cfg),
         )
     agree(lambda: add_lora(cfg, model, state), state)  # LoRA: adapters only train (training/lora.py)
     agree(lambda: _check_loaded_weights(cfg, inputs.model_path, model), state)
@@ -223,6 +227,7 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
             batches = [data.next().to(state.device) for _ in range(cfg.grad_accum)]
             if step == start:
                 check_same_batch(batches[0].input_ids, state, step + 1)
+            set_noise_step(model, step, state.dp_rank)  # router noise by (step, dp rank): a resumed run draws alike
             # the global batch's loss: summed over its supervised targets, divided by their global count
             # (training/step.py); FSDP2 reduces the gradients on the last micro-batch only
             losses = train_step(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from npu_parallel.moe.dispatchers.base import Dispatcher, Routed
-from npu_parallel.moe.dispatchers.static import StaticDispatcher, capacity, capacity_rows
+from npu_parallel.moe.dispatchers.static import StaticDispatcher, capacity_rows
 from npu_parallel.moe.experts import ExpertMatmul, LocalExperts
 from npu_parallel.moe.grouped_gemm import grouped_mm
 from npu_parallel.parallel.collectives import all_to_all, all_to_all_counts
@@ -123,8 +123,16 @@ class AllToAllStaticDispatcher(StaticDispatcher, name="alltoall_static", order=4
 
     cross_group = True
 
-    def __init__(self, *, capacity_factor: float | None = None) -> None:
-        super().__init__(capacity_factor=capacity_factor)
+    def __init__(
+        self,
+        *,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int | None = None,
+    ) -> None:
+        super().__init__(
+            capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity
+        )
         self.tp, self.ep = TRIVIAL, TRIVIAL
 
     def bind(self, tp: Group, ep: Group) -> None:
@@ -134,7 +142,7 @@ class AllToAllStaticDispatcher(StaticDispatcher, name="alltoall_static", order=4
         t, k = indices.shape
         n, n_local, ep = experts.num_experts, experts.num_local, self.ep
         lo, hi = token_share(t, self.tp)
-        c = capacity(-(-t // self.tp.size), k, n, self.capacity_factor)  # the same on every tp rank
+        c = self.capacity(-(-t // self.tp.size), k, n)  # the same on every tp rank
         keys = indices[lo:hi].reshape(-1)  # [S] global expert
         rows, self.stats["dropped"] = capacity_rows(keys, n, c)
         slots = x[lo:hi].unsqueeze(1).expand(hi - lo, k, x.shape[-1]).reshape(-1, x.shape[-1])  # [S, H]

@@ -77,6 +77,7 @@ class Dispatcher(abc.ABC):
 
     def __init__(self) -> None:
         self.stats: dict[str, torch.Tensor] = {}  # per-forward statistics as device tensors (no host sync)
+        self.training = True  # the MoE block's mode, set before each dispatch (eval_capacity_factor reads it)
 
     @abc.abstractmethod
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:

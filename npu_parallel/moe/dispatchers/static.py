@@ -19,12 +19,13 @@ from npu_parallel.moe.dispatchers.base import Dispatcher, Routed, local_keys
 from npu_parallel.moe.experts import LocalExperts
 
 
-def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
+def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None, min_capacity: int = 0) -> int:
     """Rows per local expert. Dropless (None): ``tokens``, since top-k picks distinct experts, an expert
-    gets at most one slot per token. With a factor f: ``ceil(f * tokens * top_k / num_experts)``."""
+    gets at most one slot per token. With a factor f: ``max(min_capacity, ceil(f * tokens * top_k / num_experts))``
+    (DeepSpeed-MoE's rule), at most ``tokens``."""
     if capacity_factor is None:
         return tokens
-    return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
+    return max(1, min(tokens, max(min_capacity, math.ceil(capacity_factor * tokens * top_k / num_experts))))
 
 
 def capacity_rows(keys: torch.Tensor, n: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,11 +49,35 @@ class _Combine:
 class StaticDispatcher(Dispatcher, name="static", order=10):
     """Batched matmuls on ``[E_local, C, H]`` buffers; zero host syncs. ``capacity_factor``: None is dropless."""
 
-    def __init__(self, *, capacity_factor: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int | None = None,
+    ) -> None:
         super().__init__()
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(self.option_error("capacity_factor", capacity_factor))
+        for key, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(self.option_error(key, value))
+        if min_capacity is not None:
+            if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 0:
+                raise ValueError(f"min_capacity={min_capacity!r}: must be an integer >= 0 (token slots per expert)")
+            if capacity_factor is None and eval_capacity_factor is None:
+                raise ValueError(
+                    f"min_capacity={min_capacity}: a floor under the capacity, which is dropless without one; "
+                    f"pass capacity_factor (and/or eval_capacity_factor) too"
+                )
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity or 0
+
+    def capacity(self, tokens: int, top_k: int, num_experts: int) -> int:
+        """This forward's rows per expert: ``eval_capacity_factor`` in eval mode when given, else the factor."""
+        factor = self.capacity_factor
+        if not self.training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        return capacity(tokens, top_k, num_experts, factor, self.min_capacity)
 
     @classmethod
     def option_error(cls, key: str, value: object) -> str:
@@ -62,12 +87,17 @@ class StaticDispatcher(Dispatcher, name="static", order=10):
         )
 
     def options(self) -> dict:
-        return {"capacity_factor": self.capacity_factor} if self.capacity_factor is not None else {}
+        given = {
+            "capacity_factor": self.capacity_factor,
+            "eval_capacity_factor": self.eval_capacity_factor,
+            "min_capacity": self.min_capacity or None,
+        }
+        return {k: v for k, v in given.items() if v is not None}
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> Routed:
         t, k = indices.shape
         n_local = experts.num_local
-        c = capacity(t, k, experts.num_experts, self.capacity_factor)
+        c = self.capacity(t, k, experts.num_experts)
         keys = local_keys(indices, experts).reshape(-1)  # [T*k]
         rows, self.stats["dropped"] = capacity_rows(keys, n_local, c)
         slots = x.unsqueeze(1).expand(t, k, x.shape[-1]).reshape(t * k, -1)  # [T*k, H]
