@@ -198,3 +198,45 @@ def test_peak_rss_is_bounded(tmp_path):
     peak = _peak(str(src), str(tmp_path / "out")) - _peak()
     print(f"peak RSS growth {peak / 2**20:.0f} MiB on a {size / 2**20:.0f} MiB source")
     assert peak < 2.5 * FFN_MB * 2**20, f"peak RSS grew {peak / 2**20:.0f} MiB on a {size / 2**20:.0f} MiB source"
+
+
+def _dense_deepseek_v2(path: Path) -> Path:
+    """A DeepSeek-V2 whose every layer is dense (first_k_dense_replace = the depth), MLA attention as published."""
+    from .models import _BASE
+
+    torch.manual_seed(5)
+    config = transformers.DeepseekV2Config(**dict(_BASE, first_k_dense_replace=3, topk_method="greedy"))
+    transformers.DeepseekV2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _mistral(path: Path) -> Path:
+    torch.manual_seed(6)
+    config = transformers.MistralConfig(**_STD, num_key_value_heads=2, sliding_window=None)
+    transformers.MistralForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "source, options",
+    [
+        ("deepseek_v2", dict(experts=8, top_k=2)),
+        ("deepseek_v2", dict(experts=8, top_k=2, layers="1-2")),
+        ("mistral", dict(experts=4, top_k=2, granularity=2)),
+    ],
+    ids=["deepseek-plain", "deepseek-shared-tail", "mistral-g2"],
+)
+def test_deepseek_and_mistral_sources_equal_dense(tmp_path, source, options):
+    """The dense DeepSeek-V2 layout -> DeepSeek-V2 (zero router, routed_scaling_factor E/K, a shared expert holding
+    the FFN; all layers or a tail MoE), and Mistral -> Mixtral granular: logits equal the dense model's."""
+    if not hasattr(transformers, "DeepseekV2Config" if source == "deepseek_v2" else "MistralConfig"):
+        pytest.skip(f"{source} is not in this transformers")
+    dense = (_dense_deepseek_v2 if source == "deepseek_v2" else _mistral)(tmp_path / "dense")
+    out, req = upcycle_checkpoint(dense, tmp_path / "moe", progress=False, **options)
+    assert req.exact()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == {"deepseek_v2": "deepseek_v2", "mistral": "mixtral"}[source]
+    if source == "deepseek_v2":  # the shared expert holds the dense FFN (transformers' class always has one)
+        assert config["n_shared_experts"] == 1 and config["routed_scaling_factor"] == 8 / 2
+        assert config["first_k_dense_replace"] == (1 if "layers" in options else 0)
+    assert (_logits(out) - _logits(dense)).abs().max().item() < 1e-5

@@ -142,7 +142,7 @@ def check_request(config: dict, *, experts: int, top_k: int, granularity: int = 
     if not picked:
         raise CheckpointError(f"--layers {layers!r}: no layer chosen")
     _check_layers(target, picked, n)
-    shared = (1 if target == "qwen2_moe" else 0) if shared_experts is None else shared_experts
+    shared = (1 if target in SHARED_NAME else 0) if shared_experts is None else shared_experts
     _check_shared(target, shared)
     notes = []
     if target == "deepseek_v2" and granularity > 1:
@@ -181,8 +181,9 @@ def _check_shared(target: str, shared: int) -> None:
         )
     if shared and target not in SHARED_NAME:
         raise CheckpointError(f"--shared_experts 1: {target} has no shared experts; use --to qwen2_moe or deepseek_v2")
-    if target == "qwen2_moe" and not shared:
-        raise CheckpointError("--shared_experts 0: qwen2_moe always has a shared expert; use 1 (the default)")
+    if target in SHARED_NAME and not shared:
+        # transformers' DeepseekV2 builds n_shared_experts shared experts whatever the config (an int, never None)
+        raise CheckpointError(f"--shared_experts 0: {target} always has a shared expert; use 1 (the default)")
 
 
 def target_config(source: dict, req: Request) -> dict:

@@ -57,8 +57,8 @@ def add_upcycle_parser(sub) -> None:
         "--shared_experts",
         type=int,
         default=None,
-        help="1: a shared expert holds the dense FFN (qwen2_moe: always; deepseek_v2: optional); default 1 for "
-        "qwen2_moe, else 0",
+        help="1: a shared expert holds the dense FFN (qwen2_moe and deepseek_v2 always have one: the default 1 "
+        "there, 0 elsewhere)",
     )
     p.add_argument("--to", choices=TARGETS, default=None, help="target format (default: the source's natural one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the router init (default 0)")
