@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from npu_parallel.tools.checks import UserError
 from npu_parallel.tools.cli_common import checkpoint_errors, progress, ranks_failed
@@ -127,16 +126,16 @@ def _spec(args: argparse.Namespace) -> dict:
 
 
 def _eval_set(spec: dict, config, dp_size: int, dp_rank: int):
+    from npu_parallel.training.data import first_eos
     from npu_parallel.training.errors import ConfigError
     from npu_parallel.training.eval import text_eval_set
 
-    eos: Any = getattr(config, "eos_token_id", None)
     try:
         return text_eval_set(
             spec["data"],
             spec["tokenizer"],
             vocab_size=config.vocab_size,
-            eos_token_id=eos[0] if isinstance(eos, list | tuple) and eos else eos,
+            eos_token_id=first_eos(getattr(config, "eos_token_id", None)),
             max_length=spec["max_length"],
             batch_size=spec["batch_size"],
             dp_size=dp_size,

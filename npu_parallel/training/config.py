@@ -21,7 +21,7 @@ from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.moe.dispatchers import choices as moe_impl_choices
 from npu_parallel.parallel.state import ParallelState
-from npu_parallel.training.data import PackedData
+from npu_parallel.training.data import PackedData, first_eos
 from npu_parallel.training.data_inputs import build_run_data, check_data_args
 from npu_parallel.training.dataset import DataStream, EvalSet
 from npu_parallel.training.errors import ConfigError
@@ -382,11 +382,6 @@ def _check_log_dir(cfg: TrainConfig) -> None:
     )
 
 
-def _first_eos(eos) -> int | None:
-    """A config's eos_token_id, the first one when it lists several."""
-    return eos[0] if isinstance(eos, list | tuple) and eos else eos if isinstance(eos, int) else None
-
-
 def check_inputs(cfg: TrainConfig, state: ParallelState) -> RunInputs:
     """Check what the flags name and build the data (no collective: the caller agrees the outcome)."""
     model_path = cfg.model_path
@@ -412,7 +407,7 @@ def check_inputs(cfg: TrainConfig, state: ParallelState) -> RunInputs:
     )
     replaced = _checkpoints_to_replace(cfg, start, state.rank == 0)
     _check_log_dir(cfg)
-    eos = _first_eos(getattr(model_config, "eos_token_id", None))
+    eos = first_eos(getattr(model_config, "eos_token_id", None))
     data, evals = build_run_data(cfg, state, model_path, model_config.vocab_size, eos)
     data.position = position
     return RunInputs(model_path, model_config, start, data, replaced, evals)

@@ -131,6 +131,11 @@ class HFTokenizer:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
 
+def first_eos(eos: object) -> int | None:
+    """A config's ``eos_token_id``, the first one when it lists several (None when it has none)."""
+    return eos[0] if isinstance(eos, list | tuple) and eos else eos if isinstance(eos, int) else None
+
+
 def load_tokenizer(model_path: str | Path | None, vocab_size: int, eos_token_id: int | None):
     """The checkpoint's tokenizer when it has one, else bytes."""
     if model_path is not None and any(

@@ -23,7 +23,7 @@ from torch import nn
 
 from npu_parallel.parallel.state import ParallelState
 from npu_parallel.training.batch import IGNORE_INDEX, Batch
-from npu_parallel.training.data import file_documents, load_tokenizer, pack
+from npu_parallel.training.data import file_documents, first_eos, load_tokenizer, pack
 from npu_parallel.training.errors import ConfigError
 from npu_parallel.training.losses import batch_loss
 
@@ -148,13 +148,11 @@ def run_eval_set(cfg: Any, inputs: Any, state: ParallelState) -> EvalSet | None:
     if found is not None or not cfg.eval_data:
         return found
     config = inputs.model_config
-    eos: Any = getattr(config, "eos_token_id", None)
-    first: int | None = eos[0] if isinstance(eos, list | tuple) and eos else eos
     return text_eval_set(
         cfg.eval_data,
         inputs.model_path,
         vocab_size=config.vocab_size,
-        eos_token_id=first,
+        eos_token_id=first_eos(getattr(config, "eos_token_id", None)),
         max_length=cfg.max_length,
         batch_size=cfg.batch_size,
         dp_size=state.dp_size,
