@@ -17,7 +17,7 @@ from npu_parallel.moe.load import moe_blocks
 from .common import seeded_ids
 from .dist import run_ranks
 from .models import VARIANTS, load_reference
-from .test_static_moe import _experts
+from .test_static_moe import _experts, _kept
 
 EPS = 0.3  # large enough that the tiny models' routing changes
 
@@ -148,19 +148,6 @@ def test_tp2_ranks_draw_the_same_noise(checkpoints):
     result = run_ranks(2, "tests.gate_worker:run", str(checkpoints / "qwen3_moe"), ["mixtral", "jitter", "rsample"])
     for kind, diff in result.items():
         assert diff <= 1e-5, (kind, diff)
-
-
-def _kept(idx: torch.Tensor, w: torch.Tensor, cap: int, start: int = 8, stop: int = 16) -> tuple[torch.Tensor, int]:
-    """The weights with every slot past its local expert's capacity (in token order) zeroed, and their count."""
-    kept, seen, dropped = w.clone(), {}, 0
-    for t in range(idx.shape[0]):
-        for j in range(idx.shape[1]):
-            e = int(idx[t, j])
-            if start <= e < stop:
-                seen[e] = seen.get(e, 0) + 1
-                if seen[e] > cap:
-                    kept[t, j], dropped = 0, dropped + 1
-    return kept, dropped
 
 
 def test_min_capacity_and_eval_capacity_factor_drop_as_hand_computed():

@@ -25,6 +25,19 @@ def _experts(n_experts=16, n_local=8, start=8, hidden=32, inter=16, seed=0):
     )
 
 
+def _kept(idx: torch.Tensor, w: torch.Tensor, cap: int, start: int = 8, stop: int = 16) -> tuple[torch.Tensor, int]:
+    """The weights with every slot past its local expert's capacity (in token order) zeroed, and their count."""
+    kept, seen, dropped = w.clone(), {}, 0
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if start <= e < stop:
+                seen[e] = seen.get(e, 0) + 1
+                if seen[e] > cap:
+                    kept[t, j], dropped = 0, dropped + 1
+    return kept, dropped
+
+
 def test_compiled_fullgraph_moe_layer_forward_backward(checkpoints):
     """A converted DeepSeek-V3 MoE block (router included) compiles as one graph and matches eager."""
     model = npu_parallel.convert_model(
@@ -67,16 +80,7 @@ def test_capacity_factor_drops_latest_tokens_first():
     cap = capacity(40, 2, 16, 1.25)
     out = static(x, idx, w, ex)
     # reference: masked with the slots past each expert's capacity (in token order) given weight zero
-    kept_w = w.clone()
-    seen = {}
-    for t in range(40):
-        for j in range(2):
-            e = int(idx[t, j])
-            if 8 <= e < 16:
-                seen[e] = seen.get(e, 0) + 1
-                if seen[e] > cap:
-                    kept_w[t, j] = 0
-    expected_drops = sum(max(0, n - cap) for n in seen.values())
+    kept_w, expected_drops = _kept(idx, w, cap)
     assert int(static.stats["dropped"]) == expected_drops > 0
     assert torch.allclose(out, MaskedDispatcher()(x, idx, kept_w, ex), atol=1e-5)
 
