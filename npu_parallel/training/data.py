@@ -10,6 +10,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,7 +77,9 @@ def file_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
             yield doc
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file, read lazily; a ConfigError names
+    a line that is not UTF-8 or not JSON."""
     offset = 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -90,25 +93,30 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"--data {path}:{n}: not JSON ({exc.msg}); one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise ConfigError(
-                    f"--data {path}:{n}: a JSON {type(record).__name__}, not an object; one object per line, "
-                    f"its text in --text_field"
-                )
-            if text_field not in record:
-                have = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-                raise ConfigError(
-                    f"--data {path}:{n}: no {text_field!r} field (it has {have}); pass --text_field to name the field "
-                    f"that holds the text, or give chat records (no known format has these fields: messages, "
-                    f"sharegpt conversations, alpaca instruction/output, prompt/completion; rename with --field_map)"
-                )
-            value = record[text_field]
-            if not isinstance(value, str):
-                raise ConfigError(
-                    f"--data {path}:{n}: field {text_field!r} is a JSON {type(value).__name__}, not a string; "
-                    f"pass --text_field to name the field that holds the text"
-                )
-            yield value
+            yield n, record
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for n, record in jsonl_records(path):
+        if not isinstance(record, dict):
+            raise ConfigError(
+                f"--data {path}:{n}: a JSON {type(record).__name__}, not an object; one object per line, "
+                f"its text in --text_field"
+            )
+        if text_field not in record:
+            have = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+            raise ConfigError(
+                f"--data {path}:{n}: no {text_field!r} field (it has {have}); pass --text_field to name the field "
+                f"that holds the text, or give chat records (no known format has these fields: messages, "
+                f"sharegpt conversations, alpaca instruction/output, prompt/completion; rename with --field_map)"
+            )
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"--data {path}:{n}: field {text_field!r} is a JSON {type(value).__name__}, not a string; "
+                f"pass --text_field to name the field that holds the text"
+            )
+        yield value
 
 
 class ByteTokenizer:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from npu_parallel.training.data import _decode, file_documents
+from npu_parallel.training.data import _decode, file_documents, jsonl_records
 from npu_parallel.training.errors import ConfigError
 from npu_parallel.training.formats import FORMATS, Example, Format, RecordError, detect_format, get_format
 
@@ -66,19 +66,8 @@ def parse_field_map(spec: str | Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    offset = 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            line = _decode(raw, path, offset, n)
-            offset += len(raw)
-            if n == 1:
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"--data {path}:{n}: not JSON ({exc.msg}); one JSON object per line") from None
+    for n, record in jsonl_records(path):
+        yield f"{path}:{n}", record
 
 
 def _json(path: Path) -> Iterator[tuple[str, Any]]:
