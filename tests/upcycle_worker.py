@@ -12,9 +12,9 @@ def _ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-def compare(pairs: list[tuple[str, str]], tp: int) -> dict:
-    """{moe dir: max |logits - dense logits|} for each (dense dir, moe dir), the MoE one via load_pretrained."""
-    state = npu_parallel.init_distributed(tp)
+def compare(pairs: list[tuple[str, str]], layouts: list[tuple[int, int]]) -> dict:
+    """{"moe dir tp ep": max |logits - dense logits|} for each (dense dir, moe dir) and (tp, ep) layout, the MoE
+    one via load_pretrained."""
     out = {}
     for dense, moe in pairs:
         ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
@@ -22,9 +22,11 @@ def compare(pairs: list[tuple[str, str]], tp: int) -> dict:
         with torch.no_grad():
             want = ref(input_ids=ids).logits
         del ref
-        model = npu_parallel.load_pretrained(moe, state, dtype=torch.float32).eval()
-        with torch.no_grad():
-            got = model(input_ids=ids).logits
-        out[moe] = (got - want).abs().max().item()
-        del model
+        for tp, ep in layouts:
+            state = npu_parallel.init_distributed(tp, ep_size=ep)
+            model = npu_parallel.load_pretrained(moe, state, dtype=torch.float32, progress=False).eval()
+            with torch.no_grad():
+                got = model(input_ids=ids).logits
+            out[f"{moe} tp{tp} ep{ep}"] = (got - want).abs().max().item()
+            del model
     return out
