@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
     try:
         for step in range(start, last):
             t0 = time.perf_counter()
-            batches = [data.next().to(state.device) for _ in range(cfg.grad_accum)]
+            batches = [b.to(state.device) for b in data.next_step()]  # the step's grad_accum micro-batches
             if step == start:
                 check_same_batch(batches[0].input_ids, state, step + 1)
             set_noise_step(model, step, state.dp_rank)  # router noise by (step, dp rank): a resumed run draws alike
