@@ -74,11 +74,12 @@ def test_transformers_logits_equal_dense(dense, upcycled, case):
     assert (_logits(path) - _logits(dense[src])).abs().max().item() < 1e-5
 
 
-def test_load_pretrained_tp2_and_ep2_logits_equal_dense(dense, upcycled, other):
+def test_load_pretrained_at_tp2_ep2_pp2_equals_dense(dense, upcycled, other):
     pairs = [(str(dense[c[0]]), str(p)) for c, p in upcycled.items()]
     pairs += [(str(d), str(m)) for d, m, _ in other.values()]  # DeepSeek-V2 and Mixtral-from-Mistral targets too
-    diffs = run_ranks(2, "tests.upcycle_worker:compare", pairs, [(2, 2), (1, 2)])  # tp 2; ep 2 over dp 2
-    assert len(diffs) == 2 * (len(CASES) + len(other))
+    layouts = [(2, 2, 1), (1, 2, 1), (1, 1, 2)]  # tp 2; ep 2 over dp 2; two pipeline stages
+    diffs = run_ranks(2, "tests.upcycle_worker:compare", pairs, layouts)
+    assert len(diffs) == 3 * (len(CASES) + len(other))
     assert max(diffs.values()) < 1e-5, diffs
 
 
