@@ -26,9 +26,8 @@ def _batches(vocab: int, count: int, seed: int = 11) -> list[Batch]:
 
 
 def _load(path: str, state, mtp: bool):
-    if mtp:  # the published layout keeps the MTP layer (transformers drops it); V3 balances by its bias, and
-        # train_step cannot combine an MTP layer's MoE term with aux > 0 yet (it leaks into the next micro-batch)
-        return npu_parallel.load_pretrained(path, state, dtype=torch.float32, progress=False, aux_loss_coef=0.0)
+    if mtp:  # the published layout keeps the MTP layer (transformers drops it); its MoE block adds no balance term
+        return npu_parallel.load_pretrained(path, state, dtype=torch.float32, progress=False, aux_loss_coef=AUX)
     return npu_parallel.convert_model(load_reference(Path(path).name, Path(path)), state, aux_loss_coef=AUX)
 
 
