@@ -35,7 +35,10 @@ from pathlib import Path
 
 from .repo import ROOT, repo_files
 
-DOCS = ("README.md", "TEST_GUIDE.md", "benchmarks/README.md")
+# the docs, in the order their cpu-test blocks run (README's first: later docs may use what it made)
+DOCS = ("README.md", "TEST_GUIDE.md", "benchmarks/README.md") + tuple(
+    sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+)
 
 KINDS = ("cpu-test", "flags-only", "not-on-cpu", "output")
 TAG = re.compile(r"<!--\s*([a-z-]+)\s*(?::\s*(.*?))?\s*-->")
@@ -83,9 +86,9 @@ def blocks(doc: str, text: str | None = None) -> list[Block]:
     return found
 
 
-def prose(doc: str) -> str:
-    """``doc`` without its fenced blocks (and without HTML comments)."""
-    text = (ROOT / doc).read_text(encoding="utf-8")
+def prose(doc: str, text: str | None = None) -> str:
+    """``doc`` (or ``text``, named ``doc``) without its fenced blocks (and without HTML comments)."""
+    text = (ROOT / doc).read_text(encoding="utf-8") if text is None else text
     out, inside = [], None
     for line in text.splitlines():
         m = FENCE.match(line)
@@ -395,6 +398,33 @@ PATH_REF = re.compile(
 )
 DOTTED_REF = re.compile(r"(?<![\w/.-])((?:npu_parallel|tests)(?:\.[A-Za-z_]\w*)+)")
 ROOT_FILE_REF = re.compile(r"(?<![\w/.-])([\w-]+\.sh)\b")
+MD_LINK = re.compile(r"\]\(([^()\s]*)\)")  # [text](target): relative to the doc's folder, #anchor optional
+
+
+def anchors(doc: str) -> set[str]:
+    """The ``#anchors`` of ``doc``'s headings, as GitHub makes them (lowercase, punctuation dropped, spaces -> -)."""
+    found = set()
+    for line in prose(doc).splitlines():
+        m = re.match(r"#{1,6}\s+(.*?)\s*$", line)
+        if m:
+            found.add(re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-"))
+    return found
+
+
+def link_problems(doc: str, text: str | None = None) -> list[str]:
+    """Markdown links ``[text](path#anchor)`` in ``doc``'s prose (or ``text``) to a file or heading a clone lacks."""
+    problems = []
+    for m in MD_LINK.finditer(prose(doc, text)):
+        target = m.group(1)
+        if re.match(r"[a-z]+:", target):  # https://..., mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        rel = os.path.normpath(str(Path(doc).parent / path)) if path else doc
+        if rel not in project_files():
+            problems.append(f"{doc}: ({target}): no such file or folder in a fresh clone")
+        elif anchor and rel.endswith(".md") and anchor not in anchors(rel):
+            problems.append(f"{doc}: ({target}): {rel} has no heading #{anchor}")
+    return problems
 
 
 def reference_problems(doc: str) -> list[str]:
@@ -412,7 +442,7 @@ def reference_problems(doc: str) -> list[str]:
     for m in ROOT_FILE_REF.finditer(text):
         if m.group(1) not in project_files():
             problems.append(f"{doc}: {m.group(1)}: not in a fresh clone")
-    return problems
+    return problems + link_problems(doc)
 
 
 def env_for_docs(clone: Path) -> dict[str, str]:

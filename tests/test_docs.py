@@ -1,4 +1,4 @@
-"""Every command and snippet in README.md, TEST_GUIDE.md and benchmarks/README.md works as written.
+"""Every command and snippet in README.md, TEST_GUIDE.md, benchmarks/README.md and docs/*.md works as written.
 
 Each fenced block carries a tag saying how it is tested (see tests/doc_blocks.py): ``cpu-test`` blocks run
 here, from a fresh copy of the repository (what git tracks plus untracked files it does not ignore) with
@@ -34,6 +34,7 @@ from .doc_blocks import (
     flags,
     inline_spans,
     is_command,
+    link_problems,
     options,
     project_files,
     reference_problems,
@@ -178,6 +179,11 @@ def test_checker_catches_what_rots():
     assert check_line("pip install -e .[nope]") == ["pip install .[nope]: setup.py has no extra 'nope'"]
     assert check_line("npu-parallel convert P --tp 8 --out O   # --dtype bf16 casts") == []
     assert "unknown option(s) ['--dtyp']" in check_line("npu-parallel convert P --tp 8 --out O   # --dtyp bf16")[0]
+    doc = "docs/probe.md"  # links are relative to the doc's folder; an anchor must be one of the page's headings
+    good = "[a](../README.md#use), [b](fine_tuning.md#the-training-script), [c](https://x.org/y.md)"
+    assert link_problems(doc, good) == []
+    assert link_problems(doc, "[d](README.md)") == [f"{doc}: (README.md): no such file or folder in a fresh clone"]
+    assert link_problems(doc, "[e](lora.md#nope)") == [f"{doc}: (lora.md#nope): docs/lora.md has no heading #nope"]
 
 
 def test_flags_named_in_prose_exist():
@@ -215,7 +221,7 @@ def test_references_resolve():
 
 
 def test_annotated_plan_is_deepseeks():
-    """README "Adding an architecture" shows DeepSeek's plan, annotated: the real one, rule for rule."""
+    """README "Adding a model family" shows DeepSeek's plan, annotated: the real one, rule for rule."""
     from npu_parallel.convert.plans.deepseek import PLAN
 
     (block,) = [b for b in blocks("README.md") if "PLAN = Plan(" in b.text]
@@ -225,12 +231,12 @@ def test_annotated_plan_is_deepseeks():
 
 
 def test_documented_tp_error_is_the_real_one():
-    """README "Use": the ValueError shown for tp_size=3 on 6 ranks and an 8-head DeepSeek-V2 is what is raised."""
+    """docs/parallel_layout.md: the ValueError shown for tp_size=3 on 6 ranks and an 8-head DeepSeek-V2 is raised."""
     from npu_parallel.convert.plans import plan_for
 
     from .models import VARIANTS
 
-    (block,) = [b for b in blocks("README.md") if b.text.startswith("ValueError: tp_size=")]
+    (block,) = [b for b in blocks("docs/parallel_layout.md") if b.text.startswith("ValueError: tp_size=")]
     config_cls, _, kwargs = VARIANTS["deepseek_v2"]
     config = config_cls(**kwargs)
     with pytest.raises(ValueError) as raised:
@@ -238,9 +244,9 @@ def test_documented_tp_error_is_the_real_one():
     assert f"ValueError: {raised.value}" == block.text
 
 
-def test_readme_states_the_tp_batch_rule():
-    """Fine-tuning says every tp rank must get the same batch, who guarantees it, and what the first step checks."""
-    section = (ROOT / "README.md").read_text().split("## Fine-tuning", 1)[1].split("\n## ", 1)[0]
+def test_docs_state_the_tp_batch_rule():
+    """docs/fine_tuning.md says every tp rank must get the same batch, who guarantees it, what the first step checks."""
+    section = (ROOT / "docs/fine_tuning.md").read_text().split("## The training script", 1)[1].split("\n## ", 1)[0]
     text = " ".join(section.split())
     for words in (
         "Every rank of a tensor-parallel group must be fed the same batch",

@@ -80,7 +80,7 @@ def test_unsupported_architecture_lists_supported():
     with pytest.raises(
         ValueError,
         match=r"no parallel plan for model_type='gpt2'.*supported: deepseek, deepseek_v2, deepseek_v3, llama, "
-        r"mixtral, qwen2, qwen2_moe, qwen3_moe.*Adding an architecture",
+        r"mixtral, qwen2, qwen2_moe, qwen3_moe.*Adding a model family",
     ):
         npu_parallel.convert_model(model, fake_state(1))
 

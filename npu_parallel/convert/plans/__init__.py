@@ -1,6 +1,6 @@
 """One file per model family, each defining a module-level ``PLAN``; every module here is found and registered.
 
-Adding an architecture is adding one file here (see README, "Adding an architecture").
+Adding a model family is adding one file here (see README.md, "Adding a model family").
 """
 
 from __future__ import annotations
@@ -48,5 +48,5 @@ def plan_for(config: object) -> Plan:
     archs = config_value(config, "architectures") or [type(config).__name__]
     raise ValueError(
         f"no parallel plan for model_type={model_type!r} ({', '.join(archs)}); supported: "
-        f"{', '.join(supported_model_types())}. See README section 'Adding an architecture'."
+        f"{', '.join(supported_model_types())}. See README.md, section 'Adding a model family'."
     )

@@ -1,7 +1,7 @@
 """MoE dispatchers, one module per implementation; every module here is imported, so its classes register.
 
 Adding an implementation is adding one file here that subclasses :class:`Dispatcher` with
-``name=``/``order=`` (see ``base.py`` and README, "Adding an MoE implementation").
+``name=``/``order=`` (see ``base.py`` and docs/parallel_layout.md, "Adding an MoE implementation").
 """
 
 from __future__ import annotations
