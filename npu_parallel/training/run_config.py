@@ -121,6 +121,21 @@ def _example(action: argparse.Action) -> str:
     return {int: "8", float: "1.0e-5"}.get(action.type, "VALUE")  # type: ignore[call-overload]
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key written twice in one mapping (PyYAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in seen:
+                raise ConfigError(f"{key} given twice (lines {seen[key]} and {line}); keep one")
+            if isinstance(key, str):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(path: str) -> dict:
     """The YAML mapping in ``path`` (an empty file is an empty mapping)."""
     where = f"--config {path}"
@@ -130,7 +145,9 @@ def _read(path: str) -> dict:
     if not file.is_file():
         raise ConfigError(f"{where}: is not a file; pass the path of a YAML run config")
     try:
-        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        loaded = yaml.load(file.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader: no Python objects
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
