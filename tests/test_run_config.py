@@ -152,7 +152,8 @@ def test_progress_bar_shows_tokens_per_second_loss_and_eta(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def runs(checkpoints, tmp_path_factory):
     """One interpreter: a run from a YAML (steps 5 there, --steps 2 on the command line), its config.yaml run again
-    in place, and the same config.yaml on 2 ranks started by --nproc_per_node (torchrun)."""
+    in place, the same config.yaml on 2 ranks started by --nproc_per_node (torchrun), and 2 ranks refusing a
+    --model_path that is not there."""
     root = tmp_path_factory.mktemp("run_config")
     words = "the quick brown fox jumps over the lazy dog " * 3
     (root / "text.jsonl").write_text("".join(json.dumps({"text": f"{i} {words}"}) + "\n" for i in range(20)))
@@ -164,7 +165,8 @@ def runs(checkpoints, tmp_path_factory):
     first = ["train", "--config", "cfgs/tiny.yaml", "--steps", "2"]
     again = ["train", "--config", "runs/a/config.yaml", "--log_dir", "runs/b"]
     launched = ["train", "--config", "runs/a/config.yaml", "--log_dir", "runs/c", "--nproc_per_node", "2"]
-    cases = [{"script": CLI, "argv": argv} for argv in (first, again, launched)]
+    refused = [*launched[:-2], "--model_path", "nope", "--log_dir", "runs/d", "--nproc_per_node", "2"]
+    cases = [{"script": CLI, "argv": argv} for argv in (first, again, launched, refused)]
     (root / "cases.json").write_text(json.dumps(cases))
     env = {**_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -176,7 +178,8 @@ def runs(checkpoints, tmp_path_factory):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = dict(zip(("first", "again", "launched"), json.loads((root / "out.json").read_text()), strict=True))
+    names = ("first", "again", "launched", "refused")
+    results = dict(zip(names, json.loads((root / "out.json").read_text()), strict=True))
     return {"root": root, "results": results, "output": proc.stdout + proc.stderr}
 
 
@@ -186,8 +189,8 @@ def _losses(log_dir: Path) -> list[float]:
 
 def test_train_from_config_writes_it_back_and_repeats(runs):
     root, results = runs["root"], runs["results"]
-    for name, r in results.items():
-        assert r["code"] == 0, (name, r["stderr"][-2000:], runs["output"][-2000:])
+    for name in ("first", "again", "launched"):
+        assert results[name]["code"] == 0, (name, results[name]["stderr"][-2000:], runs["output"][-2000:])
     # relative paths are relative to the working directory (not to cfgs/), as on the command line
     a = root / "runs" / "a"
     assert (a / "metrics.jsonl").is_file() and (a / "config.yaml").is_file() and not (root / "cfgs" / "runs").exists()
@@ -202,3 +205,7 @@ def test_train_from_config_writes_it_back_and_repeats(runs):
     c = root / "runs" / "c"
     assert "# ranks: world 2 (tp 2, ep 2, dp 1)" in (c / "config.yaml").read_text()
     assert _losses(c) == pytest.approx(_losses(a), abs=1e-4)
+    # bad input the ranks find (after the launch): rank 0's exit code 2 and its one line, no torchrun traceback
+    assert results["refused"]["code"] == 2
+    assert "npu-parallel train: error: --model_path nope: not a directory" in runs["output"]
+    assert "ChildFailedError" not in runs["output"] and "Traceback" not in runs["output"]

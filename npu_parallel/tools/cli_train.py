@@ -13,23 +13,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from npu_parallel.tools.checks import UserError
+from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK
 
 __all__ = ["PROG", "add_train_parser", "cmd_train", "train_argv"]
 
 PROG = "npu-parallel train"
-DEFAULTS = dict(batch_size=1, max_length=512, steps=100, lr=1e-5, warmup_steps=10)  # examples/train_tp_moe.py's
+EXIT_FILE = "NPU_PARALLEL_TRAIN_EXIT_FILE"  # where rank 0 of a launched run leaves its exit code (torchrun gives 1)
 # the launched ranks keep their progress bar (launch's RANK_DEFAULTS turn tqdm off for test and verify ranks)
 LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def add_train_parser(sub) -> None:
     """Register ``npu-parallel train``: every training flag, ``--config`` and ``--nproc_per_node``."""
-    from npu_parallel.training.cli import DESCRIPTION, build_parser
+    from npu_parallel.training.cli import DESCRIPTION, TRAIN_DEFAULTS, build_parser
 
     p = sub.add_parser("train", help="fine-tune a checkpoint (flags or --config run.yaml)", description=DESCRIPTION)
-    build_parser(p, defaults=DEFAULTS)
+    build_parser(p, defaults=TRAIN_DEFAULTS)
     p.add_argument(
         "--nproc_per_node",
         type=int,
@@ -70,7 +73,7 @@ def _local_world() -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train in this process (alone or as a torchrun rank), or start ``--nproc_per_node`` ranks with torchrun."""
-    from npu_parallel.training.cli import build_parser, parse, run
+    from npu_parallel.training.cli import TRAIN_DEFAULTS, build_parser, parse, run
     from npu_parallel.training.errors import ConfigError
 
     nproc = getattr(args, "nproc_per_node", None)
@@ -83,18 +86,37 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--nproc_per_node {nproc}: this process is a torchrun rank with {_local_world()} ranks per node "
                 f"(LOCAL_WORLD_SIZE); drop --nproc_per_node or pass torchrun's"
             )
-        return run(argv, prog=PROG, defaults=DEFAULTS)
+        code = run(argv, prog=PROG, defaults=TRAIN_DEFAULTS)
+        if not os.environ.get(EXIT_FILE):
+            return code
+        # started by --nproc_per_node: rank 0 hands its code to the launcher, and a decision every rank took alike
+        # (2 bad input, 3 non-finite: said in one line) is no crash for torchrun to report with a traceback
+        if os.environ["RANK"] == "0":
+            Path(os.environ[EXIT_FILE]).write_text(str(code))
+        return EXIT_OK if code in (EXIT_BAD_INPUT, EXIT_NONFINITE) else code
     if nproc is None or nproc == 1:
-        return run(argv, prog=PROG, defaults=DEFAULTS)
+        return run(argv, prog=PROG, defaults=TRAIN_DEFAULTS)
     try:  # every mistake the flags and the config file can hold, here, before a rank starts
-        parse(build_parser(prog=PROG, defaults=DEFAULTS), argv)
+        parse(build_parser(prog=PROG, defaults=TRAIN_DEFAULTS), argv)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+    return _launch(argv, nproc)
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """``nproc`` ranks of ``npu-parallel train ARGV`` under torchrun; rank 0's exit code where it is not 0 (2: bad
+    input the ranks found, 3: non-finite), else torchrun's."""
     from npu_parallel.tools.launch import run_module
 
     print(f"{PROG}: starting {nproc} ranks with torchrun", file=sys.stderr, flush=True)
-    try:
-        return run_module(["npu_parallel.tools.cli", "train", *argv], nproc, defaults=LAUNCH_ENV)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the ranks were stopped", file=sys.stderr, flush=True)
-        return 130
+    with tempfile.TemporaryDirectory(prefix="npu-parallel-train-") as tmp:
+        exit_file = Path(tmp) / "rank0.exit"
+        try:
+            rc = run_module(
+                ["npu_parallel.tools.cli", "train", *argv], nproc, defaults=LAUNCH_ENV, env={EXIT_FILE: str(exit_file)}
+            )
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted; the ranks were stopped", file=sys.stderr, flush=True)
+            return 130
+        recorded = exit_file.read_text().strip() if exit_file.is_file() else ""
+    return int(recorded) if recorded.isdigit() and int(recorded) else rc

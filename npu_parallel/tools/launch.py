@@ -214,12 +214,19 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_module(module_argv: list[str], nprocs: int, *, defaults: dict[str, str] | None = None) -> int:
+def run_module(
+    module_argv: list[str],
+    nprocs: int,
+    *,
+    defaults: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
     """``python -m torch.distributed.run --standalone --nproc_per_node N -m MODULE ARGS...`` in the foreground:
     the ranks write to this process's stdout and stderr; returns torchrun's exit code. ``defaults`` replaces
-    RANK_DEFAULTS (the caller's environment still wins). Ctrl-C or SIGTERM here stops torchrun and its ranks."""
+    RANK_DEFAULTS (the caller's environment wins over them, ``env`` over both). Ctrl-C or SIGTERM here stops
+    torchrun and its ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", *_node_args(1)[0], "--nproc_per_node", str(nprocs)]
-    env = _rank_env(module_argv[0], None, RANK_DEFAULTS if defaults is None else defaults)
+    env = _rank_env(module_argv[0], env, RANK_DEFAULTS if defaults is None else defaults)
     proc = subprocess.Popen([*cmd, "-m", *module_argv], env=env, start_new_session=True)
 
     def stop(signum, frame):

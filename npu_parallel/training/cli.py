@@ -27,9 +27,11 @@ from npu_parallel.training.run_config import add_config_arg, config_values, pars
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DESCRIPTION", "build_parser", "parse", "run", "summary"]
+__all__ = ["DESCRIPTION", "TRAIN_DEFAULTS", "build_parser", "parse", "run", "summary"]
 
 DESCRIPTION = "Fine-tune a Mixture-of-Experts checkpoint with tensor/expert parallelism under torchrun"
+# the defaults of `npu-parallel train` and examples/train_tp_moe.py (over TrainConfig's)
+TRAIN_DEFAULTS = dict(batch_size=1, max_length=512, steps=100, lr=1e-5, warmup_steps=10)
 
 
 def summary(result: dict) -> str:
