@@ -219,7 +219,8 @@ def config_values(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg
             values[dest] = getattr(args, dest)
     if isinstance(values.get("data"), str):
         values["data"] = [values["data"]]
-    return values
+    plain = (str, int, float, bool, list, type(None))
+    return {k: v if isinstance(v, plain) else str(v) for k, v in values.items()}  # a script's Path, as text
 
 
 def _versions() -> str:
@@ -246,6 +247,7 @@ def write_run_config(
     ]
     header += [f"# ranks: {world}"] if world else []
     header += [f"# {_versions()}, python {sys.version.split()[0]}; written {when}"]
+    header = [line.replace("\r", "\\r").replace("\n", "\\n") for line in header]  # a comment stays one line
     body = yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(header) + "\n" + body, encoding="utf-8")
