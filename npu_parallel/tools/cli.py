@@ -1,4 +1,4 @@
-"""The npu-parallel command: env, inspect, convert, merge, audit, verify, plan, generate.
+"""The npu-parallel command: env, inspect, convert, merge, audit, verify, plan, generate, eval, upcycle, train.
 
 Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr, never a traceback).
 """
@@ -18,6 +18,7 @@ from npu_parallel.tools.cli_eval import add_eval_parser
 from npu_parallel.tools.cli_generate import add_generate_parser
 from npu_parallel.tools.cli_plan import add_plan_parser
 from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
+from npu_parallel.tools.cli_train import add_train_parser
 from npu_parallel.tools.cli_upcycle import add_upcycle_parser
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_OK
 
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_upcycle_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

@@ -88,10 +88,10 @@ def causal_lm_loss(
         hook = final_norm.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
         if not vocab_parallel:
-            out = model(input_ids=input_ids, labels=labels)
+            out = model(input_ids=input_ids, labels=labels, use_cache=False)
             loss = out.loss
         else:
-            out = model(input_ids=input_ids)
+            out = model(input_ids=input_ids, use_cache=False)
             loss = token_loss(out.logits[:, :-1], labels[:, 1:], lm_head_of(model), True)
     finally:
         if hook is not None:
@@ -144,7 +144,8 @@ def batch_loss(model: nn.Module, batch: Batch, *, vocab_parallel: bool, mtp_weig
     layout = None if docs is None else TokenLayout.from_documents(docs, batch.lengths)
     try:
         with token_layout(model, layout):
-            out = model(input_ids=batch.input_ids, **inputs)
+            # no KV cache: a step never decodes, and a recomputed attention (--recompute) would append to it twice
+            out = model(input_ids=batch.input_ids, use_cache=False, **inputs)
             head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (nn.Module types it as a Tensor)
             ce = token_loss_sum(out.logits[:, :-1], batch.targets(0), head, vocab_parallel)
             result = BatchLoss(ce, batch.num_targets, balance_loss(model) if model.training else None)
