@@ -110,14 +110,28 @@ def _audit_pipelined(model: PreTrainedModel, state: ParallelState, ids: torch.Te
 
 
 def run_audit(path: str, tp: int = 1, progress: Callable[[str], None] | None = None, pp: int = 1, **kw) -> list[dict]:
-    """Per-rank audit results in rank order (inside torchrun: this rank's only); ``kw`` as :func:`audit_rank`'s.
+    """Per-rank audit results in rank order (inside torchrun: every rank's on rank 0, this rank's on the others);
+    ``kw`` as :func:`audit_rank`'s.
 
     ``progress`` gets a line as the audit (and each of its ranks) starts and finishes.
     """
     job = {"task": "audit", "path": str(path), "kwargs": kw}
     what = "auditing one forward and backward" if pp == 1 else "auditing one pipelined step"
     (results,) = timed(what, tp, lambda say: run_jobs(tp, [job], progress=say, pp=pp), progress, pp=pp)
-    return results
+    return _gather_in_place(results)
+
+
+def _gather_in_place(results: list[dict]) -> list[dict]:
+    """Inside torchrun every rank audited itself: rank 0 gets every rank's result (the stages' too), in rank order."""
+    import torch.distributed as dist
+
+    from npu_parallel.tools.jobs import in_torchrun
+
+    if not (in_torchrun() and dist.is_initialized() and dist.get_world_size() > 1):
+        return results
+    every: list = [None] * dist.get_world_size()
+    dist.gather_object(results[0], every if dist.get_rank() == 0 else None, dst=0)
+    return every if dist.get_rank() == 0 else results
 
 
 def audit_summary(results: list[dict]) -> tuple[str, int]:
