@@ -59,3 +59,39 @@ def test_backward_overlaps_too(overlap_results, name, tp, ep, impl):
     assert r["halves"]
     want = ["launch", "down_proj", "wait", "experts", "launch", "up_proj", "gate_proj", "wait"]
     assert r["backward_order_on"] == want
+
+
+def test_overlap_option(monkeypatch):
+    """``overlap_shared``: on by default, off by the option or NPU_PARALLEL_OVERLAP_SHARED=0 (the option wins), shown
+    in the repr when off, a non-bool refused at conversion; the dispatchers that move nothing do not take it."""
+    from npu_parallel.moe.dispatchers import resolve_dispatcher
+
+    monkeypatch.delenv("NPU_PARALLEL_OVERLAP_SHARED", raising=False)
+    for impl in ("alltoall", "alltoall_static"):
+        assert resolve_dispatcher(impl, "cpu").overlap_shared is True
+        off = resolve_dispatcher(impl, "cpu", overlap_shared=False)
+        assert off.overlap_shared is False and "overlap_shared=False" in repr(off)
+        with pytest.raises(ValueError, match=r"overlap_shared='no': must be True or False"):
+            resolve_dispatcher(impl, "cpu", overlap_shared="no")
+    monkeypatch.setenv("NPU_PARALLEL_OVERLAP_SHARED", "0")
+    assert resolve_dispatcher("alltoall", "cpu").overlap_shared is False
+    assert resolve_dispatcher("alltoall", "cpu", overlap_shared=True).overlap_shared is True
+    with pytest.raises(ValueError, match=r"overlap_shared=False needs moe_impl='alltoall'"):
+        resolve_dispatcher("grouped", "cpu", overlap_shared=False)
+
+
+def test_default_overlapped_is_dispatch_then_work():
+    """The base class' overlapped entry points (every dispatcher that moves no tokens): the plain dispatch and
+    combine, then the work, whose result comes back beside them."""
+    import torch
+
+    from npu_parallel.moe.dispatchers import resolve_dispatcher
+
+    from .test_dispatchers import _experts
+
+    x, idx, w, ex = torch.randn(6, 8), torch.randint(0, 4, (6, 2)), torch.rand(6, 2), _experts()
+    d = resolve_dispatcher("grouped", "cpu")
+    routed, a = d.dispatch_overlapped(x, idx, w, ex, lambda: "first")
+    y, b = d.combine_overlapped(ex(routed.rows, routed.matmul), routed, lambda: "second")
+    assert (a, b) == ("first", "second")
+    assert torch.equal(y, d(x, idx, w, ex))
