@@ -61,6 +61,16 @@ def theory(pp: int, micro: int, per_rank: int) -> float:
     return (pp - 1) / (per_rank * micro + pp - 1)
 
 
+def _drop_other_stages(model, params: list) -> None:
+    """Free the weights no stage of this rank runs: every pp rank loads the whole model (memory, not time)."""
+    import torch
+
+    mine = {id(p) for p in params}
+    for p in model.parameters():
+        if id(p) not in mine:
+            p.data = torch.empty(0, dtype=p.dtype)
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One rank's record: per micro-batch count, mean step time, busy seconds (forward, backward), first loss."""
     import torch
@@ -77,6 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
     busy = _Busy()
     if pp > 1:
         pipe = build_pipeline(model, state, schedule=args.schedule, virtual=args.virtual, pp_layers=args.pp_layers)
+        _drop_other_stages(model, pipe.parameters())
 
         def run(batches):
             return pipeline_step(pipe, batches, state)
