@@ -155,11 +155,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.virtual is None:
         args.virtual = 2 if SCHEDULES[args.schedule][1] is None else 1
-    try:
-        for m in args.micro:
+    for m in args.micro:
+        try:
             check_schedule(args.schedule, args.pp, m, args.virtual)
-    except ConfigError as exc:
-        p.error(str(exc))
+        except ConfigError as exc:  # the trainer's flags: --grad_accum is --micro here, --pp_schedule --schedule
+            p.error(
+                f"--micro {m} --schedule {args.schedule}: {exc} (here --grad_accum is --micro, --pp_schedule "
+                "is --schedule, --pp_virtual is --virtual)"
+            )
     per_rank = stages_per_rank(args.schedule, args.virtual)
     path, desc = common.resolve_model(args)
     records = common.alternate(
