@@ -22,6 +22,7 @@ from npu_parallel.parallel import device as _device
 from npu_parallel.parallel.data_parallel import Precision, data_parallel
 from npu_parallel.parallel.data_parallel import resolve_precision as _resolve
 from npu_parallel.parallel.state import ParallelState, init_distributed
+from npu_parallel.training import pipeline_run
 from npu_parallel.training.config import TrainConfig, add_train_args, check_args, check_inputs, config_from_args
 from npu_parallel.training.errors import ConfigError, NonFiniteError
 from npu_parallel.training.eval import evaluate, run_eval_set
@@ -81,7 +82,7 @@ def jit_warmup(model, state, vocab_parallel: bool, steps: int, vocab: int) -> fl
 def run_state(cfg: TrainConfig) -> ParallelState:
     """The run's one distributed state (ConfigError for a tp or ep size the world cannot split, on every rank)."""
     try:
-        return init_distributed(cfg.tp_size, ep_size=cfg.ep_size, timeout_s=cfg.timeout_s)
+        return init_distributed(cfg.tp_size, ep_size=cfg.ep_size, timeout_s=cfg.timeout_s, pp_size=cfg.pp_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -195,16 +196,21 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
     if cfg.vocab_parallel_loss:
         set_vocab_parallel_logits(model, True)
     model.train()
-    data_parallel(model, state, precision=mode)  # FSDP2 over dp (also at dp = 1: the precision policy)
+    pp = pipeline_run.setup(cfg, model, state, mode)  # --pp_size > 1: the stages, each FSDP2 over dp (else None)
+    if pp is None:
+        data_parallel(model, state, precision=mode)  # FSDP2 over dp (also at dp = 1: the precision policy)
 
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, params=None if pp is None else pp.parameters())
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     if cfg.resume:
         load_training_state(cfg.resume, state, optimizer=opt, scheduler=sched)
         if main:
             logger.info("resumed from %s at step %d", cfg.resume, start)
 
-    warm = jit_warmup(model, state, cfg.vocab_parallel_loss, cfg.jit_warmup_steps, model.config.vocab_size)
+    if pp is None:
+        warm = jit_warmup(model, state, cfg.vocab_parallel_loss, cfg.jit_warmup_steps, model.config.vocab_size)
+    else:
+        warm = pp.warmup(cfg.jit_warmup_steps, cfg.grad_accum, (1, 16), model.config.vocab_size)
     if main and warm:
         logger.info("JIT warmup: %d passes in %.1f s", cfg.jit_warmup_steps, warm)
     load = LoadMonitor(
@@ -213,6 +219,7 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
         idle_steps=cfg.warn_idle_steps,
         max_ratio=cfg.warn_load_ratio,
         bias_update_rate=cfg.bias_update_rate,
+        reader=None if pp is None else pp.read_load,
     )
     load.reset(model)  # the warmup passes are not steps
 
@@ -230,12 +237,15 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
             set_noise_step(model, step, state.dp_rank)  # router noise by (step, dp rank): a resumed run draws alike
             # the global batch's loss: summed over its supervised targets, divided by their global count
             # (training/step.py); FSDP2 reduces the gradients on the last micro-batch only
-            losses = train_step(
-                model, batches, state, vocab_parallel=cfg.vocab_parallel_loss, mtp_weight=cfg.mtp_loss_weight
-            )
+            if pp is not None:
+                losses = pp.step(batches)  # the same global batch and normalization through the stages
+            else:
+                losses = train_step(
+                    model, batches, state, vocab_parallel=cfg.vocab_parallel_loss, mtp_weight=cfg.mtp_loss_weight
+                )
             total, _, aux_total, mtp_total = losses.reduce(state)
             assert total is not None
-            norm = clip_grad_norm_(model, cfg.grad_clip, state)
+            norm = clip_grad_norm_(model, cfg.grad_clip, state) if pp is None else pp.clip(cfg.grad_clip)
             lr = sched.get_last_lr()[0]
             finite = step_is_finite(total, norm, state)
             if finite:
@@ -270,6 +280,8 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
             if not finite:
                 _nonfinite_step(cfg, nonfinite, total, norm.item(), main)
             if cfg.save_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or at_end):
+                if pp is not None:
+                    pp.sync_weights()  # the other stages' parameters from their owners: a pp 1 run's folder
                 saved = _save(cfg, model, opt, sched, state, mode, step + 1, data.position)
     finally:
         plot = log.close()
