@@ -32,6 +32,14 @@ def check_pp_args(cfg: Any) -> None:
             raise ConfigError(f"--pp_layers {cfg.pp_layers!r} needs --pp_size 2 or more (it splits the stages)")
         return
     check_schedule(cfg.pp_schedule, cfg.pp_size, cfg.grad_accum, cfg.pp_virtual)
+    for flag, value, what in (
+        ("router_z_loss", cfg.router_z_loss, "the router z-loss does not cross the stages yet"),
+        ("capacity_factor", cfg.capacity_factor, "the stages do not count the dropped slots yet"),
+    ):
+        if value:
+            raise ConfigError(
+                f"--{flag} {value} with --pp_size {cfg.pp_size}: {what}; drop --{flag} or use --pp_size 1"
+            )
     if cfg.eval_data or cfg.eval_split or cfg.eval_every:
         flag = "--eval_data" if cfg.eval_data else "--eval_split" if cfg.eval_split else "--eval_every"
         raise ConfigError(
