@@ -486,8 +486,13 @@ class ReferenceKernels(ReferenceNpuOps):
         keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0, prefix=None,
         actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
     ):  # fmt: skip
+        if input_layout == "TND":
+            return self._fusion_attention_tnd(
+                query, key, value, head_num, atten_mask, scale, keep_prob, actual_seq_qlen, actual_seq_kvlen,
+                sparse_mode,
+            )  # fmt: skip
         if input_layout != "BNSD" or pse is not None or padding_mask is not None or prefix is not None:
-            raise NotImplementedError("stand-in: BNSD layout without pse/padding_mask/prefix only")
+            raise NotImplementedError("stand-in: BNSD or TND layout without pse/padding_mask/prefix only")
         _require(keep_prob == 1.0, "stand-in: no dropout (keep_prob must be 1)")
         _require(
             query.dtype in _FLOATS and key.dtype == value.dtype == query.dtype, "q/k/v dtypes must agree", TypeError
@@ -519,6 +524,40 @@ class ReferenceKernels(ReferenceNpuOps):
             scores = scores.masked_fill(mask, float("-inf"))
         out = (scores.softmax(-1) @ v.float()).to(query.dtype)  # [B, N, Sq, Dv]
         stats = scores.amax(-1, keepdim=True).expand(b, n, sq, 8).detach()  # softmax_max's documented [B, N, S, 8]
+        return out, stats, stats, query.new_empty(0), 0, 0, 0
+
+    def _fusion_attention_tnd(
+        self, query, key, value, head_num, atten_mask, scale, keep_prob, actual_seq_qlen, actual_seq_kvlen,
+        sparse_mode,
+    ):  # fmt: skip
+        """TND (varlen): ``[T, N, D]`` tokens, documents given as cumulative ends (the doc: ``actual_seq_qlen``
+        and ``actual_seq_kvlen`` are prefix sums, host lists, the last one T); causal per document with
+        sparse_mode 3 (rightDownCausal) and the compressed 2048 x 2048 mask."""
+        _require(keep_prob == 1.0, "stand-in: no dropout (keep_prob must be 1)")
+        _require(query.dim() == key.dim() == value.dim() == 3, "TND: query/key/value must be [T, N, D]")
+        (t, n, dq), (_, nkv, dk), dv = query.shape, key.shape, value.shape[-1]
+        _require(head_num == n, f"head_num {head_num} != query heads {n}")
+        _require(dq == dk and dk >= dv and dk <= 768, f"the doc wants Dq = Dk >= Dv, <= 768; got {dq}, {dk}, {dv}")
+        _require(isinstance(actual_seq_qlen, list | tuple) and actual_seq_qlen, "TND needs actual_seq_qlen (a list)")
+        _require(list(actual_seq_qlen) == list(actual_seq_kvlen or []), "stand-in: actual_seq_kvlen = qlen only")
+        ends = [int(e) for e in actual_seq_qlen]
+        _require(all(a < b for a, b in itertools.pairwise([0, *ends])), f"ends must increase: {ends}")
+        _require(ends[-1] == t, f"the last end {ends[-1]} must be the token count {t}")
+        _require(sparse_mode == 3, f"stand-in: TND with sparse_mode 3 (rightDownCausal) only, got {sparse_mode}")
+        _require(
+            atten_mask is not None and tuple(atten_mask.shape) == (2048, 2048) and atten_mask.dtype == torch.bool,
+            "sparse_mode=3 wants the 2048x2048 bool mask",
+        )
+        k = key.repeat_interleave(n // nkv, dim=1)
+        v = value.repeat_interleave(n // nkv, dim=1)
+        outs = []
+        for a, b in itertools.pairwise([0, *ends]):
+            qs, ks, vs = (x[a:b].transpose(0, 1).float() for x in (query, k, v))  # [N, len, D]
+            scores = (qs @ ks.transpose(-1, -2)) * scale
+            causal = torch.ones(b - a, b - a, dtype=torch.bool, device=query.device).triu(1)
+            outs.append((scores.masked_fill(causal, float("-inf")).softmax(-1) @ vs).transpose(0, 1))
+        out = torch.cat(outs).to(query.dtype)  # [T, N, Dv]
+        stats = query.new_zeros(t, n, 8, dtype=torch.float32)
         return out, stats, stats, query.new_empty(0), 0, 0, 0
 
     def npu_grouped_matmul_add_(self, y, x, weight, group_list, *, transpose_x=True, transpose_weight=False,

@@ -10,7 +10,9 @@ import torch.distributed as dist
 
 import npu_parallel
 from npu_parallel.parallel.state import single_rank_state
-from npu_parallel.training.batch import Batch
+from npu_parallel.training.batch import IGNORE_INDEX, Batch
+from npu_parallel.training.labels import Encoded
+from npu_parallel.training.packing import make_batch
 from npu_parallel.training.pipeline import build_pipeline, pipeline_step
 from npu_parallel.training.step import train_step
 
@@ -20,15 +22,28 @@ SGD_LR = 1.0
 AUX = 0.05  # a load-balancing coefficient large enough that a mistake in its cross-stage sum shows
 
 
-def _batches(vocab: int, count: int, seed: int = 11) -> list[Batch]:
+def _batches(vocab: int, count: int, seed: int = 11, packed: bool = False) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
-    return [Batch.from_windows(torch.randint(0, vocab, (2, 12), generator=g)) for _ in range(count)]
+    if not packed:
+        return [Batch.from_windows(torch.randint(0, vocab, (2, 12), generator=g)) for _ in range(count)]
+    # packed chat-like rows, every micro-batch padded to one width (the stages send one shape): row 0 two
+    # documents, row 1 one and padding; a document's own labels (a prompt of 2 tokens not trained)
+    out = []
+    for _ in range(count):
+        rows = []
+        for lengths in ((5, 7), (8,)):
+            docs = []
+            for n in lengths:
+                ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+                docs.append(Encoded(ids, [IGNORE_INDEX] * 2 + ids[2:]))
+            rows.append(docs)
+        out.append(make_batch(rows, pad_id=0, width=12))
+    return out
 
 
 def _load(path: str, state, mtp: bool):
-    if mtp:  # the published layout keeps the MTP layer (transformers drops it); V3 balances by its bias, and
-        # train_step cannot combine an MTP layer's MoE term with aux > 0 yet (it leaks into the next micro-batch)
-        return npu_parallel.load_pretrained(path, state, dtype=torch.float32, progress=False, aux_loss_coef=0.0)
+    if mtp:  # the published layout keeps the MTP layer (transformers drops it); its MoE block adds no balance term
+        return npu_parallel.load_pretrained(path, state, dtype=torch.float32, progress=False, aux_loss_coef=AUX)
     return npu_parallel.convert_model(load_reference(Path(path).name, Path(path)), state, aux_loss_coef=AUX)
 
 
@@ -82,7 +97,8 @@ def compare(paths: dict[str, str], layouts: list[tuple[int, int]], micro: int = 
     npu_parallel.init_distributed(1)  # the world group, before the reference runs alone on each rank
     ref_state = single_rank_state()
     for name, path in paths.items():
-        mtp = name.endswith("_mtp")
+        packed = name.endswith("_packed")
+        mtp = name.removesuffix("_packed").endswith("_mtp")
         weight = 0.3 if mtp else 0.0
         probe = _load(path, ref_state, mtp)
         vocab = probe.config.vocab_size
@@ -90,7 +106,7 @@ def compare(paths: dict[str, str], layouts: list[tuple[int, int]], micro: int = 
         row: dict = {}
         for tp, pp in layouts:
             dp = world // (tp * pp)
-            everything = _batches(vocab, micro * dp)
+            everything = _batches(vocab, micro * dp, packed=packed)
             if "ref" not in row or len(row["ref_batches"]) != len(everything):
                 ref = probe if "ref" not in row else _load(path, ref_state, mtp)
                 row["ref"] = _run(ref, ref_state, everything, 1, weight)

@@ -305,7 +305,8 @@ def test_env_runs_every_probe_on_an_npu(monkeypatch, capsys):
     monkeypatch.setattr(device, "describe", lambda: info)
     assert cli_env.cmd_env(argparse.Namespace(tp=None, json=False)) == 0
     printed = capsys.readouterr().out
-    names = [npu_dispatcher.PROBE_NAME, *kernels.FUSED_KERNELS, "npu_grouped_matmul_add_"]
+    variants = [f"{name} {v}" for name, vs in kernels.VARIANTS.items() for v in vs]  # npu_fusion_attention TND
+    names = [npu_dispatcher.PROBE_NAME, *kernels.FUSED_KERNELS, *variants, "npu_grouped_matmul_add_"]
     assert sorted(probe_results()) == sorted(names)
     for name in names:
         assert probe_results()[name] == "ok" and f"    {name}: ok" in printed

@@ -249,6 +249,24 @@ def test_fusion_attention_as_the_wrapper_calls_it(release, wrappers, masked, mon
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
+def test_fusion_attention_tnd_as_the_wrapper_calls_it(release, wrappers):
+    """A packed batch's TND call (convert/documents.py -> kernels._varlen_attention): [B*S, N, D] tokens,
+    actual_seq_qlen/kvlen as host prefix sums, sparse_mode 3 with the 2048 x 2048 mask, MLA's Dk > Dv unpadded:
+    the release's schema takes it and its meta kernel shapes the output [B, N, S, Dv] (like the value where
+    the BNSD meta does, else like the query: graph mode then takes SDPA, as for BNSD)."""
+    q, k, v = _t(B, N, S, DK), _t(B, N, S, DK), _t(B, N, S, DV)
+    mask = torch.ones(B, 1, S, S, device=META, dtype=torch.bool)
+    seq_lens = [2, S, S + 3, 2 * S]  # row 0: documents of 2 and 3 tokens; row 1: 3 tokens, then 2 of padding
+    out = wrappers.fusion_attention(q, k, v, mask, scale=0.1, is_causal=False, seq_lens=seq_lens)
+    meta_dv = _stand_in_rules(release.version).attention_meta_dv
+    assert out.shape == (B, N, S, DV if meta_dv else DK) and out.dtype == torch.bfloat16
+    tokens = torch.ops.npu.npu_fusion_attention(
+        _t(B * S, N, DK), _t(B * S, N, DK), _t(B * S, N, DV), N, "TND", atten_mask=_t(2048, 2048, dtype=torch.bool),
+        scale=0.1, sparse_mode=3, actual_seq_qlen=seq_lens, actual_seq_kvlen=seq_lens,
+    )  # fmt: skip
+    assert tokens[0].shape == (B * S, N, DV if meta_dv else DK)
+
+
 def test_weight_gradient_into_main_grad_as_the_wrapper_calls_it(release, wrappers, monkeypatch):
     """accumulate_wgrad's npu_grouped_matmul_add_(main_grad, dy, x, ends, transpose_x=True, transpose_weight=False,
     group_type=2): no group_list_type (not in the 2.5/2.6 schema); 2.5.1 has no meta kernel, so graph mode takes

@@ -64,6 +64,9 @@ def world2(checkpoints, tmp_path_factory):
     paths = {n: str(checkpoints / n) for n in VARIANT_NAMES}
     if "deepseek_v3" in VARIANTS:  # MLA + MoE + MTP, in the published layout that keeps the MTP layer
         paths["deepseek_v3_mtp"] = str(build_published(tmp_path_factory.mktemp("pp_v3"))["plain"])
+        paths["deepseek_v3_mtp_packed"] = paths["deepseek_v3_mtp"]  # packed rows: documents and padding
+    if "qwen3_moe" in paths:
+        paths["qwen3_moe_packed"] = paths["qwen3_moe"]  # the Switch loss over the real tokens of every stage
     return run_ranks(2, "tests.pipeline_worker:world", paths, [(2, 1), (1, 2)], SCHEDULES, timeout=600)
 
 

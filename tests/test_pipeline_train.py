@@ -6,6 +6,7 @@ run with one line (exit 2)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ from npu_parallel.checkpoint.offline import merge_checkpoint
 from .dist import run_ranks
 from .models import VARIANTS
 from .published import build_published
+from .sft_data_helpers import chat, write_jsonl
 from .test_train_cli import LITE, ROOT, _env
+from .tokenizers_fixture import add_tokenizer
 
 BASE = dict(batch_size=2, max_length=32, steps=3, lr=1e-3, warmup_steps=1, jit_warmup_steps=1, seed=5, grad_clip=1.0)
 PP2 = dict(pp_size=2, grad_accum=2)
@@ -38,6 +41,10 @@ def _jobs(paths: dict[str, str], root: Path, pp: int) -> dict[str, dict]:
         "deepseek_v2": dict(BASE, model_path=paths["deepseek_v2"], aux_loss_coef=0.05, steps=2),
         "lora": dict(BASE, model_path=paths["qwen3_moe"], lora_r=4, steps=2, save_dir=str(root / f"l{pp}")),
     }
+    if "chat" in paths:  # packed chat data: pp pads every micro-batch to max_length, pp 1 to its longest row
+        jobs["chat"] = dict(
+            BASE, model_path=paths["chat"], data=paths["chat_data"], max_length=48, steps=2, aux_loss_coef=0.05
+        )
     if "deepseek_v3_mtp" in paths:  # MLA + MoE + MTP on the last stage, the routing bias moved after each step
         jobs["deepseek_v3_mtp"] = dict(
             BASE, model_path=paths["deepseek_v3_mtp"], mtp_loss_weight=0.3, aux_loss_coef=0.0, bias_update_rate=0.01
@@ -46,9 +53,14 @@ def _jobs(paths: dict[str, str], root: Path, pp: int) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(checkpoints, tmp_path_factory):
+def runs(checkpoints, chat_tokenizers, tmp_path_factory):
     root = tmp_path_factory.mktemp("pp_train")
     paths = {n: str(checkpoints / n) for n in ("qwen3_moe", "deepseek_v2") if n in VARIANTS}
+    if "deepseek_v2" in VARIANTS:
+        shutil.copytree(checkpoints / "deepseek_v2", root / "chat")
+        add_tokenizer(root / "chat", "deepseek", chat_tokenizers["deepseek"])
+        paths["chat"] = str(root / "chat")
+        paths["chat_data"] = str(write_jsonl(root / "chat.jsonl", [chat(i) for i in range(16)]))
     if "deepseek_v3" in VARIANTS:
         paths["deepseek_v3_mtp"] = str(build_published(root / "v3")["plain"])
     one, two = _jobs(paths, root, 1), _jobs(paths, root, 2)
@@ -70,7 +82,7 @@ def runs(checkpoints, tmp_path_factory):
     return {"pp1": pp1, "pp2": pp2, "root": root, "q1": q1, "q2": q2}
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v2", "deepseek_v3_mtp", "lora"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v2", "deepseek_v3_mtp", "lora", "chat"])
 def test_pp2_trains_as_pp1(runs, name):
     if name not in runs["pp1"]:
         pytest.skip(f"{name}: this transformers has no such model class")
@@ -93,9 +105,9 @@ def test_pp2_trains_as_pp1(runs, name):
     assert [[r["mean"] for r in s if r["layer"] >= 3] for s in b["load"][1:]] == [
         [r["mean"] for r in s if r["layer"] >= 3] for s in a["load"][1:]
     ]
-    if name != "lora":
+    if name not in ("lora", "chat"):
         assert a["losses"][-1] < a["losses"][0]
-    if name in ("qwen3_moe", "deepseek_v2"):
+    if name in ("qwen3_moe", "deepseek_v2", "chat"):
         assert all(x > 0.01 for x in a["aux"])
     if name == "deepseek_v3_mtp":
         assert all(x > 0 for x in a["mtp"])

@@ -76,6 +76,22 @@ def test_no_packing_pads_each_micro_batch_to_its_longest_example(chat_tokenizers
 
 
 @pytest.mark.parametrize("packing", [True, False])
+def test_fixed_width_pads_every_micro_batch_to_max_length(chat_tokenizers, tmp_path, packing):
+    """Pipeline stages send one shape: every micro-batch [B, max_length], the same documents as without it."""
+    from npu_parallel.training.dataset import DataStream
+
+    tok = tokenizer(chat_tokenizers, "chatml")
+    c = cfg(data=[str(_data(tmp_path))], packing=packing, batch_size=2)
+    p = prepare(c, tok)
+    kw = dict(packing=packing, max_length=64, batch_size=2, grad_accum=2, dp_size=1, dp_rank=0)
+    fixed, free = DataStream(p, fixed_width=True, **kw), DataStream(p, **kw)
+    for _ in range(3):
+        a, b = fixed.next(), free.next()
+        assert a.input_ids.shape == (2, 64) and a.lengths == b.lengths and a.num_targets == b.num_targets
+    assert fixed.padding_fraction >= free.padding_fraction
+
+
+@pytest.mark.parametrize("packing", [True, False])
 def test_the_global_batch_of_a_step_is_the_same_whatever_dp_and_grad_accum(chat_tokenizers, tmp_path, packing):
     tok = tokenizer(chat_tokenizers, "deepseek")
     data = [str(_data(tmp_path))]

@@ -74,10 +74,12 @@ def test_transformers_logits_equal_dense(dense, upcycled, case):
     assert (_logits(path) - _logits(dense[src])).abs().max().item() < 1e-5
 
 
-def test_load_pretrained_tp2_logits_equal_dense(dense, upcycled):
+def test_load_pretrained_at_tp2_ep2_pp2_equals_dense(dense, upcycled, other):
     pairs = [(str(dense[c[0]]), str(p)) for c, p in upcycled.items()]
-    diffs = run_ranks(2, "tests.upcycle_worker:compare", pairs, 2)
-    assert len(diffs) == len(CASES)
+    pairs += [(str(d), str(m)) for d, m, _ in other.values()]  # DeepSeek-V2 and Mixtral-from-Mistral targets too
+    layouts = [(2, 2, 1), (1, 2, 1), (1, 1, 2)]  # tp 2; ep 2 over dp 2; two pipeline stages
+    diffs = run_ranks(2, "tests.upcycle_worker:compare", pairs, layouts)
+    assert len(diffs) == 3 * (len(CASES) + len(other))
     assert max(diffs.values()) < 1e-5, diffs
 
 
@@ -217,22 +219,37 @@ def _mistral(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "source, options",
-    [
-        ("deepseek_v2", dict(experts=8, top_k=2)),
-        ("deepseek_v2", dict(experts=8, top_k=2, layers="1-2")),
-        ("mistral", dict(experts=4, top_k=2, granularity=2)),
-    ],
-    ids=["deepseek-plain", "deepseek-shared-tail", "mistral-g2"],
-)
-def test_deepseek_and_mistral_sources_equal_dense(tmp_path, source, options):
+OTHER = {
+    "deepseek-plain": ("deepseek_v2", dict(experts=8, top_k=2)),
+    "deepseek-shared-tail": ("deepseek_v2", dict(experts=8, top_k=2, layers="1-2")),
+    "mistral-g2": ("mistral", dict(experts=4, top_k=2, granularity=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory) -> dict[str, tuple[Path, Path, object]]:
+    """The dense DeepSeek-V2 layout and Mistral sources, upcycled: name -> (dense, upcycled, requirements)."""
+    root = tmp_path_factory.mktemp("other")
+    out = {}
+    for name, (source, options) in OTHER.items():
+        if not hasattr(transformers, "DeepseekV2Config" if source == "deepseek_v2" else "MistralConfig"):
+            continue
+        dense = root / f"{source}_dense"
+        if not dense.is_dir():
+            (_dense_deepseek_v2 if source == "deepseek_v2" else _mistral)(dense)
+        moe, req = upcycle_checkpoint(dense, root / name, progress=False, **options)
+        out[name] = (dense, moe, req)
+    return out
+
+
+@pytest.mark.parametrize("name", list(OTHER))
+def test_deepseek_and_mistral_sources_equal_dense(other, name):
     """The dense DeepSeek-V2 layout -> DeepSeek-V2 (zero router, routed_scaling_factor E/K, a shared expert holding
     the FFN; all layers or a tail MoE), and Mistral -> Mixtral granular: logits equal the dense model's."""
-    if not hasattr(transformers, "DeepseekV2Config" if source == "deepseek_v2" else "MistralConfig"):
+    source, options = OTHER[name]
+    if name not in other:
         pytest.skip(f"{source} is not in this transformers")
-    dense = (_dense_deepseek_v2 if source == "deepseek_v2" else _mistral)(tmp_path / "dense")
-    out, req = upcycle_checkpoint(dense, tmp_path / "moe", progress=False, **options)
+    dense, out, req = other[name]
     assert req.exact()
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == {"deepseek_v2": "deepseek_v2", "mistral": "mixtral"}[source]

@@ -24,6 +24,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from npu_parallel.parallel import kernels
 
 PADDED_SDPA = "npu_parallel_sdpa"
+# a packed micro-batch's document ends over its flattened tokens, handed to the attention by the model's forward
+# (convert/documents.py) so that torch_npu's fused kernel runs the TND layout
+SEQ_LENS_KWARG = "npu_seq_lens"
 
 
 def padded_value_sdpa(
@@ -48,9 +51,11 @@ def padded_value_sdpa(
             scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
             dropout=kwargs.get("dropout", 0.0),
             is_causal=bool(is_causal),
+            seq_lens=kwargs.get(SEQ_LENS_KWARG),
         )  # [B, N, S, Dv] or None
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
+    kwargs.pop(SEQ_LENS_KWARG, None)
     dq, dv = query.shape[-1], value.shape[-1]
     if dv >= dq:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from npu_parallel.moe.block import MoEBlock
+
 MTP_ATTR = "num_nextn_predict_layers"
 # the published copies of the shared modules: (MTP key leaf, the main model's tensor it copies)
 SHARED_COPIES = (("embed_tokens.weight", "model.embed_tokens.weight"), ("shared_head.head.weight", "lm_head.weight"))
@@ -75,11 +77,24 @@ def causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((length, length), low, dtype=like.dtype, device=like.device).triu(1)[None, None]
 
 
-def mtp_states(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+def mtp_states(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    document_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """Per depth k = 1..D, ``shared_head.norm(h^k)`` [B, T-k, H]; position i of it predicts token i+k+1.
 
-    ``hidden``: the main model's final normed hidden states [B, T, H]; ``input_ids`` [B, T].
+    ``hidden``: the main model's final normed hidden states [B, T, H]; ``input_ids`` [B, T]. A packed micro-batch
+    also gives its ``document_ids`` and ``position_ids`` [B, T]: at depth k position i attends only to its own
+    document and keeps its position id, so each document's states are those it has alone (positions whose token
+    i+k lies in the next document hold states no target reads: ``Batch.targets``).
     """
+    # here, not at the top: checkpoint/mtp_keys imports this module under any transformers, and documents needs
+    # the attention kernels (transformers >= 4.51)
+    from npu_parallel.convert.documents import document_mask, mask_style
+
     base: Any = model.model
     out = []
     h = hidden
@@ -88,13 +103,26 @@ def mtp_states(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) 
         emb = base.embed_tokens(input_ids[:, k:])  # [B, T-k, H]: Emb(t_{i+k})
         h = h[:, :-1]  # [B, T-k, H]: h_i^{k-1}
         x = layer.eh_proj(torch.cat([layer.enorm(emb), layer.hnorm(h)], dim=-1))  # [B, T-k, H]
-        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # [1, T-k]
-        h = layer(
-            x,
-            attention_mask=causal_mask(x.shape[1], x),
-            position_ids=pos,
-            position_embeddings=base.rotary_emb(x, pos),
-        )
+        length = x.shape[1]
+        if document_ids is None:
+            pos = torch.arange(length, device=x.device).unsqueeze(0)  # [1, T-k]
+            mask = causal_mask(length, x)
+        else:
+            assert position_ids is not None
+            pos = position_ids[:, :length]
+            style = "additive" if mask_style(model) == "inverted" else mask_style(model)  # the layer takes it as is
+            mask = document_mask(document_ids[:, :length], style, x.dtype)
+        h = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=base.rotary_emb(x, pos))
         h = h[0] if isinstance(h, tuple) else h  # transformers 4.x layers return a tuple
         out.append(layer.shared_head.norm(h))
+        _drop_balance_terms(layer)
     return out
+
+
+def _drop_balance_terms(layer: nn.Module) -> None:
+    """An MTP layer's MoE block adds nothing to the load-balancing loss (DeepSeek-V3's balance terms are the main
+    model's layers'); its terms, set after the model's forward hook ran, would otherwise reach the next forward's."""
+    for module in layer.modules():
+        if isinstance(module, MoEBlock):
+            module.balance_term = None
+            module.z_term = None

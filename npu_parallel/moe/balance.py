@@ -27,13 +27,18 @@ Shapes: B batch, S sequence, T = B*S tokens, k top-k, E routed experts.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from npu_parallel.moe.dispatchers.base import slot_counts
+from npu_parallel.moe.token_layout import TokenLayout
 
 __all__ = ["Balance", "BalanceRule", "LayerTerm"]
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 LOSSES = ("switch", "deepseek")
 SCORINGS = ("softmax", "sigmoid")
@@ -86,12 +91,27 @@ class Balance:
         indices: torch.Tensor,
         batch_shape: tuple[int, ...],
         router_aux: torch.Tensor | None = None,
+        layout: TokenLayout | None = None,
     ) -> LayerTerm:
-        """This layer's term: ``logits [T, E]`` (None when the router returns none), routed ``indices [T, k]``."""
-        term = LayerTerm(counts=slot_counts(indices.detach(), self.num_experts, torch.float32))
+        """This layer's term: ``logits [T, E]`` (None when the router returns none), routed ``indices [T, k]``.
+
+        ``layout`` (a micro-batch with padding or packed documents): padding counts in neither the loss nor the
+        load, and the sequence-wise loss is taken per document.
+        """
+        if layout is not None:
+            counts = layout.slot_counts(indices.detach(), self.num_experts)
+        else:
+            counts = slot_counts(indices.detach(), self.num_experts, torch.float32)
+        term = LayerTerm(counts=counts)
         if not self.active:
             return term
         if self.loss == "router":
+            if layout is not None and "router" not in _warned:
+                _warned.add("router")  # numerics never silently degraded: said once
+                logger.warning(
+                    "this remote-code router computes its own load-balancing loss over every token of a row, "
+                    "padding and neighbouring documents included (the routed load excludes padding)"
+                )
             term.value = router_aux
             return term
         if logits is None:
@@ -101,9 +121,15 @@ class Balance:
             )
         scores = self.scores(logits.reshape(-1, self.num_experts))  # [T, E]
         if self.loss == "switch":
-            term.probs, term.rows = scores.sum(dim=0), scores.shape[0]
+            if layout is None:
+                term.probs, term.rows = scores.sum(dim=0), scores.shape[0]
+            else:
+                term.probs, term.rows = (scores * layout.keep[:, None]).sum(dim=0), layout.kept
             return term
-        term.value = self._deepseek(scores, indices, batch_shape)
+        if layout is None:
+            term.value = self._deepseek(scores, indices, batch_shape)
+        else:
+            term.value = self._deepseek_documents(scores, indices, layout)
         return term
 
     def _deepseek(self, scores: torch.Tensor, indices: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -120,6 +146,25 @@ class Balance:
             return (ce * scores.view(b, s, e).mean(dim=1)).sum(dim=1).mean() * self.coef
         f = slot_counts(indices, e, torch.float32) / indices.numel() * e  # [E]
         return (scores.mean(dim=0) * f).sum() * self.coef
+
+    def _deepseek_documents(self, scores: torch.Tensor, indices: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """``_deepseek`` over the real tokens only; with ``seq_aux`` per document (``D`` of them), not per row."""
+        e, k = self.num_experts, indices.shape[-1]
+        if self.scoring == "sigmoid":
+            indices = scores.detach().topk(k, dim=-1).indices
+        keep = layout.keep[:, None]  # [T, 1]
+        if not self.seq_aux:
+            kept = max(layout.kept, 1)
+            f = layout.slot_counts(indices, e) / (kept * k) * e  # [E]
+            return ((scores * keep).sum(dim=0) / kept * f).sum() * self.coef
+        d = layout.documents
+        bins = (layout.segment[:, None] * e + indices).reshape(-1)  # [T*k] into [(D+1) * E]
+        ce = torch.zeros((d + 1) * e, dtype=torch.float32, device=scores.device)
+        ce.scatter_add_(0, bins, torch.ones(bins.shape, dtype=torch.float32, device=scores.device))
+        sizes = torch.tensor(layout.sizes, dtype=torch.float32, device=scores.device).clamp(min=1)[:, None]  # [D, 1]
+        ce = ce.view(d + 1, e)[:d] / (sizes * k / e)  # [D, E] f per document
+        mean = torch.zeros(d + 1, e, dtype=scores.dtype, device=scores.device).index_add_(0, layout.segment, scores)
+        return (ce * (mean[:d] / sizes)).sum(dim=1).mean() * self.coef
 
     def total(self, terms: list[LayerTerm]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(reported, weighted)`` of one forward from its layers' terms; None when off or nothing was routed.

@@ -16,6 +16,7 @@ from npu_parallel.moe.experts import LocalExperts
 from npu_parallel.moe.gate_options import GateNoise, z_loss
 from npu_parallel.moe.router import router_logits, router_outputs
 from npu_parallel.moe.routing_rule import RouterMath, RouterRule
+from npu_parallel.moe.token_layout import TokenLayout
 from npu_parallel.parallel.collectives import copy_to_tp, reduce_from_tp, reduce_grad
 from npu_parallel.parallel.shard_spec import ShardedModule
 from npu_parallel.parallel.state import Group
@@ -75,6 +76,7 @@ class MoEBlock(ShardedModule):
         self.gate_noise: GateNoise | None = None
         self.z_loss_coef = 0.0
         self.z_term: torch.Tensor | None = None  # this forward's weighted z-loss; taken by the model's hook
+        self.layout: TokenLayout | None = None  # this forward's padding and documents (moe/load.token_layout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape  # [B, S, H]
@@ -132,7 +134,8 @@ class MoEBlock(ShardedModule):
             if logits is None and self.balance.active and self.balance.loss != "router":
                 # transformers 4.x routers return (indices, weights) only
                 logits = self._recomputed_logits(router_in)
-            self.balance_term = self.balance.layer(logits, indices, tuple(hidden_states.shape[:-1]), aux_loss)
+            layout = self.layout if self.layout is not None and self.layout.keep.numel() == t else None
+            self.balance_term = self.balance.layer(logits, indices, tuple(hidden_states.shape[:-1]), aux_loss, layout)
         return indices, weights
 
     def raw_logits(self, router_in: torch.Tensor, output: object, weights: torch.Tensor) -> torch.Tensor | None:

@@ -14,7 +14,9 @@ then the auxiliary-loss-free bias update of DeepSeek-V3 (``b_i += rate * sign(me
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from npu_parallel.moe.block import MoEBlock
+from npu_parallel.moe.token_layout import TokenLayout
 
 __all__ = [
     "BalanceHook",
@@ -33,6 +36,7 @@ __all__ = [
     "moe_blocks",
     "read_load",
     "reset_load",
+    "token_layout",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,6 +135,21 @@ def install(model: nn.Module, model_coef: tuple[str, float] | None = None) -> No
     hook = BalanceHook(model_coef)
     model.register_forward_pre_hook(hook.before)
     model.register_forward_hook(hook, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def token_layout(model: nn.Module, layout: TokenLayout | None) -> Iterator[None]:
+    """Forwards inside see ``layout`` (padding, documents) in their load-balancing terms and routed load; None:
+    every token is real and each row one sequence. A recomputation after the block (gradient checkpointing)
+    runs without it: its terms are never read, the forward's were."""
+    blocks = [block for _, block in moe_blocks(model)] if layout is not None else []
+    for block in blocks:
+        block.layout = layout
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.layout = None
 
 
 def reset_load(model: nn.Module) -> None:

@@ -53,17 +53,22 @@ def use_kernels(module: Any) -> Iterator[None]:
         _forced.pop()
 
 
-def fused(name: str, device_type: str) -> Any | None:
-    """The module whose kernel ``name`` to call for tensors on ``device_type``, or None: use the twin."""
+def fused(name: str, device_type: str, variant: str | None = None) -> Any | None:
+    """The module whose kernel ``name`` to call for tensors on ``device_type``, or None: use the twin.
+
+    ``variant``: a way of calling the kernel with a probe of its own (``"TND"``: npu_fusion_attention's varlen
+    layout), so a release where only that call fails keeps the other.
+    """
+    check = name if variant is None else f"{name} {variant}"
     if _forced:
-        module, label = _forced[-1], f"{name} ({type(_forced[-1]).__name__})"
+        module, label = _forced[-1], f"{check} ({type(_forced[-1]).__name__})"
     elif device_type == "npu":
-        module, label = _device.torch_npu_module(), name
+        module, label = _device.torch_npu_module(), check
     else:
         return None
     if module is None or not hasattr(module, name):
         return None  # a release without the kernel: never tried
-    ok = probe(label, functools.partial(_run_check, name, module, device_type), device_type=device_type)
+    ok = probe(label, functools.partial(_run_check, check, module, device_type), device_type=device_type)
     return module if ok else None
 
 
@@ -82,6 +87,8 @@ def probe_all(device_type: str) -> dict[str, str]:
             absent[name] = "absent from this torch_npu (the twin runs)"
         else:
             fused(name, device_type)
+            for variant in VARIANTS.get(name, ()):
+                fused(name, device_type, variant)
     return absent
 
 
@@ -197,9 +204,14 @@ def fusion_attention(
     scale: float,
     dropout: float = 0.0,
     is_causal: bool = True,
+    seq_lens: list[int] | None = None,
 ) -> torch.Tensor | None:
     """``npu_fusion_attention`` on ``query/key [B, N(kv), S, Dk]``, ``value [B, Nkv, S, Dv]`` (``Dv <= Dk``:
     no padding) -> ``[B, N, S, Dv]``; None when the kernel is not usable here (the caller runs SDPA).
+
+    ``seq_lens``: a packed micro-batch's documents as cumulative ends over the flattened ``B * S`` tokens
+    (convert/documents.py): the TND (varlen) layout, causal inside each document, no ``[S, S]`` mask; the
+    ``attention_mask`` it comes with (the same block-diagonal mask) is then not read.
 
     ``attention_mask``: transformers' SDPA mask (bool, True = attend, ``[B or 1, 1, Sq, Skv]``) or None with
     ``is_causal``. Graph mode (``torch.compile``) with ``Dk > Dv`` on torch_npu < 2.7: None (the meta kernel of
@@ -212,6 +224,10 @@ def fusion_attention(
         return None
     if value.shape[-1] < key.shape[-1] and torch.compiler.is_compiling() and release(kernels) < ATTENTION_META_DV:
         return None  # graph mode: this release's meta kernel would give [B, N, S, Dq]; SDPA traces right
+    if seq_lens is not None:
+        varlen = fused("npu_fusion_attention", query.device.type, "TND")
+        if varlen is not None and query.shape[2] == key.shape[2]:
+            return _varlen_attention(varlen, query, key, value, seq_lens, scale, dropout)
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
             return None  # an additive float mask: SDPA's path keeps its exact meaning
@@ -233,6 +249,38 @@ def fusion_attention(
         keep_prob=1.0 - dropout,
         sparse_mode=sparse_mode,
     )[0]
+
+
+def _varlen_attention(
+    kernels: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+    dropout: float,
+) -> torch.Tensor:
+    """TND: ``[B, N, S, D]`` -> ``[B * S, N, D]`` tokens, causal per document (sparse_mode 3, rightDownCausal,
+    with the compressed 2048 x 2048 mask) -> ``[B, N, S, Dv]``."""
+    b, n, s, _ = query.shape
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[-1])  # [B*S, N(kv), D]
+
+    out = kernels.npu_fusion_attention(
+        tokens(query),
+        tokens(key),
+        tokens(value),
+        n,
+        "TND",
+        atten_mask=_causal_mask(query.device),
+        scale=scale,
+        keep_prob=1.0 - dropout,
+        sparse_mode=3,
+        actual_seq_qlen=seq_lens,
+        actual_seq_kvlen=seq_lens,
+    )[0]  # [B*S, N, Dv]
+    return out.reshape(b, s, n, -1).transpose(1, 2)  # -1: Dv (a pre-2.7 meta kernel says Dq; graph mode is SDPA there)
 
 
 # -- the probes' checks: forward and backward on a tiny input, against the twin --------------------------------
@@ -294,6 +342,22 @@ def _check_attention(kernels: Any, device: torch.device) -> None:
     _compare(run, twin, [q, k, v], "npu_fusion_attention(Dk > Dv, causal)")
 
 
+def _check_attention_varlen(kernels: Any, device: torch.device) -> None:
+    q, k, v = _inputs(device, (1, 2, 6, 8), (1, 2, 6, 8), (1, 2, 6, 4))  # two documents: 2 and 4 tokens
+
+    def run(q, k, v):
+        return _varlen_attention(kernels, q, k, v, [2, 6], 0.3, 0.0)
+
+    def twin(q, k, v):
+        parts = [
+            F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], is_causal=True, scale=0.3)
+            for a, e in ((0, 2), (2, 6))
+        ]
+        return torch.cat(parts, dim=2)
+
+    _compare(run, twin, [q, k, v], "npu_fusion_attention(TND, Dk > Dv, causal per document)")
+
+
 _CHECKS: dict[str, Callable[[Any, torch.device], None]] = {  # the probe of each kernel in FUSED_KERNELS
     "npu_swiglu": _check_swiglu,
     "npu_rms_norm": _check_rms_norm,
@@ -301,3 +365,5 @@ _CHECKS: dict[str, Callable[[Any, torch.device], None]] = {  # the probe of each
     "npu_fusion_attention": _check_attention,
 }
 FUSED_KERNELS = tuple(_CHECKS)
+VARIANTS = {"npu_fusion_attention": ("TND",)}  # calls of a kernel above with probes of their own
+_CHECKS["npu_fusion_attention TND"] = _check_attention_varlen

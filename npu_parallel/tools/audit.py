@@ -20,6 +20,11 @@ Ops whose output size is read from the data (``bincount``, ``repeat_interleave``
 and no ``output_size``) sync the host on a device though on CPU they dispatch no
 ``_local_scalar_dense``: they are counted as host syncs by name. Blind spot: ``.to("cpu")`` / ``copy_``
 into a CPU tensor, which are no-ops on CPU.
+
+Point-to-point transfers (``dist.send`` / ``recv``, ``isend`` / ``irecv`` and ``batch_isend_irecv``, what
+``torch.distributed.pipelining`` uses between stages) dispatch ``c10d.send`` / ``c10d.recv_`` per tensor: they are
+collectives named ``send`` / ``recv`` whose ``detail`` is the peer's rank in the op's group and the tensor, e.g.
+``to 1 float32[2, 16, 64]``. The pipelining runtime sends after a backward returns, so their phase says little.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ _COLLECTIVE_ALIASES = {
 }
 # not collectives: waiting on one, or an autograd wrapper around one that was already recorded
 _NOT_COLLECTIVES = {"wait_tensor", "wrap_tensor_autograd"}
+_P2P = {"send": "to", "recv": "from", "recv_any_source": "from"}  # point-to-point: (tensors, group, peer, tag)
 _INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 # output shape depends on the values: the device must tell the host before allocating
 _DATA_SIZED_OPS = {"bincount"}
@@ -151,6 +157,18 @@ def _bad_dtype(func: Any, args: tuple, kwargs: dict, out: Any) -> str | None:
     return None
 
 
+def _p2p_detail(name: str, args: tuple) -> str:
+    """``to PEER dtype[shape]`` for a send, ``from PEER ...`` for a recv (args: tensors, group, peer, tag)."""
+    if name not in _P2P or len(args) < 3:
+        return ""
+    tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+    what = " ".join(
+        f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors if isinstance(t, torch.Tensor)
+    )
+    peer = args[2] if name != "recv_any_source" else "any"
+    return f"{_P2P[name]} {peer} {what}".rstrip()
+
+
 def _has_mask_index(args: tuple, kwargs: dict) -> bool:
     """True when an ``index``/``index_put`` call indexes with a boolean (or uint8) mask."""
     indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
@@ -170,6 +188,7 @@ class OpEvent:
     phase: str  # "forward" | "backward"
     scope: str  # qualified module name, "" outside every scoped module
     where: str  # "file:line" of the innermost user frame
+    detail: str = ""  # point-to-point: "to PEER dtype[shape]" / "from PEER dtype[shape]" (peer: group rank)
 
 
 class OpAudit(TorchDispatchMode):
@@ -234,7 +253,7 @@ class OpAudit(TorchDispatchMode):
                     if isinstance(args[-1] if args else None, torch.Tensor) and kwargs.get("output_size") is None:
                         self._record(kind[1], HOST_SYNC)
                 else:
-                    self._record(kind[1], kind[0])
+                    self._record(kind[1], kind[0], _p2p_detail(kind[1], args))
         out = func(*args, **kwargs)
         if not self._suppress:
             bad = _bad_dtype(func, args, kwargs, out)
@@ -242,10 +261,10 @@ class OpAudit(TorchDispatchMode):
                 self._record(f"{func} [{bad}]", BANNED)
         return out
 
-    def _record(self, op: str, kind: str) -> None:
+    def _record(self, op: str, kind: str, detail: str = "") -> None:
         backward = _in_backward()
         scope = self._scopes[-1] if self._scopes else (self._bwd_scope if backward else "")
-        self.events.append(OpEvent(op, kind, "backward" if backward else "forward", scope, _user_frame()))
+        self.events.append(OpEvent(op, kind, "backward" if backward else "forward", scope, _user_frame(), detail))
 
     def _patch_methods(self) -> None:
         for name in _SYNC_METHODS:
@@ -353,13 +372,23 @@ class OpAudit(TorchDispatchMode):
         """Number of collectives, optionally of one short name (``allreduce``), phase and/or scope."""
         return len(self._select(COLLECTIVE, name=name, phase=phase, scope=scope))
 
+    def p2p(self, name: str | None = None) -> dict[str, int]:
+        """Point-to-point transfers: ``"send to 1 float32[2, 16, 64]"`` -> count (of ``send`` or ``recv`` only)."""
+        return dict(
+            Counter(
+                f"{e.op} {e.detail}"
+                for e in self.events
+                if e.kind == COLLECTIVE and e.op in _P2P and (name is None or e.op == name)
+            )
+        )
+
     def counts_by_scope(self, kind: str, name: str | None = None, phase: str | None = "forward") -> dict[str, int]:
         """Scope -> number of ``kind`` events (of op ``name``, in ``phase``; None means any)."""
         return dict(Counter(e.scope for e in self._select(kind, name=name, phase=phase)))
 
     def table(self) -> str:
         """Events grouped by (op, where) as an aligned text table, by kind then descending count."""
-        groups = Counter((e.kind, e.op, e.where) for e in self.events)
+        groups = Counter((e.kind, f"{e.op} {e.detail}".rstrip(), e.where) for e in self.events)
         rows = sorted(groups.items(), key=lambda item: (_KIND_ORDER.get(item[0][0], 9), -item[1], item[0][1:]))
         lines = [("op", "kind", "count", "where")]
         lines += [(op, kind, str(count), where) for (kind, op, where), count in rows]

@@ -1,4 +1,4 @@
-"""The npu-parallel command: env, inspect, convert, merge, audit, verify, plan, generate.
+"""The npu-parallel command: env, inspect, convert, merge, audit, verify, plan, generate, eval, upcycle, train.
 
 Exit codes: 0 success, 1 a check failed, 2 bad input (one line on stderr, never a traceback).
 """
@@ -18,6 +18,7 @@ from npu_parallel.tools.cli_eval import add_eval_parser
 from npu_parallel.tools.cli_generate import add_generate_parser
 from npu_parallel.tools.cli_plan import add_plan_parser
 from npu_parallel.tools.cli_runs import cmd_audit, cmd_verify
+from npu_parallel.tools.cli_train import add_train_parser
 from npu_parallel.tools.cli_upcycle import add_upcycle_parser
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_OK
 
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="op audit of one forward+backward: banned ops, host syncs, collectives")
     p.add_argument("path", help="Hugging Face checkpoint folder")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (>1 launches the ranks with torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages: audit one 1F1B step per stage (tp x pp ranks)")
+    p.add_argument("--grad_accum", type=int, default=None, help="micro-batches of the pipelined step (default: --pp)")
     p.add_argument("--moe_impl", default="auto", help="MoE implementation of the converted model")
     p.add_argument("--unconverted", action="store_true", help="audit transformers' own model instead of ours")
     p.add_argument(
@@ -221,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="converted vs transformers' model, per layer, at each tp size")
     p.add_argument("path", help="Hugging Face checkpoint folder")
     p.add_argument("--tp", default="1,2", help="comma-separated tp sizes (default 1,2); each >1 launches torchrun")
+    p.add_argument(
+        "--pp",
+        default="1",
+        help="comma-separated pipeline sizes (default 1): each tp size runs at each (tp x pp ranks)",
+    )
+    p.add_argument("--grad_accum", type=int, default=None, help="micro-batches of a pipelined step (default: --pp)")
     p.add_argument("--backward", action="store_true", help="also compare every gradient, gathered to full shape")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--moe_impl", default="auto", help="MoE implementation of the converted model")
@@ -243,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_upcycle_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

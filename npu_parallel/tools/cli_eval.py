@@ -27,14 +27,24 @@ def add_eval_parser(sub) -> None:
     """Register ``npu-parallel eval``."""
     p = sub.add_parser("eval", help="eval loss and perplexity of a model over a data file (one JSON line)")
     p.add_argument("model", help="Hugging Face folder, step-N checkpoint, or a base folder with --lora_adapter")
-    p.add_argument("--data", required=True, help="the eval file (.txt/.jsonl text: windows of --max_length)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the eval file: raw text (.txt/.jsonl text: windows of --max_length) or chat/instruction data "
+        "(messages, sharegpt, alpaca, prompt_completion: the assistant tokens are scored, as in training)",
+    )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1; above 1 launches torchrun)")
     p.add_argument(
         "--packing",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="pack examples into --max_length rows (text files are always windows of --max_length)",
+        help="chat data: best-fit examples into --max_length rows (default) or one per row; the loss is the same "
+        "either way (text files are always windows of --max_length)",
     )
+    p.add_argument("--format", default="auto", help="the data format (default: detected from the first record)")
+    p.add_argument("--template", default=None, help="chat template: a built-in name or a .jinja file")
+    p.add_argument("--field_map", default=None, help="rename fields, e.g. messages=conversation")
+    p.add_argument("--truncation", default="truncate", help="examples over --max_length: truncate (default) or drop")
     p.add_argument(
         "--max_length", type=int, default=None, help=f"tokens per row (default: {DEFAULT_LENGTH} or the model's limit)"
     )
@@ -77,11 +87,6 @@ def _spec(args: argparse.Namespace) -> dict:
         raise UserError(f"--max_length {args.max_length}: must be at least 2 (a token and its next one)")
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.packing is False:
-        raise UserError(
-            "--no-packing: a text file is evaluated in windows of --max_length; chat and instruction files "
-            "(one example per row) need the chat-data code"
-        )
     check_moe_impl(args.moe_impl)
     manifest = _manifest(path)
     kind, base, tokenizer = "hf", str(path), str(path)
@@ -120,6 +125,14 @@ def _spec(args: argparse.Namespace) -> dict:
         text_field=args.text_field,
         moe_impl=args.moe_impl,
         trust_remote_code=args.trust_remote_code,
+        data_flags=dict(
+            format=args.format,
+            template=args.template,
+            field_map=args.field_map,
+            truncation=args.truncation,
+            packing=args.packing,
+            text_field=args.text_field,
+        ),
     )
     _eval_set(spec, config, 1, 0)  # the data read once here: a bad file is exit 2 before any rank starts
     return spec
@@ -131,6 +144,9 @@ def _eval_set(spec: dict, config, dp_size: int, dp_rank: int):
     from npu_parallel.training.eval import text_eval_set
 
     try:
+        chat = _chat_eval_set(spec, dp_size, dp_rank)
+        if chat is not None:
+            return chat
         return text_eval_set(
             spec["data"],
             spec["tokenizer"],
@@ -145,6 +161,37 @@ def _eval_set(spec: dict, config, dp_size: int, dp_rank: int):
         )
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+
+
+def _chat_eval_set(spec: dict, dp_size: int, dp_rank: int):
+    """Chat or instruction data: the training code's eval set (its template, labels and packing); None for raw
+    text (``--no-packing`` there is an error: text is scored in windows)."""
+    from types import SimpleNamespace
+
+    from npu_parallel.training.config import TrainConfig
+    from npu_parallel.training.data_inputs import check_data_args, hf_tokenizer, plain_text
+    from npu_parallel.training.dataset import build_eval_batches, prepare
+    from npu_parallel.training.errors import ConfigError
+
+    flags = spec["data_flags"]
+    cfg = TrainConfig(
+        model_path=spec["tokenizer"],
+        eval_data=spec["data"],
+        max_length=spec["max_length"],
+        batch_size=spec["batch_size"],
+        **flags,
+    )
+    if plain_text(cfg, spec["data"]):
+        if flags["packing"] is False:
+            raise ConfigError(
+                f"--no-packing with the text file {spec['data']}: text is scored in windows of --max_length; "
+                f"drop --no-packing (it is for chat and instruction data, one example per row)"
+            )
+        return None
+    check_data_args(cfg)
+    tokenizer = hf_tokenizer(spec["tokenizer"])
+    prepared = prepare(cfg, tokenizer, with_train=False)
+    return build_eval_batches(cfg, tokenizer, SimpleNamespace(dp_size=dp_size, dp_rank=dp_rank), prepared)
 
 
 def eval_rank(spec: dict, state=None) -> dict:

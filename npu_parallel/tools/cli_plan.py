@@ -14,7 +14,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Per-card memory and communication of every valid layout, ranked; from the config alone."""
     from npu_parallel.tools.plan import as_json, format_plan, parse_bytes, plan, read_config
 
-    for name in ("nodes", "cards_per_node", "micro_batch", "seq", "lora_rank"):
+    for name in ("nodes", "cards_per_node", "micro_batch", "seq", "lora_rank", "grad_accum"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
     try:
@@ -32,6 +32,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             micro_batch=args.micro_batch,
             seq=args.seq,
             recompute=args.recompute,
+            pp_sizes=args.pp,
+            grad_accum=args.grad_accum,
+            pp_schedule=args.pp_schedule,
         )
     except (ValueError, OSError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
@@ -49,7 +52,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="per-card memory and communication of each (tp, ep, dp) layout, from a config")
+    p = sub.add_parser("plan", help="per-card memory and communication of each (tp, ep, dp, pp) layout, from a config")
     p.add_argument("model", help="a checkpoint folder (its config.json) or a config file")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--cards_per_node", type=int, default=8, help="cards per node (default 8); tp stays inside one")
@@ -61,6 +64,13 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="compute dtype")
     p.add_argument("--dp_mode", default="fsdp", choices=("fsdp", "replicate"), help="data parallel: FSDP2 or DDP")
     p.add_argument("--recompute", action="store_true", help="activation checkpointing per layer")
+    p.add_argument(
+        "--pp", type=int, nargs="+", default=None, help="pipeline sizes to consider (default: every valid one)"
+    )
+    p.add_argument(
+        "--grad_accum", type=int, default=8, help="micro-batches per step: the pipeline's in-flight ones and bubble"
+    )
+    p.add_argument("--pp_schedule", default="1f1b", choices=("1f1b", "gpipe"), help="pipeline schedule (default 1f1b)")
     p.add_argument("--top", type=int, default=12, help="layouts to show (default 12)")
     p.add_argument("--json", action="store_true", help="every layout, machine-readable")
     p.set_defaults(func=cmd_plan)

@@ -23,12 +23,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LaunchError", "launch", "resolve"]
+__all__ = ["LaunchError", "launch", "resolve", "run_module"]
 
 # what an enclosing torchrun job sets: a nested launch must start its own, standalone
 INHERITED = (
@@ -213,9 +214,38 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _rank_env(module: str, extra: dict[str, str] | None) -> dict[str, str]:
+def run_module(
+    module_argv: list[str],
+    nprocs: int,
+    *,
+    defaults: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m MODULE ARGS...`` in the foreground:
+    the ranks write to this process's stdout and stderr; returns torchrun's exit code. ``defaults`` replaces
+    RANK_DEFAULTS (the caller's environment wins over them, ``env`` over both). Ctrl-C or SIGTERM here stops
+    torchrun and its ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_node_args(1)[0], "--nproc_per_node", str(nprocs)]
+    env = _rank_env(module_argv[0], env, RANK_DEFAULTS if defaults is None else defaults)
+    proc = subprocess.Popen([*cmd, "-m", *module_argv], env=env, start_new_session=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    try:
+        return proc.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            _kill_group(proc)
+
+
+def _rank_env(module: str, extra: dict[str, str] | None, defaults: dict[str, str] = RANK_DEFAULTS) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in INHERITED and not k.startswith("TORCHELASTIC_")}
-    for key, value in RANK_DEFAULTS.items():
+    for key, value in defaults.items():
         env.setdefault(key, value)
     paths = _import_roots(module) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

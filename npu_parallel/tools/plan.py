@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from npu_parallel.moe.load import layer_index
+from npu_parallel.tools.plan_pipeline import Stage, bubble, in_flight, stages
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -43,6 +44,17 @@ class Counts:
     layer_dense: int
     layer_experts: int
     lora_per_rank: int
+    # the pipeline's view: (dense, experts, lora) per decoder layer, the embedding, and the rest (norm, head, MTP)
+    layers: tuple[tuple[int, int, int], ...] = ()
+    embed: int = 0
+    rest: tuple[int, int, int] = (0, 0, 0)
+
+    def stages(self, config, pp: int) -> list[Stage]:
+        """The counts of each of ``pp`` stages (one stage: the whole model)."""
+        from npu_parallel.training.pipeline_split import is_moe_layer
+
+        moe = [bool(self.experts) and is_moe_layer(config, i) for i in range(len(self.layers))]
+        return stages(config, list(self.layers), self.embed, self.rest, pp, moe)
 
 
 def read_config(path: str | Path):
@@ -69,31 +81,40 @@ def count_parameters(config, tp: int) -> Counts:
 
     model = empty_model(config, torch.bfloat16, meta_buffers=True)
     apply_plan(model, Group.offline(0, tp), device_type="meta")
-    dense = experts = lora = 0
-    per_layer: dict[int, list[int]] = {}
+    dense = experts = lora = embed = 0
+    per_layer: dict[int, list[int]] = {}  # layer (-1: outside the decoder layers) -> [dense, experts, lora]
     seen: set[int] = set()
+    n = int(config.num_hidden_layers)
     for mod_name, module in model.named_modules():
         is_experts = isinstance(module, LocalExperts)
         leaf = mod_name.rsplit(".", 1)[-1]
         weight = module._parameters.get("weight")
+        index = layer_index(mod_name)
         if weight is not None and weight.dim() == 2 and leaf != "gate" and ".layers." in f".{mod_name}.":
-            lora += sum(weight.shape)  # an adapter of rank r on this (local) linear: r * (in + out)
+            adapter = sum(weight.shape)  # an adapter of rank r on this (local) linear: r * (in + out)
+            lora += adapter
+            per_layer.setdefault(-1 if index is None else index, [0, 0, 0])[2] += adapter
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
             spec = spec_of(p)
             layer = layer_index(f"{mod_name}.{name}")
-            slot = per_layer.setdefault(-1 if layer is None else layer, [0, 0])
+            slot = per_layer.setdefault(-1 if layer is None else layer, [0, 0, 0])
             if is_experts and spec is not None:
-                n = math.prod(spec.global_shape(p.shape))  # all E experts
-                experts += n
-                slot[1] += n
+                count = math.prod(spec.global_shape(p.shape))  # all E experts
+                experts += count
+                slot[1] += count
             else:
                 dense += p.numel()
                 slot[0] += p.numel()
-    biggest = max((v for k, v in per_layer.items() if k >= 0), key=lambda v: v[0] + v[1], default=[0, 0])
-    return Counts(dense, experts, biggest[0], biggest[1], lora)
+                if layer is None and "embed_tokens" in mod_name:
+                    embed += p.numel()
+    decoder = [tuple(per_layer.get(i, [0, 0, 0])) for i in range(n)]
+    biggest = max(decoder, key=lambda v: v[0] + v[1], default=(0, 0, 0))
+    outside = [v for k, v in per_layer.items() if k < 0 or k >= n]  # norm, head, MTP layers (and the embedding)
+    rest = (sum(v[0] for v in outside) - embed, sum(v[1] for v in outside), sum(v[2] for v in outside))
+    return Counts(dense, experts, biggest[0], biggest[1], lora, tuple(decoder), embed, rest)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -113,6 +134,9 @@ class Layout:
     comm: dict
     total: int = 0
     fits: bool = False
+    pp: int = 1
+    bubble: float = 0.0  # idle share of a step (pipeline stages)
+    stage: int = 0  # the stage whose card is counted (the fullest)
 
 
 def _ring(size: float, n: int, kind: str) -> float:
@@ -122,13 +146,16 @@ def _ring(size: float, n: int, kind: str) -> float:
     return size * (2 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n)
 
 
-def activations(config, tp: int, ep: int, tokens: int, b: int, recompute: bool = False) -> int:
-    """The activation estimate of one micro-batch of ``tokens`` on one card (see the module docstring)."""
+def activations(
+    config, tp: int, ep: int, tokens: int, b: int, recompute: bool = False, stage: Stage | None = None
+) -> int:
+    """The activation estimate of one micro-batch of ``tokens`` on one card (see the module docstring); ``stage``:
+    only its layers (and the head's logits only on the last stage)."""
 
     def g(name: str, default: int = 0):
         return getattr(config, name, None) or default
 
-    h, v, layers = g("hidden_size"), g("vocab_size"), g("num_hidden_layers")
+    h, v = g("hidden_size"), g("vocab_size")
     heads = g("num_attention_heads") // tp
     nope, rope, vdim = g("qk_nope_head_dim"), g("qk_rope_head_dim"), g("v_head_dim")
     if not nope:  # standard attention
@@ -139,14 +166,18 @@ def activations(config, tp: int, ep: int, tokens: int, b: int, recompute: bool =
     top_k = g("num_experts_per_tok", 1)
     i_e = g("moe_intermediate_size") or g("intermediate_size")
     shared = (g("n_shared_experts") * i_e) or g("shared_expert_intermediate_size")
-    dense_layers = min(layers, g("first_k_dense_replace")) if n_exp else layers
+    if stage is None:
+        layers = g("num_hidden_layers")
+        dense_layers, head = (min(layers, g("first_k_dense_replace")) if n_exp else layers), True
+    else:
+        layers, dense_layers, head = stage.layers, stage.dense_layers, stage.head
     mlp = 2 * h + 4 * g("intermediate_size") // tp
     moe = 2 * h + 4 * shared // tp + (top_k / tp) * (3 * h + 4 * i_e) + n_exp * 4 / b
     per_token = layers * attn + dense_layers * mlp + (layers - dense_layers) * moe + 2 * h
     if recompute:  # each layer's input kept, one layer's activations live at a time (its recomputation)
         per_token = layers * h + attn + max(mlp, moe if n_exp else 0)
-    head = tokens * v * (4 * 3 + b)  # fp32 logits, softmax and its gradient; the gathered logits
-    return int(tokens * per_token * b + head)
+    logits = tokens * v * (4 * 3 + b) if head else 0  # fp32 logits, softmax and its gradient; the gathered logits
+    return int(tokens * per_token * b + logits)
 
 
 def layout(
@@ -164,21 +195,68 @@ def layout(
     seq: int,
     card_bytes: int,
     recompute: bool = False,
+    pp: int = 1,
+    grad_accum: int = 1,
+    pp_schedule: str = "1f1b",
 ) -> Layout:
-    """Bytes per card and the step's collectives for one layout (see the module docstring)."""
+    """Bytes per card and the step's collectives for one layout (see the module docstring); with ``pp`` stages,
+    those of the fullest stage's card (:mod:`npu_parallel.tools.plan_pipeline`)."""
+    if pp == 1:
+        one = _stage_layout(config, None, c, tp, ep, world, dtype, dp_mode, lora, lora_rank, micro_batch * seq, 1,
+                            recompute)  # fmt: skip
+        one.fits = one.total <= card_bytes
+        return one
+    cards = []
+    for st in c.stages(config, pp):
+        flight = in_flight(pp_schedule, st.index, pp, grad_accum)
+        lay = _stage_layout(config, st, c, tp, ep, world // pp, dtype, dp_mode, lora, lora_rank, micro_batch * seq,
+                            flight, recompute)  # fmt: skip
+        act = micro_batch * seq * config.hidden_size * BYTES[dtype]  # one micro-batch's [B, S, H] at a boundary
+        sends = grad_accum * (int(st.index > 0) + int(not st.head))  # gradients back, activations forward
+        lay.comm["pp send/recv"] = (sends, int(sends * act))
+        lay.pp, lay.stage, lay.bubble = pp, st.index, bubble(pp, grad_accum)
+        cards.append(lay)
+    out = max(cards, key=lambda lay: lay.total)
+    out.fits = out.total <= card_bytes
+    return out
+
+
+def _stage_layout(
+    config,
+    st: Stage | None,
+    c: Counts,
+    tp: int,
+    ep: int,
+    world: int,
+    dtype: str,
+    dp_mode: str,
+    lora: bool,
+    lora_rank: int,
+    tokens: int,
+    flight: int,
+    recompute: bool,
+) -> Layout:
+    """One card of a stage (``st`` None: the whole model) among ``world`` ranks holding that stage."""
     b = BYTES[dtype]
     dp, edp = world // tp, world // ep
     fsdp = dp_mode == "fsdp"
     dense_share, expert_share = (dp, edp) if fsdp else (1, 1)
-    params = c.dense / dense_share + c.experts / ep / expert_share
-    trainable = c.lora_per_rank * lora_rank if lora else params
+    dense_n, experts_n = (c.dense, c.experts) if st is None else (st.dense, st.experts)
+    lora_n = c.lora_per_rank if st is None else st.lora_per_rank
+    layer_dense, layer_experts = (c.layer_dense, c.layer_experts) if st is None else (st.layer_dense, st.layer_experts)
+    params = dense_n / dense_share + experts_n / ep / expert_share
+    trainable = lora_n * lora_rank if lora else params
     master = trainable * 4 if dtype != "float32" else 0
     grad_b = 4 if dtype != "float32" else b
-    layer = c.layer_dense + c.layer_experts / ep
+    layer = layer_dense + layer_experts / ep
     gathered = 2 * layer * b if fsdp and dp > 1 else 0
-    tokens = micro_batch * seq
-    h, layers = config.hidden_size, config.num_hidden_layers
-    moe_layers = sum(1 for i in range(layers) if c.experts and i >= (getattr(config, "first_k_dense_replace", 0) or 0))
+    h = config.hidden_size
+    layers = config.num_hidden_layers if st is None else st.layers
+    if st is None:
+        first_dense = getattr(config, "first_k_dense_replace", 0) or 0
+        moe_layers = sum(1 for i in range(layers) if c.experts and i >= first_dense)
+    else:
+        moe_layers = st.layers - st.dense_layers
     top_k = getattr(config, "num_experts_per_tok", 1) or 1
     act_bytes = tokens * h * b
     comm = {
@@ -188,21 +266,21 @@ def layout(
         if ep > tp
         else (0, 0.0),
     }
-    dense_b = c.dense * (b if not lora else 0)
-    exp_b = c.experts / ep * (b if not lora else 0)
+    dense_b = dense_n * (b if not lora else 0)
+    exp_b = experts_n / ep * (b if not lora else 0)
     if fsdp:
-        comm["dp all-gather"] = (4 * layers, 2 * (_ring(c.dense * b, dp, "g") + _ring(c.experts / ep * b, edp, "g")))
+        comm["dp all-gather"] = (4 * layers, 2 * (_ring(dense_n * b, dp, "g") + _ring(experts_n / ep * b, edp, "g")))
         comm["dp reduce-scatter"] = (
             2 * layers if not lora else 0,
             _ring(dense_b / b * 4, dp, "rs") + _ring(exp_b / b * 4, edp, "rs") if not lora else 0.0,
         )
     else:
-        grads_b = c.lora_per_rank * lora_rank * grad_b if lora else None
+        grads_b = lora_n * lora_rank * grad_b if lora else None
         comm["dp all-reduce"] = (
             1,
             _ring(grads_b, dp, "all_reduce")
             if grads_b is not None
-            else _ring(c.dense * grad_b, dp, "all_reduce") + _ring(c.experts / ep * grad_b, edp, "all_reduce"),
+            else _ring(dense_n * grad_b, dp, "all_reduce") + _ring(experts_n / ep * grad_b, edp, "all_reduce"),
         )
     out = Layout(
         tp,
@@ -214,11 +292,10 @@ def layout(
         master=int(master),
         grads=int(trainable * grad_b),
         optimizer=int(trainable * 8),
-        activations=activations(config, tp, ep, tokens, b, recompute),
+        activations=flight * activations(config, tp, ep, tokens, b, recompute, st),
         comm={k: (n, int(v)) for k, (n, v) in comm.items()},
     )
     out.total = out.weights + out.gathered + out.master + out.grads + out.optimizer + out.activations
-    out.fits = out.total <= card_bytes
     return out
 
 
@@ -235,8 +312,14 @@ def plan(
     micro_batch: int = 1,
     seq: int = 4096,
     recompute: bool = False,
+    pp_sizes: list[int] | None = None,
+    grad_accum: int = 8,
+    pp_schedule: str = "1f1b",
 ) -> list[Layout]:
-    """Every valid layout, ranked: those that fit first, by bytes sent per step, then by memory."""
+    """Every valid (tp, ep, dp, pp) layout, ranked: those that fit first, by the smallest pipeline bubble (idle
+    compute, which no byte count weighs: the fewest stages that fit come first), then by bytes one card sends per
+    step, then by memory; then those that do not fit, the least memory first. ``pp_sizes``: the pipeline sizes to
+    consider (default: every one the world and the layers allow)."""
     from npu_parallel.convert.plans import plan_for
     from npu_parallel.parallel.state import divisors
 
@@ -247,29 +330,50 @@ def plan(
     family = plan_for(config)
     world = nodes * cards_per_node
     n_exp = family.num_experts(config)
+    layers = int(config.num_hidden_layers)
+    if pp_sizes is None:
+        pp_sizes = [p for p in divisors(world) if p <= layers]
+    for p in pp_sizes:
+        if p < 1 or world % p or p > layers:
+            raise ValueError(
+                f"pp {p}: must divide the {world} cards and be at most the model's {layers} decoder layers"
+            )
     out = []
     for tp in family.valid_tp_sizes(config, divisors(cards_per_node)):  # tp inside a node
         counts = count_parameters(config, tp)
-        eps = [e for e in divisors(world) if e % tp == 0 and (n_exp or 0) % e == 0] if n_exp else [tp]
-        for ep in eps:
-            out.append(
-                layout(
-                    config,
-                    counts,
-                    tp,
-                    ep,
-                    world,
-                    dtype=dtype,
-                    dp_mode=dp_mode,
-                    lora=lora,
-                    lora_rank=lora_rank,
-                    micro_batch=micro_batch,
-                    seq=seq,
-                    card_bytes=card_bytes,
-                    recompute=recompute,
+        for pp in pp_sizes:
+            stage = world // pp
+            if stage % tp:
+                continue
+            eps = [e for e in divisors(stage) if e % tp == 0 and (n_exp or 0) % e == 0] if n_exp else [tp]
+            for ep in eps:
+                out.append(
+                    layout(
+                        config,
+                        counts,
+                        tp,
+                        ep,
+                        world,
+                        dtype=dtype,
+                        dp_mode=dp_mode,
+                        lora=lora,
+                        lora_rank=lora_rank,
+                        micro_batch=micro_batch,
+                        seq=seq,
+                        card_bytes=card_bytes,
+                        recompute=recompute,
+                        pp=pp,
+                        grad_accum=grad_accum,
+                        pp_schedule=pp_schedule,
+                    )
                 )
-            )
-    return sorted(out, key=lambda lay: (not lay.fits, sum(v for _, v in lay.comm.values()), lay.total))
+    return sorted(out, key=_rank)
+
+
+def _rank(lay: Layout) -> tuple:
+    if not lay.fits:  # the closest to fitting first
+        return (1, lay.total, 0.0, 0)
+    return (0, round(lay.bubble, 6), sum(v for _, v in lay.comm.values()), lay.total)
 
 
 def parse_bytes(text: str) -> int:
@@ -287,7 +391,8 @@ def _gb(n: float) -> str:
 
 def format_plan(layouts: list[Layout], title: str, limit: int = 12) -> str:
     """The ranked table: GB per card by kind, GB sent per step, whether it fits."""
-    head = ("tp", "ep", "dp", "weights", "gathered", "master", "grads", "optim", "activ", "total", "sent/step", "fits")
+    head = ("tp", "ep", "dp", "pp", "weights", "gathered", "master", "grads", "optim", "activ", "total", "sent/step",
+            "bubble", "fits")  # fmt: skip
     rows = [head]
     for lay in layouts[:limit]:
         sent = sum(v for _, v in lay.comm.values())
@@ -296,6 +401,7 @@ def format_plan(layouts: list[Layout], title: str, limit: int = 12) -> str:
                 str(lay.tp),
                 str(lay.ep),
                 str(lay.dp),
+                str(lay.pp),
                 _gb(lay.weights),
                 _gb(lay.gathered),
                 _gb(lay.master),
@@ -304,11 +410,12 @@ def format_plan(layouts: list[Layout], title: str, limit: int = 12) -> str:
                 _gb(lay.activations),
                 _gb(lay.total),
                 _gb(sent),
+                f"{lay.bubble:.0%}",
                 "yes" if lay.fits else "no",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [title, "GB per card (sent/step: GB one card sends in a step)"]
+    lines = [title, "GB per card (with pp: the fullest stage's card; sent/step: GB one card sends in a step)"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if len(layouts) > limit:
         lines.append(f"... {len(layouts) - limit} more layouts (--json lists all)")

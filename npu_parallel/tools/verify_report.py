@@ -19,6 +19,7 @@ __all__ = [
     "failures",
     "format_table",
     "layer_errors",
+    "layout_name",
     "plot_errors",
     "tolerances_for",
 ]
@@ -27,6 +28,15 @@ LAYER_OUTPUTS = ("attn_out", "mlp_out")  # mlp_out is named moe_out on MoE layer
 GRAD_GROUPS = ("g_attn", "g_mlp", "g_router", "g_norm")
 MODEL_OUTPUTS = ("logits", "loss", "aux_loss")
 MODEL_GRADS = ("g_embed", "g_final_norm", "g_lm_head")
+
+
+def layout_name(tp: int, pp: int = 1) -> str:
+    """``tp=2`` (pp 1) or ``tp=2 pp=2``: how progress lines and reports name a layout."""
+    return f"tp={tp}" + (f" pp={pp}" if pp > 1 else "")
+
+
+def result_name(result: dict) -> str:
+    return layout_name(result["tp"], result.get("pp", 1))
 
 
 # -- tolerances -----------------------------------------------------------------------------------------
@@ -88,7 +98,7 @@ def failures(result: dict, tol: Tolerances) -> list[str]:
     """Every figure out of tolerance, in the order an error propagates: forward quantities layer by layer,
     then logits/loss, then gradients in backward order (LM head, last layer ... first layer, embedding),
     so the first entry points at the root cause."""
-    tp = result["tp"]
+    tp = result_name(result)
 
     def check(where: str, key: str, value, row: dict | None = None) -> list[str]:
         if value is None:
@@ -96,8 +106,8 @@ def failures(result: dict, tol: Tolerances) -> list[str]:
         limit, higher = _limit(key, tol)
         name = _column_name(key, row or {})
         if higher:
-            return [f"tp={tp} {where}{name} {value:.2f}% < {limit:g}%"] if value < limit else []
-        return [f"tp={tp} {where}{name} max diff {value:.1e} > {limit:.0e}"] if not value <= limit else []
+            return [f"{tp} {where}{name} {value:.2f}% < {limit:g}%"] if value < limit else []
+        return [f"{tp} {where}{name} max diff {value:.1e} > {limit:.0e}"] if not value <= limit else []
 
     out = []
     for row in result["layers"]:
@@ -115,8 +125,8 @@ def failures(result: dict, tol: Tolerances) -> list[str]:
     return out
 
 
-def evaluate(results: dict[int, dict], tol: Tolerances) -> list[str]:
-    """Every failure of every tp size, smallest tp first."""
+def evaluate(results: dict, tol: Tolerances) -> list[str]:
+    """Every failure of every layout (keyed by tp, or by (tp, pp)), smallest first."""
     return [f for tp in sorted(results) for f in failures(results[tp], tol)]
 
 
@@ -136,25 +146,42 @@ def format_table(result: dict, tol: Tolerances) -> str:
     if result.get("backward"):
         keys += list(GRAD_GROUPS)
     keys = [k for k in keys if any(r.get(k) is not None for r in result["layers"])]
-    header = ["layer", "kind"] + ["mlp/moe_out" if k == "mlp_out" else k for k in keys]
+    staged = "stages" in result  # pp > 1: which stage ran each layer
+    header = ["layer", "kind"] + (["stage"] if staged else []) + ["mlp/moe_out" if k == "mlp_out" else k for k in keys]
     rows = []
     scores = [max((_score(r.get(k), k, tol) for k in keys), default=0.0) for r in result["layers"]]
     worst = max(range(len(scores)), key=scores.__getitem__) if scores else -1
     for idx, r in enumerate(result["layers"]):
+        stage = [str(r.get("stage", "-"))] if staged else []
         rows.append(
-            [str(r["layer"]), r["kind"]] + [_fmt(r.get(k), k) for k in keys] + (["<- worst"] if idx == worst else [""])
+            [str(r["layer"]), r["kind"]]
+            + stage
+            + [_fmt(r.get(k), k) for k in keys]
+            + (["<- worst"] if idx == worst else [""])
         )
     widths = [max(len(x) for x in col) for col in zip(header + [""], *rows, strict=True)]
     passes = ", forward+backward" if result.get("backward") else ""
     lines = [
-        f"tp={result['tp']}  {result['model_type']} {result['dtype']}, batch {result['batch'][0]}x"
+        f"{result_name(result)}  {result['model_type']} {result['dtype']}, batch {result['batch'][0]}x"
         f"{result['batch'][1]}, moe_impl {result['moe_impl']}{passes}"
     ]
+    if staged:
+        lines.append(stages_line(result))
     for line in [header + [""]] + rows:
         lines.append("  ".join(f"{x:<{w}}" for x, w in zip(line, widths, strict=True)).rstrip())
     model = "  ".join(f"{k} {_fmt(v, k)}" for k, v in result["model"].items() if v is not None)
     lines.append(f"model  {model}")
     return "\n".join(lines)
+
+
+def stages_line(result: dict) -> str:
+    """``stages (1f1b, 2 micro-batches): 0 = layers 0-1 + embedding | 1 = layer 2 + norm, head``."""
+    parts = []
+    for st in result["stages"]:
+        start, stop = st["layers"]
+        held = f"layers {start}-{stop - 1}" if stop - start > 1 else f"layer {start}"
+        parts.append(f"{st['stage']} = " + " + ".join([held] + ([", ".join(st["extra"])] if st["extra"] else [])))
+    return f"stages ({result['schedule']}, {result['micro']} micro-batches): " + " | ".join(parts)
 
 
 def layer_errors(result: dict) -> list[float]:
@@ -163,8 +190,8 @@ def layer_errors(result: dict) -> list[float]:
     return [max((r[k] for k in keys if r.get(k) is not None), default=0.0) for r in result["layers"]]
 
 
-def plot_errors(results: dict[int, dict], out: str | Path, tol: Tolerances) -> Path:
-    """PNG of the worst error per layer, one line per tp size, with the tolerance."""
+def plot_errors(results: dict, out: str | Path, tol: Tolerances) -> Path:
+    """PNG of the worst error per layer, one line per layout, with the tolerance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,9 +199,9 @@ def plot_errors(results: dict[int, dict], out: str | Path, tol: Tolerances) -> P
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for tp in sorted(results):
-        errs = layer_errors(results[tp])
-        ax.plot(range(len(errs)), [max(e, 1e-12) for e in errs], marker="o", label=f"tp={tp}")
+    for key in sorted(results):
+        errs = layer_errors(results[key])
+        ax.plot(range(len(errs)), [max(e, 1e-12) for e in errs], marker="o", label=result_name(results[key]))
     ax.axhline(tol.atol, color="red", linestyle="--", linewidth=1, label=f"atol {tol.atol:g}")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

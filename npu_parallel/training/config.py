@@ -32,6 +32,7 @@ from npu_parallel.training.lora import DEFAULT_TARGETS, check_lora_args
 from npu_parallel.training.metrics import METRICS_FILE, read_metrics
 from npu_parallel.training.moe_options import check_moe_args
 from npu_parallel.training.pipeline_checks import check_pp_args, check_pp_model
+from npu_parallel.training.recompute import RECOMPUTE
 from npu_parallel.training.templates import builtin_templates
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    recompute: str = "none"
     vocab_parallel_loss: bool = False
     mtp_loss_weight: float = 0.0
     moe_impl: str = "auto"
@@ -148,7 +150,9 @@ HELP = {
     "precision": "auto (bf16 mixed where the device computes in bf16, else fp32); bf16: bf16 compute, fp32 master "
     "weights and AdamW moments, gradients reduced in fp32; bf16-pure: everything bf16 (warns: small updates are "
     "rounded away); fp32",
-    "gradient_checkpointing": "recompute activations in backward",
+    "gradient_checkpointing": "recompute every decoder layer's activations in backward (= --recompute full)",
+    "recompute": "recompute activations in backward: none, experts (the routed experts' MLPs), attention (each "
+    "layer's self-attention) or full (every decoder layer)",
     "vocab_parallel_loss": "cross-entropy on vocab-sharded logits, never gathering them",
     "mtp_loss_weight": "weight of DeepSeek-V3's multi-token-prediction loss (0: MTP layers kept but frozen)",
     "moe_impl": f"MoE implementation: {', '.join(moe_impl_choices())}",
@@ -270,6 +274,11 @@ def check_args(cfg: TrainConfig) -> None:
         f"--timeout_s {cfg.timeout_s}: must be a number of seconds above 0",
     )
     _need(cfg.precision in PRECISIONS, f"--precision {cfg.precision!r}: must be one of {', '.join(PRECISIONS)}")
+    _need(cfg.recompute in RECOMPUTE, f"--recompute {cfg.recompute!r}: must be one of {', '.join(RECOMPUTE)}")
+    _need(
+        not (cfg.gradient_checkpointing and cfg.recompute not in ("none", "full")),
+        f"--gradient_checkpointing with --recompute {cfg.recompute}: the first recomputes every layer; pass one",
+    )
     _need(
         cfg.moe_impl in moe_impl_choices(),
         f"--moe_impl {cfg.moe_impl!r}: must be one of {', '.join(moe_impl_choices())}",

@@ -14,7 +14,7 @@ from npu_parallel.training.errors import ConfigError
 from npu_parallel.training.formats import FORMATS, detect_format
 from npu_parallel.training.sources import parse_field_map, parse_sources, read_records
 
-__all__ = ["TRUNCATION", "build_run_data", "check_data_args", "uses_stream"]
+__all__ = ["TRUNCATION", "build_run_data", "check_data_args", "hf_tokenizer", "plain_text", "uses_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ def uses_stream(cfg: Any) -> bool:
         return False
     if cfg.packing is not None or cfg.eval_split or len(sources) > 1 or sources[0].weight != 1:
         return True
-    return not _plain_text(cfg, sources[0].path)
+    return not plain_text(cfg, sources[0].path)
 
 
-def _plain_text(cfg: Any, file: str) -> bool:
+def plain_text(cfg: Any, file: str) -> bool:
     """Whether ``file`` is raw text (a .txt, or a .jsonl of text records) under --format auto|text: the
     fixed-window path, which needs no tokenizer files beside the checkpoint."""
     if cfg.format not in ("auto", "text"):
@@ -71,7 +71,7 @@ def _plain_text(cfg: Any, file: str) -> bool:
     return True
 
 
-def _hf_tokenizer(model_path: str) -> Any:
+def hf_tokenizer(model_path: str) -> Any:
     """The checkpoint's own tokenizer (chat data needs its template and special tokens)."""
     from transformers import AutoTokenizer
 
@@ -94,8 +94,8 @@ def build_run_data(
     """This rank's training data and eval set (no collective)."""
     main = state.rank == 0
     stream = uses_stream(cfg)
-    chat_eval = bool(cfg.eval_data) and not _plain_text(cfg, cfg.eval_data)
-    tokenizer = _hf_tokenizer(model_path) if stream or chat_eval else None
+    chat_eval = bool(cfg.eval_data) and not plain_text(cfg, cfg.eval_data)
+    tokenizer = hf_tokenizer(model_path) if stream or chat_eval else None
     if stream:
         return build_datasets(cfg, tokenizer, state, main)
     sources = parse_sources(cfg.data)

@@ -156,9 +156,12 @@ class DataStream:
         dp_size: int,
         dp_rank: int,
         seed: int = 0,
+        fixed_width: bool = False,
     ):
         self.p = prepared
         self.packing, self.max_length, self.seed = packing, max_length, seed
+        # pipeline stages send one shape for every micro-batch: each padded to max_length, not its longest row
+        self.fixed_width = fixed_width
         self.batch_size, self.grad_accum, self.dp_size, self.dp_rank = batch_size, grad_accum, dp_size, dp_rank
         self.position = 0
         self._epochs: list[list[list[int]]] = []
@@ -171,7 +174,11 @@ class DataStream:
         self.tokens_per_batch = max(1, round(per_micro))
         steps = max(1, len(rows) // self.global_rows)
         micro = [[self._tokens(r) for r in chunk] for s in range(steps) for chunk in self._step(s)]
-        self.padding_fraction = padding_fraction(micro)
+        if fixed_width:  # every row padded to max_length
+            total = sum(len(rows) for rows in micro) * max_length
+            self.padding_fraction = 1.0 - sum(map(sum, micro)) / total if total else 0.0
+        else:
+            self.padding_fraction = padding_fraction(micro)
 
     @property
     def global_rows(self) -> int:
@@ -226,7 +233,8 @@ class DataStream:
         """Micro-batch ``g`` (counted over the steps) of this dp rank."""
         s, m = divmod(g, self.grad_accum)
         chunk = self._step(s)[m * self.dp_size + self.dp_rank]
-        return make_batch([[self.p.docs[i] for i in row] for row in chunk], self.p.pad_id)
+        width = self.max_length if self.fixed_width else None
+        return make_batch([[self.p.docs[i] for i in row] for row in chunk], self.p.pad_id, width)
 
     def next(self) -> Batch:
         b = self.batch(self.position)
@@ -292,6 +300,7 @@ def build_train_stream(cfg: Any, tokenizer: Any, state: Any, prepared: Prepared 
         dp_size=state.dp_size,
         dp_rank=state.dp_rank,
         seed=cfg.seed,
+        fixed_width=getattr(cfg, "pp_size", 1) > 1,  # pipeline stages: one shape per micro-batch
     )
 
 

@@ -39,6 +39,7 @@ from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logi
 from npu_parallel.training.metrics import MetricsLog, peak_memory_mb
 from npu_parallel.training.moe_options import gate_options, moe_dispatcher
 from npu_parallel.training.optim import build_optimizer, clip_grad_norm_, warmup_cosine
+from npu_parallel.training.recompute import apply_recompute
 from npu_parallel.training.step import train_step
 
 __all__ = ["TrainConfig", "add_train_args", "config_from_args", "train"]  # the flags live in training.config
@@ -191,8 +192,7 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
             f"--bias_update_rate {cfg.bias_update_rate:g}: this model's routers have no e_score_correction_bias "
             f"(DeepSeek-V3's auxiliary-loss-free balancing); pass 0"
         )
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_recompute(model, "full" if cfg.gradient_checkpointing else cfg.recompute)  # before FSDP2 wraps it
     if cfg.vocab_parallel_loss:
         set_vocab_parallel_logits(model, True)
     model.train()
@@ -231,7 +231,7 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
     try:
         for step in range(start, last):
             t0 = time.perf_counter()
-            batches = [data.next().to(state.device) for _ in range(cfg.grad_accum)]
+            batches = [b.to(state.device) for b in data.next_step()]  # the step's grad_accum micro-batches
             if step == start:
                 check_same_batch(batches[0].input_ids, state, step + 1)
             set_noise_step(model, step, state.dp_rank)  # router noise by (step, dp rank): a resumed run draws alike

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from npu_parallel.convert.documents import document_inputs
 from npu_parallel.convert.mtp import mtp_states
-from npu_parallel.moe.load import balance_loss
+from npu_parallel.moe.load import balance_loss, token_layout
+from npu_parallel.moe.token_layout import TokenLayout
 from npu_parallel.parallel.vocab import ParallelLMHead, vocab_parallel_cross_entropy
 from npu_parallel.training.batch import IGNORE_INDEX, Batch
 
@@ -86,10 +88,10 @@ def causal_lm_loss(
         hook = final_norm.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
         if not vocab_parallel:
-            out = model(input_ids=input_ids, labels=labels)
+            out = model(input_ids=input_ids, labels=labels, use_cache=False)
             loss = out.loss
         else:
-            out = model(input_ids=input_ids)
+            out = model(input_ids=input_ids, use_cache=False)
             loss = token_loss(out.logits[:, :-1], labels[:, 1:], lm_head_of(model), True)
     finally:
         if hook is not None:
@@ -128,27 +130,39 @@ def batch_loss(model: nn.Module, batch: Batch, *, vocab_parallel: bool, mtp_weig
     """Forward one :class:`Batch` and return its summed losses (see :class:`BatchLoss`).
 
     The model is called without labels (so it adds nothing to a loss of its own); the cross-entropy is taken
-    from its logits, full or vocab-parallel, shifted here: position ``i`` predicts ``labels[i + 1]``.
+    from its logits, full or vocab-parallel, shifted here: position ``i`` predicts ``labels[i + 1]``. A packed
+    batch's documents stay apart (block-diagonal attention, positions restarting at 0: convert/documents.py),
+    and its padding counts in neither the load-balancing loss nor the routed load (moe/token_layout.py).
     """
-    if batch.packed:
-        raise NotImplementedError("packed batches (document_ids) need the document-aware attention")
     captured: list[torch.Tensor] = []
     hook = None
     if mtp_weight:  # the main model's final normed hidden states h^0, as its forward computes them
         base: Any = model.model
         hook = base.norm.register_forward_hook(lambda m, i, o: captured.append(o))
+    docs = batch.document_ids
+    inputs = document_inputs(model, docs, batch.position_ids, batch.lengths)
+    layout = None if docs is None else TokenLayout.from_documents(docs, batch.lengths)
     try:
-        # one document per row: the model's own causal attention and positions (no mask to build or check)
-        out = model(input_ids=batch.input_ids)
+        with token_layout(model, layout):
+            # no KV cache: a step never decodes, and a recomputed attention (--recompute) would append to it twice
+            out = model(input_ids=batch.input_ids, use_cache=False, **inputs)
+            head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (nn.Module types it as a Tensor)
+            ce = token_loss_sum(out.logits[:, :-1], batch.targets(0), head, vocab_parallel)
+            result = BatchLoss(ce, batch.num_targets, balance_loss(model) if model.training else None)
+            if mtp_weight:
+                packed = "attention_mask" in inputs  # rows of one document each need no mask (as above)
+                states = mtp_states(
+                    model,
+                    captured[-1],
+                    batch.input_ids,
+                    docs if packed else None,
+                    batch.position_ids if packed else None,
+                )
+                result.mtp_sums = [
+                    token_loss_sum(head(s)[:, :-1], batch.targets(k), head, vocab_parallel)
+                    for k, s in enumerate(states, start=1)
+                ]
     finally:
         if hook is not None:
             hook.remove()
-    head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (nn.Module types it as a Tensor)
-    ce = token_loss_sum(out.logits[:, :-1], batch.targets(0), head, vocab_parallel)
-    result = BatchLoss(ce, batch.num_targets, balance_loss(model) if model.training else None)
-    if mtp_weight:
-        result.mtp_sums = [
-            token_loss_sum(head(states)[:, :-1], batch.targets(k), head, vocab_parallel)
-            for k, states in enumerate(mtp_states(model, captured[-1], batch.input_ids), start=1)
-        ]
     return result

@@ -57,6 +57,7 @@ class MetricsLog:
         from tqdm.auto import tqdm
 
         self.enabled = enabled
+        self.total_steps = total_steps
         self.path = Path(log_dir) / METRICS_FILE if (log_dir and enabled) else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,10 +101,20 @@ class MetricsLog:
         self.bar.write(
             f"step {record['step']:>5} | loss {_num(record['loss'])}{aux} | lr {record['lr']:.2e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
-            f"peak {record['peak_mem_mb']:.0f} MB{skipped}"
+            f"peak {record['peak_mem_mb']:.0f} MB{skipped}{self._eta(record['step'])}"
         )
         self.bar.set_postfix_str(f"loss {_num(record['loss'])} | {record['tokens_per_s']:.0f} tok/s", refresh=False)
         self.bar.update(1)
+
+    def _eta(self, step: int) -> str:
+        """`` | eta H:MM:SS`` from this process's mean step time (the bar's ETA, for logs that are not a terminal)."""
+        times = [r["step_s"] for r in self.records if isinstance(r.get("step_s"), int | float)]
+        left = self.total_steps - step
+        if left <= 0 or not times:
+            return ""
+        from tqdm import tqdm
+
+        return f" | eta {tqdm.format_interval(left * sum(times) / len(times))}"
 
     def close(self) -> Path | None:
         """Close the bar and draw the loss curve of every step in the file (earlier segments of a resumed run too)."""

@@ -40,9 +40,13 @@ def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def make_batch(rows: Sequence[Sequence[Encoded]], pad_id: int) -> Batch:
-    """A micro-batch ``[B, L]`` of ``rows`` (each a list of documents), L its longest row."""
-    width = max(sum(len(d.ids) for d in row) for row in rows)
+def make_batch(rows: Sequence[Sequence[Encoded]], pad_id: int, width: int | None = None) -> Batch:
+    """A micro-batch ``[B, L]`` of ``rows`` (each a list of documents), L its longest row, or ``width`` when given
+    (pipeline stages send one shape for every micro-batch of a step)."""
+    longest = max(sum(len(d.ids) for d in row) for row in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"make_batch: a row of {longest} tokens does not fit the width {width}")
+    width = longest if width is None else width
     shape = (len(rows), width)
     ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)

@@ -1,22 +1,19 @@
 """The pipeline flags' rules (``--pp_size``, ``--pp_schedule``, ``--pp_virtual``, ``--pp_layers``): the values
 alone (:func:`check_pp_args`, before the process group), against the model's config (:func:`check_pp_model`,
-before the model loads) and against the first step's batches (:func:`check_pp_batches`). Each broken rule is
-one ConfigError naming the value, the rule and the fix; combinations the pipeline cannot run yet are refused
-here rather than trained silently wrong."""
+before the model loads). Each broken rule is one ConfigError naming the value, the rule and the fix;
+combinations the pipeline cannot run yet are refused here rather than trained silently wrong."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from npu_parallel.convert.mtp import num_mtp_layers
 from npu_parallel.parallel.state import ParallelState
-from npu_parallel.training.batch import Batch
 from npu_parallel.training.errors import ConfigError
 from npu_parallel.training.pipeline import SCHEDULES, check_schedule, stages_per_rank
 from npu_parallel.training.pipeline_split import resolve_split
 
-__all__ = ["check_pp_args", "check_pp_batches", "check_pp_model"]
+__all__ = ["check_pp_args", "check_pp_model"]
 
 
 def check_pp_args(cfg: Any) -> None:
@@ -68,13 +65,4 @@ def check_pp_model(cfg: Any, model_config: Any, state: ParallelState) -> None:
         raise ConfigError(
             f"--pp_schedule {cfg.pp_schedule} puts the first and the last stage on one rank, and this model's "
             f"embedding is used on both (MTP or tied embeddings): not supported yet; use --pp_schedule 1f1b"
-        )
-
-
-def check_pp_batches(batches: Sequence[Batch], pp_size: int) -> None:
-    """Pipeline stages carry fixed windows of text only: a packed or padded batch (document ids) is refused."""
-    if pp_size > 1 and any(b.document_ids is not None for b in batches):
-        raise ConfigError(
-            f"--pp_size {pp_size}: this data gives packed or padded batches (chat / instruction data), and "
-            f"pipeline stages do not carry document boundaries yet; train it with --pp_size 1 or use plain text data"
         )

@@ -27,10 +27,8 @@ from npu_parallel.moe.load import LoadReading, _update_bias, layer_index, moe_bl
 from npu_parallel.parallel.data_parallel import Precision, data_parallel, full_tensor
 from npu_parallel.parallel.state import ParallelState
 from npu_parallel.training.batch import Batch
-from npu_parallel.training.guards import agree
 from npu_parallel.training.optim import clip_grad_norm_
 from npu_parallel.training.pipeline import Pipeline, build_pipeline, pipeline_step
-from npu_parallel.training.pipeline_checks import check_pp_batches
 from npu_parallel.training.step import StepLoss
 
 __all__ = ["PipelineRun", "setup"]
@@ -45,7 +43,6 @@ class PipelineRun:
     pipe: Pipeline
     state: ParallelState
     owners: dict[str, int]  # trainable parameter name -> the pp rank whose stages train it (the first, if several)
-    checked: bool = False
     names: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -58,9 +55,6 @@ class PipelineRun:
 
     def step(self, batches: Sequence[Batch]) -> StepLoss:
         """One step's forward and backward through the stages (``train_step``'s twin)."""
-        if not self.checked:  # the first step's batches on every rank alike: a refusal leaves none waiting
-            agree(lambda: check_pp_batches(batches, self.state.pp_size), self.state)
-            self.checked = True
         return pipeline_step(self.pipe, batches, self.state)
 
     def clip(self, max_norm: float) -> torch.Tensor:

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from npu_parallel.convert.documents import document_inputs, packs_documents
 from npu_parallel.convert.mtp import mtp_layers, mtp_states
 from npu_parallel.moe.balance import Balance, LayerTerm
-from npu_parallel.moe.load import moe_blocks
+from npu_parallel.moe.load import moe_blocks, token_layout
+from npu_parallel.moe.token_layout import TokenLayout
 from npu_parallel.training.batch import Batch
 from npu_parallel.training.losses import token_loss_sum
 
@@ -98,11 +100,18 @@ class StageModule(nn.Module):
         base.layers = self.layers
         if not self.last:
             base.norm = nn.Identity()
+        # a packed micro-batch: block-diagonal attention (and on an NPU the TND lengths), padding out of the
+        # balance terms and the load, as in training/losses.batch_loss
+        docs = document_inputs(full, batch.document_ids, batch.position_ids, batch.lengths)
+        docs.pop("output_router_logits", None)  # a causal-LM flag; the base model takes the rest
+        docs["position_ids"] = batch.position_ids
+        layout = None if batch.document_ids is None else TokenLayout.from_documents(batch.document_ids, batch.lengths)
         try:
-            if self.first:
-                out = base(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-            else:
-                out = base(inputs_embeds=hidden, position_ids=batch.position_ids, use_cache=False)
+            with token_layout(full, layout):
+                if self.first:
+                    out = base(input_ids=batch.input_ids, use_cache=False, **docs)
+                else:
+                    out = base(inputs_embeds=hidden, use_cache=False, **docs)
         finally:
             base.layers, base.norm = saved_layers, saved_norm
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -146,7 +155,8 @@ class StageModule(nn.Module):
         parts = {"ce": ce.detach()}
         if self.balance is not None:
             e = self.experts
-            rows = batch.tokens * self.moe_layers  # every MoE layer routes every token (known on the host)
+            real = sum(sum(row) for row in batch.lengths)  # tokens but padding (known on the host)
+            rows = real * self.moe_layers  # every MoE layer routes every token
             term = LayerTerm(counts=side[e : 2 * e].detach(), probs=side[:e], rows=rows, value=side[2 * e])
             total = self.balance.total([term])
             if total is not None:
@@ -154,7 +164,9 @@ class StageModule(nn.Module):
                 loss = loss + aux
                 parts["aux"] = aux.detach()
         if ctx.mtp_weight and len(self.mtp):
-            states = mtp_states(self.full_model(), hidden, batch.input_ids)
+            packed = batch.document_ids is not None and packs_documents(batch.lengths)
+            docs, pos = (batch.document_ids, batch.position_ids) if packed else (None, None)
+            states = mtp_states(self.full_model(), hidden, batch.input_ids, docs, pos)
             _collect(self.mtp)  # as in train_step, an MTP layer's own balance term is not part of the loss
             sums = [
                 token_loss_sum(self.lm_head(s)[:, :-1], batch.targets(k), self.lm_head, ctx.vocab_parallel)
