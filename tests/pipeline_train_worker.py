@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from npu_parallel.training.errors import ConfigError
+from npu_parallel.training.errors import ConfigError, NonFiniteError
 from npu_parallel.training.loop import TrainConfig, train
 
 
 def run(jobs: list[dict]) -> list[dict]:
     """Per job: the step losses, grad norms, aux and MTP losses, expert load rows and the last checkpoint (or the
-    ConfigError a refused job raised, on every rank)."""
+    ConfigError or NonFiniteError a job raised, on every rank alike)."""
     out = []
     for kwargs in jobs:
         try:
             r = train(TrainConfig(**kwargs))
-        except ConfigError as exc:
+        except (ConfigError, NonFiniteError) as exc:
             out.append({"error": str(exc)})
             continue
         records = r["records"]

@@ -74,6 +74,8 @@ def runs(checkpoints, chat_tokenizers, tmp_path_factory):
         "resume pp1 -> pp2": dict(resume_at_2, resume=str(q1 / "step-2")),
         "more stages than layers": dict(bad, pp_schedule="interleaved_1f1b", pp_virtual=2, grad_accum=4),
         "pp_layers sum": dict(bad, pp_layers="1,1"),
+        # lr 1e9: the first update leaves NaN weights; every later step is skipped on both stages alike
+        "non-finite": dict(bad, lr=1e9, steps=6, max_nonfinite_steps=2, save_dir=str(root / "nan")),
     }
     jobs2 = {**two, **extra}
     pp2 = dict(zip(jobs2, run_ranks(2, "tests.pipeline_train_worker:run", list(jobs2.values())), strict=True))
@@ -147,6 +149,12 @@ def test_resume_at_another_pp(runs):
         assert "error" not in got, got.get("error")
         assert got["losses"] == pytest.approx(full["losses"][2:], abs=1e-5), case
         assert got["norms"] == pytest.approx(full["norms"][2:], rel=1e-5), case
+
+
+def test_nonfinite_steps_are_skipped_on_every_stage(runs):
+    error = runs["pp2"]["non-finite"]["error"]
+    assert "steps 2-3: loss or gradient norm not finite 2 times in a row" in error, error
+    assert not (runs["root"] / "nan").exists() or not list((runs["root"] / "nan").glob("step-*"))
 
 
 def test_bad_splits_are_one_line(runs):
