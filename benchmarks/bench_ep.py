@@ -3,6 +3,11 @@
 transformers' ``DistributedConfig(tp_size, ep_size, fsdp_size)``, in one run.
 
     python benchmarks/bench_ep.py [--model tiny|slice|PATH] [--steps 5] [--batch 2] [--seq 128]
+        [--overlap on|off|both] [--only TP:EP ...] [--optimizer adamw|sgd]
+
+``--overlap``: the all-to-all layouts with the shared experts overlapped with the token traffic (on, the
+default), without (off), or both, alternating launches, with a "vs overlap off" ratio. ``--only 1:4`` keeps the
+layouts of that tp and ep. ``--optimizer sgd``: plain SGD, no optimizer state (memory-tight runs of the slice).
 
 Every layout trains the same checkpoint (fp32, CPU, gloo) for warmup + steps
 forward/backward/AdamW steps, each dp rank on its own batch, in fresh torchrun ranks. Per layout: step time,
@@ -28,6 +33,10 @@ LAYOUTS = [
     ("tp=1 ep=4 dp=4 alltoall", 1, 4, "ours"),
     ("transformers tp=2 ep=4", 2, 4, "hf"),
 ]
+
+
+def _pairs() -> list[str]:
+    return sorted({f"{tp}:{ep}" for _, tp, ep, _ in LAYOUTS})
 
 
 class _Bytes:
@@ -61,6 +70,22 @@ def _load_hf(path: str, tp: int, ep: int, world: int):
     return AutoModelForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.float32)
 
 
+def _layouts(overlap: str, only: list[str] | None) -> dict[str, tuple[int, int, str, bool | None]]:
+    """label -> (tp, ep, implementation, overlap_shared: None where nothing travels), as the flags select."""
+    modes = {"on": [True], "off": [False], "both": [True, False]}[overlap]
+    keep = {tuple(int(n) for n in spec.split(":")) for spec in only} if only else None
+    out: dict[str, tuple[int, int, str, bool | None]] = {}
+    for label, tp, ep, impl in LAYOUTS:
+        if keep is not None and (tp, ep) not in keep:
+            continue
+        if impl != "ours" or ep == tp:
+            out[label] = (tp, ep, impl, None)
+            continue
+        for on in modes:
+            out[label if overlap != "both" else f"{label} overlap {'on' if on else 'off'}"] = (tp, ep, impl, on)
+    return out
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One rank's record: median step time, bytes sent per MoE layer, host syncs per step, peak RSS."""
     import torch
@@ -69,18 +94,26 @@ def worker(args: argparse.Namespace) -> dict:
     from npu_parallel.tools.audit import OpAudit
 
     torch.set_num_threads(1)
-    tp, ep, impl = args.layout
+    from npu_parallel.moe.dispatchers.alltoall import AllToAllDispatcher
+
+    tp, ep, impl, overlap = args.layout
     state = npu_parallel.init_distributed(tp, ep_size=ep)
     peak = common.Peak(state.device)
+    moe_impl = "auto" if overlap is None else AllToAllDispatcher(overlap_shared=overlap)
     try:
         if impl == "hf":
             model = _load_hf(args.path, tp, ep, state.world_size)
         else:
-            model = npu_parallel.load_pretrained(args.path, state, dtype=torch.float32, progress=False)
+            model = npu_parallel.load_pretrained(
+                args.path, state, dtype=torch.float32, progress=False, moe_impl=moe_impl
+            )
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", "step_s": 0.0}
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if args.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = common.random_batches(
         model.config.vocab_size, args.batch, args.seq, args.warmup + args.steps, seed=state.dp_rank
     )
@@ -110,39 +143,51 @@ def worker(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     p = common.parser(__doc__, steps=5, batch=2, seq=128, repeats=1)
+    p.add_argument("--overlap", choices=["on", "off", "both"], default="on", help="shared experts overlapped")
+    p.add_argument("--only", nargs="+", metavar="TP:EP", help="only the layouts of these tp and ep (e.g. 1:4)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: no optimizer state")
     args = p.parse_args(argv)
     path, desc = common.resolve_model(args)
-    layouts = {label: (tp, ep, impl) for label, tp, ep, impl in LAYOUTS}
+    layouts = _layouts(args.overlap, args.only)
+    if not layouts:
+        raise SystemExit(f"--only {' '.join(args.only)}: no layout has that tp:ep; they are {_pairs()}")
 
     def make(label: str) -> argparse.Namespace:
         return argparse.Namespace(**vars(args), path=str(path), layout=layouts[label])
 
     records = common.alternate("bench_ep:worker", list(layouts), args.repeats, lambda m: 4, make)
     rows = common.best(records)
-    base = rows[LAYOUTS[0][0]][0]
+    base = rows[next(iter(rows))]  # the first layout: the ratios are against it
     out = []
     for label, ranks in rows.items():
         r = ranks[0]
         if "error" in r:
-            out.append([label, f"does not run: {r['error']}", "", "", "", "", ""])
+            out.append([label, f"does not run: {r['error']}", "", "", "", "", "", ""])
             continue
         peak = max(x["peak_rss"] for x in ranks) / 1e6
+        step = max(x["step_s"] for x in ranks)  # the slowest rank's median step
+        off = rows.get(label.replace("overlap on", "overlap off")) if label.endswith("overlap on") else None
+        vs_off = f"{step / max(x['step_s'] for x in off):.3f}x" if off and "error" not in off[0] else ""
         out.append([
-            label, f"{r['step_s']:.3f}", f"{r['step_s'] / base['step_s']:.2f}x", f"{r['a2a_bytes_per_moe_layer']:.0f}",
-            f"{r['allreduce_bytes_forward']:.0f}", r["host_syncs_per_step"], f"{peak:.1f}",
+            label, f"{step:.3f}", f"{step / max(x['step_s'] for x in base):.2f}x", vs_off,
+            f"{r['a2a_bytes_per_moe_layer']:.0f}", f"{r['allreduce_bytes_forward']:.0f}", r["host_syncs_per_step"],
+            f"{peak:.1f}",
         ])  # fmt: skip
+    spreads = "; ".join(f"{label}: {', '.join(f'{t:.3f}' for t in common.spread(records, label))}" for label in rows)
     header = [
         "layout",
         "step s",
-        "vs today",
+        f"vs {next(iter(rows))}",
+        "vs overlap off",
         "a2a B/MoE layer",
         "all-reduce B fwd",
         "syncs/step",
         "peak RSS MB (max rank)",
     ]
     body = (
-        f"{desc}, world 4, batch {args.batch}x{args.seq} per dp rank, {args.steps} timed steps (median), fp32 CPU "
-        f"gloo\n\n{common.table(header, out)}"
+        f"{desc}, world 4, batch {args.batch}x{args.seq} per dp rank, {args.steps} timed steps (median, slowest "
+        f"rank), {args.optimizer}, fp32 CPU gloo, {args.repeats} alternating launches per layout (best kept)\n\n"
+        f"{common.table(header, out)}\n\nslowest rank's median step per launch, s: {spreads}"
     )
     common.write_results("bench_ep", args, desc, body)
     return 0

@@ -92,7 +92,8 @@ def _dp_sum(values, state) -> list[float]:
 
 
 def compare(paths: dict[str, str], layouts: list[tuple[int, int]], micro: int = 4) -> dict:
-    """variant -> layout "tpX_ppY_dpZ" -> (loss, aux, after) and "ref" -> the unsplit model's."""
+    """variant -> layout "tpX_ppY_dpZ" -> (loss, aux, after), "ref_<layout>" -> the unsplit model's on that
+    layout's global batch (dp x micro micro-batches), "ref" -> the last of those."""
     results: dict = {}
     npu_parallel.init_distributed(1)  # the world group, before the reference runs alone on each rank
     ref_state = single_rank_state()
@@ -116,6 +117,7 @@ def compare(paths: dict[str, str], layouts: list[tuple[int, int]], micro: int = 
             mine = everything[state.dp_rank * micro : (state.dp_rank + 1) * micro]
             model = _load(path, state, mtp)
             row[f"tp{tp}_pp{pp}_dp{dp}"] = _run(model, state, mine, pp, weight)
+            row[f"ref_tp{tp}_pp{pp}_dp{dp}"] = row["ref"]  # the unsplit model on this layout's global batch
             del model
         del row["ref_batches"]
         results[name] = row

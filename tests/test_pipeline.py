@@ -70,17 +70,35 @@ def world2(checkpoints, tmp_path_factory):
     return run_ranks(2, "tests.pipeline_worker:world", paths, [(2, 1), (1, 2)], SCHEDULES, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def world4(checkpoints, tmp_path_factory):
+    """Seed 000's method at world 4: TP=2/PP=2 and PP=2/DP=2 (the packed variants are covered at world 2)."""
+    paths = {n: str(checkpoints / n) for n in VARIANT_NAMES}
+    if "deepseek_v3" in VARIANTS:
+        paths["deepseek_v3_mtp"] = str(build_published(tmp_path_factory.mktemp("pp4_v3"))["plain"])
+    return run_ranks(4, "tests.pipeline_worker:world", paths, [(2, 2), (1, 2)], [], timeout=600)
+
+
+@pytest.mark.parametrize("layout", ["tp2_pp2_dp1", "tp1_pp2_dp2"])
+def test_world4_layout_equals_unsplit_model(world4, layout):
+    _check_layout(world4, layout)
+
+
 @pytest.mark.parametrize("layout", ["tp2_pp1_dp1", "tp1_pp2_dp1"])
 def test_layout_equals_unsplit_model(world2, layout):
-    for name, row in world2["layouts"].items():
-        ref, got = row["ref"], row[layout]
+    _check_layout(world2, layout)
+
+
+def _check_layout(world, layout):
+    for name, row in world["layouts"].items():
+        ref, got = row[f"ref_{layout}"], row[layout]
         assert got[0] == pytest.approx(ref[0], abs=2e-5), (name, "loss")
         assert got[1] == pytest.approx(ref[1], abs=2e-6), (name, "aux loss, summed over the stages once")
         assert got[2] == pytest.approx(ref[2], abs=5e-5), (name, "loss after one SGD step")
         assert ref[2] < ref[0] - 0.05, (name, "the SGD step changed the loss")
-    assert world2["layouts"]["qwen3_moe"]["ref"][1] > 0.01  # the Switch loss couples every stage's layers
-    if "deepseek_v3_mtp" in world2["layouts"]:
-        assert world2["layouts"]["deepseek_v3_mtp"]["ref"][0] > 0
+    assert world["layouts"]["qwen3_moe"]["ref"][1] > 0.01  # the Switch loss couples every stage's layers
+    if "deepseek_v3_mtp" in world["layouts"]:
+        assert world["layouts"]["deepseek_v3_mtp"]["ref"][0] > 0
 
 
 def test_schedules_give_the_same_gradients(world2):

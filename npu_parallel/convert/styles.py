@@ -158,6 +158,19 @@ def _swiglu_forward(gate: str, up: str, down: str):
     return forward
 
 
+def _swiglu_halves(gate: str, up: str, down: str):
+    """The two halves of :func:`_swiglu_forward`: ``silu(gate(x)) * up(x)``, then ``down(h)`` (the MoE block runs
+    a shared expert's halves while its dispatch, then its combine, are in flight)."""
+
+    def forward_first(self, x):
+        return kernels.swiglu_pair(getattr(self, gate)(x), getattr(self, up)(x))
+
+    def forward_second(self, h):
+        return getattr(self, down)(h)
+
+    return forward_first, forward_second
+
+
 @dataclass
 class MLP(Style):
     """Gated MLP: f once on the input, gate/up column-parallel, down row-parallel."""
@@ -184,6 +197,11 @@ class MLP(Style):
             module.register_forward_pre_hook(_input_to_tp_region(ctx.tp), with_kwargs=True)
         if is_silu(getattr(module, "act_fn", None)):  # npu_swiglu on an NPU
             module.forward = types.MethodType(_swiglu_forward(self.gate, self.up, self.down), module)
+            first, second = _swiglu_halves(self.gate, self.up, self.down)
+            module.forward_first, module.forward_second = (
+                types.MethodType(first, module),
+                types.MethodType(second, module),
+            )
         return module
 
 

@@ -22,6 +22,13 @@ from npu_parallel.parallel.shard_spec import ShardedModule
 from npu_parallel.parallel.state import Group
 
 
+def _global_module_hooks() -> bool:
+    """Whether forward hooks for every module are registered (calling a module's halves would skip them)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 class MoEBlock(ShardedModule):
     """A MoE block converted for TP: every rank routes all tokens with the replicated router, runs its
     ``E/ep`` experts and its shard of the shared experts, and one all-reduce sums both partial outputs.
@@ -88,21 +95,44 @@ class MoEBlock(ShardedModule):
         weights = reduce_grad(weights, self.tp)
         x = copy_to_tp(tokens, self.tp)  # f: the expert input's gradient is summed over the group
         self.dispatcher.training = self.training
-        # dispatch -> compute -> combine: this rank's experts on their rows, weighted back into [T, H]
-        routed = self.dispatcher.dispatch(x, indices, weights, self.experts)
-        y = self.dispatcher.combine(self.experts(routed.rows, routed.matmul), routed)  # [T, H], partial
+        # dispatch -> compute -> combine: this rank's experts on their rows, weighted back into [T, H]; the shared
+        # experts' two halves run while the tokens travel, and while the outputs travel back (all-to-all dispatchers)
         shared_experts = self.shared_module()
-        if shared_experts is not None:
-            shared = shared_experts(x)  # [T, H], partial: this rank's intermediate columns
-            if self.shared_expert_gate is not None:
-                # per-token scale [T, 1], replicated; its gradient is partial per rank like the routing weights
-                shared = reduce_grad(torch.sigmoid(self.shared_expert_gate(tokens)), self.tp) * shared
+        first, second = self._shared_work(shared_experts, x, tokens)
+        routed, h = self.dispatcher.dispatch_overlapped(x, indices, weights, self.experts, first)
+        out = self.experts(routed.rows, routed.matmul)
+        y, shared = self.dispatcher.combine_overlapped(out, routed, lambda: second(h))  # [T, H] each, partial
+        if shared is not None:
             y = y + shared
         y = reduce_from_tp(y, self.tp)  # the one all-reduce: experts and shared experts together
         bias = getattr(shared_experts, self.shared_down).bias if shared_experts is not None else None
         if bias is not None:
             y = y + bias
         return y.view(shape)
+
+    def _shared_work(
+        self, shared_experts: nn.Module | None, x: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[Callable[[], torch.Tensor | None], Callable[[torch.Tensor | None], torch.Tensor | None]]:
+        """The shared experts ``[T, H]`` (partial: this rank's intermediate columns) as two pieces of work, the
+        first overlapping the dispatch, the second (given the first's result) the combine: the gated MLP's
+        ``forward_first`` (gate, up, activation) and ``forward_second`` (down) where it has them and no module hook
+        would be skipped, else the whole module first."""
+        if shared_experts is None:
+            return (lambda: None), (lambda h: None)
+        first = getattr(shared_experts, "forward_first", None)
+        second = getattr(shared_experts, "forward_second", None)
+        hooked = shared_experts._forward_hooks or shared_experts._forward_pre_hooks
+        if first is None or second is None or hooked or _global_module_hooks():
+            first, second = shared_experts, (lambda h: h)
+
+        def finish(h: torch.Tensor | None) -> torch.Tensor:
+            shared = second(h)
+            if self.shared_expert_gate is not None:
+                # per-token scale [T, 1], replicated; its gradient is partial per rank like the routing weights
+                shared = reduce_grad(torch.sigmoid(self.shared_expert_gate(tokens)), self.tp) * shared
+            return shared
+
+        return (lambda: first(x)), finish
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [T, k], weights [T, k])`` from the router; in train mode also this layer's balance term."""

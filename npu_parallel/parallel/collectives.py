@@ -166,3 +166,78 @@ def all_to_all(
 def all_to_all_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
     """Exchange per-destination counts ``[size, n]`` (no autograd): row r of the result came from rank r."""
     return counts if group.size == 1 else _all_to_all(counts, None, None, group.group)
+
+
+class InFlight:
+    """An all-to-all started by :func:`all_to_all_start` and not yet waited on (forward), and the reverse
+    all-to-all its backward started (``grad_work`` into ``grad_rows``), waited on by the start's backward."""
+
+    def __init__(self, group, out_splits: list[int] | None, in_splits: list[int] | None) -> None:
+        self.group, self.out_splits, self.in_splits = group, out_splits, in_splits
+        self.work: dist.Work | None = None
+        self.sent: torch.Tensor | None = None  # the send buffer, kept alive until the wait
+        self.grad_work: dist.Work | None = None
+        self.grad_sent: torch.Tensor | None = None
+        self.grad_rows: torch.Tensor | None = None  # the input's gradient, filled when grad_work is done
+
+
+def _start(x: torch.Tensor, out_splits, in_splits, group) -> tuple[torch.Tensor, torch.Tensor, dist.Work]:
+    """``all_to_all_single(async_op=True)``: (send buffer, receive buffer, work); the buffer is filled at wait."""
+    x = x.contiguous()
+    rows = x.shape[0] if out_splits is None else sum(out_splits)
+    out = x.new_empty(rows, *x.shape[1:])
+    work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
+    assert work is not None  # async_op=True always returns a Work
+    return x, out, work
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Start the all-to-all (forward); backward waits for the reverse all-to-all that the wait's backward
+    started, so autograd runs whatever was computed between start and wait in the forward (the shared
+    experts' backward: later nodes run first) while the gradient rows travel."""
+
+    @staticmethod
+    def forward(ctx, x, flight):
+        ctx.flight = flight
+        flight.sent, rows, flight.work = _start(x, flight.out_splits, flight.in_splits, flight.group)
+        return rows  # not yet filled: only _AllToAllWait reads it, after the wait
+
+    @staticmethod
+    def backward(ctx, grad):
+        f = ctx.flight
+        f.grad_work.wait()  # grad: the rows' gradient, already sent back by the wait's backward
+        rows, f.grad_work, f.grad_sent, f.grad_rows = f.grad_rows, None, None, None
+        return rows, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Wait for the all-to-all (forward); backward starts the reverse all-to-all (splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, rows, flight):
+        ctx.flight = flight
+        flight.work.wait()
+        flight.work, flight.sent = None, None
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        f = ctx.flight
+        f.grad_sent, f.grad_rows, f.grad_work = _start(grad, f.in_splits, f.out_splits, f.group)
+        return grad, None  # passed on to _AllToAllStart's backward, which waits and returns the input's gradient
+
+
+def all_to_all_start(
+    x: torch.Tensor, group: Group, out_splits: list[int] | None = None, in_splits: list[int] | None = None
+) -> tuple[torch.Tensor, InFlight | None]:
+    """:func:`all_to_all` started asynchronously: ``(rows, flight)``; ``rows`` may be read only after
+    ``all_to_all_wait(rows, flight)``, which returns them. The same values and gradients as ``all_to_all``."""
+    if group.size == 1:
+        return x, None
+    flight = InFlight(group.group, out_splits, in_splits)
+    return _AllToAllStart.apply(x, flight), flight
+
+
+def all_to_all_wait(rows: torch.Tensor, flight: InFlight | None) -> torch.Tensor:
+    """The rows of an all-to-all begun by :func:`all_to_all_start`, once they have arrived."""
+    return rows if flight is None else _AllToAllWait.apply(rows, flight)

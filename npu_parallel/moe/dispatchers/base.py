@@ -2,7 +2,8 @@
 
 A dispatcher is resolved once, at conversion (:func:`resolve_dispatcher`), and each MoE block holds its own
 copy. Per forward the block calls ``routed = dispatcher.dispatch(x, indices, weights, experts)``, then
-``y = experts(routed.rows, routed.matmul)`` and ``dispatcher.combine(y, routed)``.
+``y = experts(routed.rows, routed.matmul)`` and ``dispatcher.combine(y, routed)``, through their
+``*_overlapped`` forms, which also run the shared experts: while the tokens are in flight where they travel.
 
 Every implementation is NPU-safe: no ``nonzero``, boolean-mask indexing, ``unique`` or ``.any()``/``.all()``
 for control flow, float keys where it sorts; a host sync only where its docstring says so.
@@ -15,8 +16,9 @@ from __future__ import annotations
 import abc
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -36,6 +38,8 @@ __all__ = [
     "resolve_dispatcher",
     "slot_counts",
 ]
+
+T = TypeVar("T")  # what the overlapped work (the shared experts) returns
 
 AUTO = "auto"
 ANY_DEVICE = "*"  # in ``auto_for``: "auto" picks this implementation on devices no other one claims
@@ -86,6 +90,22 @@ class Dispatcher(abc.ABC):
     @abc.abstractmethod
     def combine(self, y: torch.Tensor, routed: Routed) -> torch.Tensor:
         """The experts' output rows -> this rank's partial output ``[T, H]`` (weighted sum over its slots)."""
+
+    def dispatch_overlapped(
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        experts: LocalExperts,
+        work: Callable[[], T],
+    ) -> tuple[Routed, T]:
+        """``(dispatch(...), work())``, ``work`` (the shared experts) run while the tokens travel where they do
+        (the all-to-all dispatchers); here nothing travels: dispatch, then ``work()``. Same values either way."""
+        return self.dispatch(x, indices, weights, experts), work()
+
+    def combine_overlapped(self, y: torch.Tensor, routed: Routed, work: Callable[[], T]) -> tuple[torch.Tensor, T]:
+        """``(combine(y, routed), work())``, ``work`` run while the outputs travel back where they do."""
+        return self.combine(y, routed), work()
 
     def __call__(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: LocalExperts
