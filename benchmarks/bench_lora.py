@@ -78,14 +78,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     args = p.parse_args()
-    path, desc = common.resolve_model(args)
-    records = common.alternate(
-        "bench_lora:worker",
-        MODES,
-        args.repeats,
-        lambda m: args.tp,
-        lambda m: argparse.Namespace(**vars(args), mode=m, path=str(path)),
-    )
+    desc, records = common.launch_modes("bench_lora:worker", args, MODES)
     bests = common.best(records)
     lora, full = bests["lora"], bests["full"]
     rows = [

@@ -11,7 +11,8 @@ training serves them: a ``training.dataset.Prepared`` read by a ``DataStream`` w
 rows, ``--steps`` steps) or off (one example per row, each micro-batch padded to its longest row, as many steps as
 the examples need; a last step's free rows take the stream's next rows, as in training), ``--batch`` rows per
 micro-batch, ``--grad_accum`` micro-batches per step. Each step is the trainer's: the micro-batches made,
-``train_step`` (forward and backward, the loss over the step's supervised targets), clipping, AdamW, on a model
+``train_step`` (forward and backward, the loss over the step's supervised targets), clipping, AdamW (or plain SGD,
+``--optimizer sgd``, which holds no state), on a model
 loaded by ``load_pretrained`` and wrapped by ``data_parallel`` at ``--precision``. Tokens/s count real tokens
 (prompt and response, never padding). Both modes run in fresh ranks, alternating; each mode's best launch is kept.
 Peak memory is above the loaded model (RSS on CPU, the device's peak allocation on one). Writes
@@ -21,7 +22,6 @@ benchmarks/results/bench_packing.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -95,18 +95,13 @@ def worker(args: argparse.Namespace) -> dict:
 
     import torch
 
-    import npu_parallel
-    from npu_parallel.parallel.data_parallel import resolve_precision
-    from npu_parallel.training.optim import build_optimizer, clip_grad_norm_
+    from npu_parallel.training.optim import clip_grad_norm_
     from npu_parallel.training.packing import padding_fraction
     from npu_parallel.training.step import train_step
 
-    torch.set_num_threads(1)
-    state = npu_parallel.init_distributed(args.tp)
-    mode = resolve_precision(args.precision, state.device.type)
-    model = npu_parallel.load_pretrained(args.path, state, dtype=mode.master, progress=False).train()
-    npu_parallel.data_parallel(model, state, precision=mode)
-    opt = build_optimizer(model, 1e-5)
+    state, model, opt, _ = common.training_model(args)
+    if args.optimizer == "sgd":  # no optimizer state: what a machine short of memory can hold (--model slice on CPU)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-5)
     docs = chat_examples(args, model.config.vocab_size)
     data, steps = stream(args, docs, args.mode == "packed")
 
@@ -148,6 +143,7 @@ def worker(args: argparse.Namespace) -> dict:
         "fwd_bwd_s": sum(v["fwd_bwd"] for v in values) / len(values),
         "peak_mb": peak.bytes() / 2**20,
         "memory": peak.kind,
+        "data": lengths_line(docs, args.seq),
         "first_loss": values[0]["loss"],
         "last_loss": values[-1]["loss"],
     }
@@ -170,18 +166,12 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (the world; default 1)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (default 1)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32 or bf16 mixed (FSDP2)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="adamw (the trainer's) or sgd")
     p.add_argument("--median_tokens", type=int, default=180, help="median example length (default 180)")
     p.add_argument("--sigma", type=float, default=1.0, help="lognormal spread of the lengths (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the stream's shuffle")
     args = p.parse_args()
-    path, desc = common.resolve_model(args)
-    records = common.alternate(
-        "bench_packing:worker",
-        MODES,
-        args.repeats,
-        lambda m: args.tp,
-        lambda m: argparse.Namespace(**vars(args), mode=m, path=str(path)),
-    )
+    desc, records = common.launch_modes("bench_packing:worker", args, MODES)
     bests = common.best(records, key="seconds")
     rows = [
         [m, r["steps"], r["micro_batches"], r["rows"], r["examples"], r["real_tokens"], r["padded_tokens"],
@@ -196,15 +186,14 @@ def main() -> None:
     speed = slowest("packed", "tokens_per_s") / slowest("padded", "tokens_per_s")
     fwd_bwd = slowest("packed", "fwd_bwd_tokens_per_s") / slowest("padded", "fwd_bwd_tokens_per_s")
     mem = max(r["peak_mb"] for r in bests["packed"]) / max(r["peak_mb"] for r in bests["padded"])
-    docs = chat_examples(args, json.loads((path / "config.json").read_text())["vocab_size"])
     body = "\n".join([
         f"{desc}, tp={args.tp}, {args.precision}, rows of --seq {args.seq} tokens, {args.batch} rows per micro-batch, "
-        f"grad_accum {args.grad_accum}, {args.warmup} warmup step(s) untimed, AdamW; best of {args.repeats} "
+        f"grad_accum {args.grad_accum}, {args.warmup} warmup step(s) untimed, {args.optimizer}; best of {args.repeats} "
         f"alternating launches (timed seconds per launch: packed {common.spread(records, 'packed', 'seconds')}, "
         f"padded {common.spread(records, 'padded', 'seconds')}); peak memory: {bests['packed'][0]['memory']} above "
         f"the loaded model",
         f"data: lognormal lengths (median {args.median_tokens}, sigma {args.sigma}, seed {args.seed}): "
-        f"{lengths_line(docs, args.seq)}",
+        f"{bests['packed'][0]['data']}",
         "",
         common.table(HEADER, rows),
         "",

@@ -68,14 +68,7 @@ def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--tp", type=int, default=2)
     args = p.parse_args()
-    path, desc = common.resolve_model(args)
-    records = common.alternate(
-        "bench_train:worker",
-        MODES,
-        args.repeats,
-        lambda m: args.tp,
-        lambda m: argparse.Namespace(**vars(args), mode=m, path=str(path)),
-    )
+    desc, records = common.launch_modes("bench_train:worker", args, MODES)
     bests = common.best(records)
     rows = [
         [r["mode"], r["rank"], f"{r['tokens_per_s']:.0f}", f"{r['step_s']:.3f}", f"{r['peak_mb']:.0f}",
