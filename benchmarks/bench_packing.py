@@ -186,7 +186,7 @@ def main() -> None:
     speed = slowest("packed", "tokens_per_s") / slowest("padded", "tokens_per_s")
     fwd_bwd = slowest("packed", "fwd_bwd_tokens_per_s") / slowest("padded", "fwd_bwd_tokens_per_s")
     mem = max(r["peak_mb"] for r in bests["packed"]) / max(r["peak_mb"] for r in bests["padded"])
-    body = "\n".join([
+    intro = [
         f"{desc}, tp={args.tp}, {args.precision}, rows of --seq {args.seq} tokens, {args.batch} rows per micro-batch, "
         f"grad_accum {args.grad_accum}, {args.warmup} warmup step(s) untimed, {args.optimizer}; best of {args.repeats} "
         f"alternating launches (timed seconds per launch: packed {common.spread(records, 'packed', 'seconds')}, "
@@ -194,14 +194,13 @@ def main() -> None:
         f"the loaded model",
         f"data: lognormal lengths (median {args.median_tokens}, sigma {args.sigma}, seed {args.seed}): "
         f"{bests['packed'][0]['data']}",
-        "",
-        common.table(HEADER, rows),
-        "",
+    ]  # fmt: skip
+    ratios = [
         f"ratio real tokens/s packed / padded = {speed:.2f}x (target >= 1.0x: {'PASS' if speed >= 1.0 else 'MISS'})",
         f"ratio real tokens/s packed / padded, forward+backward only = {fwd_bwd:.2f}x",
         f"ratio peak memory packed / padded = {mem:.2f}x",
-    ])  # fmt: skip
-    common.write_results("bench_packing", args, desc, body)
+    ]  # fmt: skip
+    common.write_report("bench_packing", args, desc, intro, HEADER, rows, ratios)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,13 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
+def write_report(
+    name: str, args: argparse.Namespace, model: str, intro: list[str], header: list[str], rows: list, ratios: list[str]
+) -> Path | None:
+    """:func:`write_results` of a benchmark's usual body: its ``intro`` lines, the table of ``rows``, its ratios."""
+    return write_results(name, args, model, "\n".join([*intro, "", table(header, rows), "", *ratios]))
+
+
 def write_results(name: str, args: argparse.Namespace, model: str, body: str) -> Path | None:
     """Print ``body``; unless --no_results, write it to benchmarks/results/<name>.md with date, machine, command."""
     print(body)
