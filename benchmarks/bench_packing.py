@@ -180,6 +180,9 @@ def main() -> None:
         for m in MODES for r in bests[m] if r["rank"] == 0
     ]  # fmt: skip
 
+    def seconds(mode: str) -> str:
+        return " ".join(f"{x:.1f}" for x in common.spread(records, mode, "seconds"))
+
     def slowest(mode: str, key: str) -> float:
         return min(r[key] for r in bests[mode])  # a launch runs at its slowest rank's rate
 
@@ -189,9 +192,8 @@ def main() -> None:
     intro = [
         f"{desc}, tp={args.tp}, {args.precision}, rows of --seq {args.seq} tokens, {args.batch} rows per micro-batch, "
         f"grad_accum {args.grad_accum}, {args.warmup} warmup step(s) untimed, {args.optimizer}; best of {args.repeats} "
-        f"alternating launches (timed seconds per launch: packed {common.spread(records, 'packed', 'seconds')}, "
-        f"padded {common.spread(records, 'padded', 'seconds')}); peak memory: {bests['packed'][0]['memory']} above "
-        f"the loaded model",
+        f"alternating launches (timed seconds per launch: packed {seconds('packed')}, padded {seconds('padded')}); "
+        f"peak memory: {bests['packed'][0]['memory']} above the loaded model",
         f"data: lognormal lengths (median {args.median_tokens}, sigma {args.sigma}, seed {args.seed}): "
         f"{bests['packed'][0]['data']}",
     ]  # fmt: skip
