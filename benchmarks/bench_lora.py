@@ -78,14 +78,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     args = p.parse_args()
-    path, desc = common.resolve_model(args)
-    records = common.alternate(
-        "bench_lora:worker",
-        MODES,
-        args.repeats,
-        lambda m: args.tp,
-        lambda m: argparse.Namespace(**vars(args), mode=m, path=str(path)),
-    )
+    desc, records = common.launch_modes("bench_lora:worker", args, MODES)
     bests = common.best(records)
     lora, full = bests["lora"], bests["full"]
     rows = [
@@ -96,19 +89,18 @@ def main() -> None:
     step = max(r["step_s"] for r in lora) / max(r["step_s"] for r in full)
     mem = max(r["peak_mb"] for r in lora) / max(r["peak_mb"] for r in full)
     states = max(r["states_mb"] for r in lora) / max(r["states_mb"] for r in full)
-    body = "\n".join([
+    intro = [
         f"{desc}, tp={args.tp}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after {args.warmup} "
         f"warmup, AdamW, fp32; LoRA r={args.r} on {'/'.join(TARGETS)} and the routed experts; best of "
         f"{args.repeats} alternating launches; peak memory: {lora[0]['memory']} above the process start",
-        "",
-        common.table(HEADER, rows),
-        "",
+    ]  # fmt: skip
+    ratios = [
         f"ratio step time LoRA / full = {step:.2f}x",
         f"ratio peak memory LoRA / full = {mem:.2f}x",
         f"ratio model states (weights, gradients, AdamW moments) LoRA / full = {states:.2f}x",
         f"ratio trainable parameters LoRA / full = {lora[0]['trainable'] / full[0]['trainable']:.3f}",
-    ])  # fmt: skip
-    common.write_results("bench_lora", args, desc, body)
+    ]  # fmt: skip
+    common.write_report("bench_lora", args, desc, intro, HEADER, rows, ratios)
 
 
 if __name__ == "__main__":

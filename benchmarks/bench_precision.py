@@ -31,18 +31,11 @@ def _nbytes(tensors) -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     """One rank's record: mean step time, peak RSS above the loaded model, bytes per parameter held."""
-    import torch
 
-    import npu_parallel
-    from npu_parallel.parallel.data_parallel import local_tensor, resolve_precision
-    from npu_parallel.training.optim import build_optimizer, clip_grad_norm_
+    from npu_parallel.parallel.data_parallel import local_tensor
+    from npu_parallel.training.optim import clip_grad_norm_
 
-    torch.set_num_threads(1)
-    state = npu_parallel.init_distributed(args.tp)
-    mode = resolve_precision(args.precision, state.device.type)
-    model = npu_parallel.load_pretrained(args.path, state, dtype=mode.master, progress=False).train()
-    npu_parallel.data_parallel(model, state, precision=mode)
-    opt = build_optimizer(model, 1e-5)
+    state, model, opt, mode = common.training_model(args)
     batches = common.random_batches(
         model.config.vocab_size, args.batch, args.seq, args.warmup + args.steps, seed=state.dp_rank
     )

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 MODES = ("ours", "transformers")
+HEADER = ["impl", "rank", "tokens/s", "step s", "peak RSS MB", "load s", "loss first -> last"]
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -68,14 +69,7 @@ def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--tp", type=int, default=2)
     args = p.parse_args()
-    path, desc = common.resolve_model(args)
-    records = common.alternate(
-        "bench_train:worker",
-        MODES,
-        args.repeats,
-        lambda m: args.tp,
-        lambda m: argparse.Namespace(**vars(args), mode=m, path=str(path)),
-    )
+    desc, records = common.launch_modes("bench_train:worker", args, MODES)
     bests = common.best(records)
     rows = [
         [r["mode"], r["rank"], f"{r['tokens_per_s']:.0f}", f"{r['step_s']:.3f}", f"{r['peak_mb']:.0f}",
@@ -85,17 +79,16 @@ def main() -> None:
     ours, theirs = bests["ours"], bests["transformers"]
     speed = max(r["step_s"] for r in theirs) / max(r["step_s"] for r in ours)
     mem = max(r["peak_mb"] for r in ours) / max(r["peak_mb"] for r in theirs)
-    body = "\n".join([
+    intro = [
         f"{desc}, tp={args.tp}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after {args.warmup} "
         f"warmup, AdamW, fp32, CPU gloo; best of {args.repeats} alternating launches (slowest-rank step s per "
         f"launch: ours {common.spread(records, 'ours')}, transformers {common.spread(records, 'transformers')})",
-        "",
-        common.table(["impl", "rank", "tokens/s", "step s", "peak RSS MB", "load s", "loss first -> last"], rows),
-        "",
+    ]  # fmt: skip
+    ratios = [
         f"ratio tokens/s ours / transformers = {speed:.2f}x (target >= 1.2x: {'PASS' if speed >= 1.2 else 'MISS'})",
         f"ratio peak RSS ours / transformers = {mem:.2f}x (target <= 1.0x: {'PASS' if mem <= 1.0 else 'MISS'})",
-    ])  # fmt: skip
-    common.write_results("bench_train", args, desc, body)
+    ]  # fmt: skip
+    common.write_report("bench_train", args, desc, intro, HEADER, rows, ratios)
 
 
 if __name__ == "__main__":

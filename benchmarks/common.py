@@ -66,6 +66,40 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
     return path, str(path)
 
 
+def launch_modes(
+    target: str, args: argparse.Namespace, modes: Iterable[str], world: Callable[[str], int] | None = None
+) -> tuple[str, list[dict]]:
+    """(the model's description, the rank records): ``--model`` resolved, then ``target`` over alternating launches
+    of ``modes`` (``world(mode)`` ranks, default ``args.tp``), each given ``args`` with ``mode`` and ``path``."""
+    path, desc = resolve_model(args)
+    records = alternate(
+        target,
+        modes,
+        args.repeats,
+        world or (lambda m: args.tp),
+        lambda m: argparse.Namespace(**vars(args), mode=m, path=str(path)),
+    )
+    return desc, records
+
+
+def training_model(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(state, model, optimizer, precision) of one rank as the trainer builds them: ``init_distributed(args.tp)``,
+    ``args.path`` loaded by ``load_pretrained`` in ``args.precision``'s master dtype, ``data_parallel`` (FSDP2 and
+    the precision policy, also at dp 1) and the trainer's AdamW."""
+    import torch
+
+    import npu_parallel
+    from npu_parallel.parallel.data_parallel import resolve_precision
+    from npu_parallel.training.optim import build_optimizer
+
+    torch.set_num_threads(1)
+    state = npu_parallel.init_distributed(args.tp)
+    mode = resolve_precision(args.precision, state.device.type)
+    model = npu_parallel.load_pretrained(args.path, state, dtype=mode.master, progress=False).train()
+    npu_parallel.data_parallel(model, state, precision=mode)
+    return state, model, build_optimizer(model, 1e-5), mode
+
+
 # ---------------------------------------------------------------------------------------------- memory
 def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -202,6 +236,13 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(c) for c in row] for row in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def write_report(
+    name: str, args: argparse.Namespace, model: str, intro: list[str], header: list[str], rows: list, ratios: list[str]
+) -> Path | None:
+    """:func:`write_results` of a benchmark's usual body: its ``intro`` lines, the table of ``rows``, its ratios."""
+    return write_results(name, args, model, "\n".join([*intro, "", table(header, rows), "", *ratios]))
 
 
 def write_results(name: str, args: argparse.Namespace, model: str, body: str) -> Path | None:

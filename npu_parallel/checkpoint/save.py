@@ -34,6 +34,8 @@ from npu_parallel.checkpoint.materialize import global_shape, local_shape, tenso
 from npu_parallel.checkpoint.remote_code import model_code
 from npu_parallel.checkpoint.safetensors_io import CheckpointError, SafetensorsWriter
 from npu_parallel.checkpoint.sharded_source import ShardedSource
+from npu_parallel.checkpoint.train_layout import merge_by_name, param_names, same_stage_layout, source_ranks
+from npu_parallel.checkpoint.train_layout import saved_layout as layout_of
 from npu_parallel.checkpoint.train_state import STATE_FORMAT, read_state, rng_state, set_rng_state, write_state
 from npu_parallel.convert.conversion import conversion_info
 from npu_parallel.parallel.data_parallel import full_tensor, local_state, shard_state
@@ -55,8 +57,10 @@ def trim(t: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
 
 
 def writer(state: ParallelState) -> bool:
-    """The ranks of the first ep group write the rank files (file = ep rank); the other ep groups hold copies."""
-    return state.edp.rank == 0
+    """The ranks of the first ep group write the rank files (file = ep rank); the other ep groups hold copies. Under
+    pipeline parallelism the first stage's: every rank holds the whole model, its other stages' parameters
+    brought up to date from their owners before the save (training/pipeline_run.py), so the files are a pp 1 run's."""
+    return state.edp.rank == 0 and state.pp_rank == 0
 
 
 def holds(spec: ShardSpec | None, state: ParallelState) -> bool:
@@ -157,6 +161,8 @@ def save_sharded(
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": rng_state(state.device),
             }
+            if (names := param_names(optimizer)) is not None:  # resume at another pp (checkpoint/train_layout.py)
+                training_state["param_names"] = names
             files[current.name] = write_state(current, training_state)
     except OSError as exc:
         error = str(write_error(exc, out, current, WHAT))
@@ -197,6 +203,7 @@ def _write_manifest(model, conv, state, tmp, out, local, everyone, optimizer, ex
             "world_size": state.world_size,
             "tp_size": state.tp_size,
             "ep_size": state.ep_size,
+            "pp_size": state.pp_size,
             "has_optimizer": optimizer is not None,
             "state_format": STATE_FORMAT if optimizer is not None else None,
             "extra": extra or {},
@@ -236,13 +243,15 @@ def load_training_state(path: str | Path, state: ParallelState, *, optimizer=Non
         return training.get("extra") or {}
     if not training.get("has_optimizer"):
         raise CheckpointError(f"{ckpt.path}: saved without optimizer state; resume from a training checkpoint")
-    tp_saved = training.get("tp_size")
-    saved_layout = (training.get("world_size"), tp_saved, training.get("ep_size", tp_saved))
-    if saved_layout != (state.world_size, state.tp_size, state.ep_size):
+    saved_layout = layout_of(training)
+    if not same_stage_layout(saved_layout, state):
+        pp_then = f", pp={saved_layout[3]}" if saved_layout[3] > 1 else ""
+        pp_now = f", pp={state.pp_size}" if state.pp_size > 1 else ""
         raise CheckpointError(
             f"{ckpt.path}: optimizer state was saved with world={saved_layout[0]}, tp={saved_layout[1]}, "
-            f"ep={saved_layout[2]}; resume with the same layout (now world={state.world_size}, "
-            f"tp={state.tp_size}, ep={state.ep_size}) or load weights only"
+            f"ep={saved_layout[2]}{pp_then}; resume with the same layout (now world={state.world_size}, "
+            f"tp={state.tp_size}, ep={state.ep_size}{pp_now}) or load weights only; only pp may differ (same "
+            f"tp, ep and dp)"
         )
     if training.get("state_format") != STATE_FORMAT:
         raise CheckpointError(
@@ -250,13 +259,17 @@ def load_training_state(path: str | Path, state: ParallelState, *, optimizer=Non
             f"v{ckpt.manifest.get('format_version')}) and is never loaded, because unpickling can run code; "
             f"resume is not possible: load its weights (load_sharded, or merge it) and start a new run"
         )
-    name = train_file(state.rank, state.world_size)
+    same = saved_layout[0] == state.world_size and saved_layout[3] == state.pp_size
+    names = [train_file(r, saved_layout[0]) for r in ([state.rank] if same else source_ranks(saved_layout, state))]
+    name = names[0]
     error = None
     try:
-        ckpt.verify([name])
-        saved = read_state(ckpt.path / name)
+        ckpt.verify(names)
+        stages = [read_state(ckpt.path / n) for n in names]
+        saved = stages[0]
         if optimizer is not None:
-            optimizer.load_state_dict(shard_state(saved["optimizer"], optimizer))
+            mine = saved["optimizer"] if same else merge_by_name(stages, optimizer)
+            optimizer.load_state_dict(shard_state(mine, optimizer))
         if scheduler is not None and saved["scheduler"] is not None:
             scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"], state.device)

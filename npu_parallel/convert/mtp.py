@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from npu_parallel.moe.block import MoEBlock
+from npu_parallel.moe.load import take_terms
 
 MTP_ATTR = "num_nextn_predict_layers"
 # the published copies of the shared modules: (MTP key leaf, the main model's tensor it copies)
@@ -121,8 +122,9 @@ def mtp_states(
 
 def _drop_balance_terms(layer: nn.Module) -> None:
     """An MTP layer's MoE block adds nothing to the load-balancing loss (DeepSeek-V3's balance terms are the main
-    model's layers'); its terms, set after the model's forward hook ran, would otherwise reach the next forward's."""
+    model's layers'); its routed load is counted now, and its terms, set after the model's forward hook ran, are
+    cleared so that they never reach the next forward's."""
+    take_terms(layer)
     for module in layer.modules():
         if isinstance(module, MoEBlock):
-            module.balance_term = None
             module.z_term = None

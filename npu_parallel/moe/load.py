@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from npu_parallel.moe.balance import LayerTerm
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.token_layout import TokenLayout
 
@@ -36,6 +37,7 @@ __all__ = [
     "moe_blocks",
     "read_load",
     "reset_load",
+    "take_terms",
     "token_layout",
 ]
 
@@ -69,21 +71,11 @@ class BalanceHook:
     def __call__(self, model: nn.Module, args, kwargs, out):
         if not model.training:
             return None
-        terms = []
-        for _, block in moe_blocks(model):
-            term, block.balance_term = block.balance_term, None
-            if term is None:
-                continue
-            terms.append((block, term))
-            counts = term.counts.to(torch.int64)
-            block.expert_load = counts if block.expert_load is None else block.expert_load + counts
-            dropped = block.dispatcher.stats.get("dropped")
-            if dropped is not None:
-                dropped = dropped.to(torch.int64)
-                block.dropped = dropped if block.dropped is None else block.dropped + dropped
+        terms = take_terms(model)
         total = None
-        if terms and terms[0][0].balance is not None:
-            total = terms[0][0].balance.total([t for _, t in terms])
+        balance = next((b.balance for _, b in moe_blocks(model)), None)
+        if terms and balance is not None:
+            total = balance.total(terms)
         z = _take_z_terms(model)
         if (total is None and z is None) or out is None or not hasattr(out, "logits"):
             return None
@@ -92,7 +84,7 @@ class BalanceHook:
             self.last = z if self.last is None else self.last + z
         assert self.last is not None
         if torch.is_grad_enabled() and not self.last.requires_grad and not self.warned:
-            if any(p.requires_grad for block, _ in terms for p in block.gate.parameters()):
+            if any(p.requires_grad for _, block in moe_blocks(model) for p in block.gate.parameters()):
                 self.warned = True  # numerics never silently degraded: said once
                 logger.warning(
                     "the load-balancing loss has no gradient although the routers train: reentrant gradient "
@@ -107,6 +99,24 @@ class BalanceHook:
         if z is not None:
             out["z_loss"] = z
         return out
+
+
+def take_terms(module: nn.Module) -> list[LayerTerm]:
+    """The MoE blocks' (of ``module``) load-balancing terms of their last train-mode forward, taken (cleared), with
+    each block's routed load and dropped slots added to its counters."""
+    terms = []
+    for _, block in moe_blocks(module):
+        term, block.balance_term = block.balance_term, None
+        if term is None:
+            continue
+        terms.append(term)
+        counts = term.counts.to(torch.int64)
+        block.expert_load = counts if block.expert_load is None else block.expert_load + counts
+        dropped = block.dispatcher.stats.get("dropped")
+        if dropped is not None:
+            dropped = dropped.to(torch.int64)
+            block.dropped = dropped if block.dropped is None else block.dropped + dropped
+    return terms
 
 
 def _take_z_terms(model: nn.Module) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ from npu_parallel.checkpoint.hf_source import load_config
 from npu_parallel.checkpoint.manifest import MANIFEST, owned_files
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
+from npu_parallel.checkpoint.train_layout import same_stage_layout, saved_layout
 from npu_parallel.moe.dispatchers import choices as moe_impl_choices
 from npu_parallel.parallel.state import ParallelState
 from npu_parallel.training.data import PackedData, first_eos
@@ -30,6 +31,7 @@ from npu_parallel.training.formats import FORMATS
 from npu_parallel.training.lora import DEFAULT_TARGETS, check_lora_args
 from npu_parallel.training.metrics import METRICS_FILE, read_metrics
 from npu_parallel.training.moe_options import check_moe_args
+from npu_parallel.training.pipeline_checks import check_pp_args, check_pp_model
 from npu_parallel.training.recompute import RECOMPUTE
 from npu_parallel.training.templates import builtin_templates
 
@@ -100,6 +102,11 @@ class TrainConfig:
     trust_remote_code: bool = False
     # evaluation during training (issue 21 pt 7); the eval data itself: eval_data / eval_split above
     eval_every: int = 0
+    # ppwire: pipeline parallelism in training (issue 22): stages outermost, world = pp x dp x tp
+    pp_size: int = 1
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 1
+    pp_layers: str | None = None
 
 
 HELP = {
@@ -177,6 +184,14 @@ HELP = {
     "lacks the model type (DeepSeek-MoE 16B)",
     "eval_every": "eval loss and perplexity over the whole eval set every N steps and at the end (0: at the end "
     "only, when there is eval data)",
+    "pp_size": "pipeline-parallel stages, outermost (world = pp x dp x tp; 1: no pipeline); a step's --grad_accum "
+    "micro-batches are the schedule's micro-batches",
+    "pp_schedule": "pipeline schedule: 1f1b (needs --grad_accum >= --pp_size), gpipe, interleaved_1f1b (with "
+    "--pp_virtual), looped_bfs, interleaved_zero_bubble, zbv, dualpipev (where the installed torch has them)",
+    "pp_virtual": "stages per rank of the interleaved schedules (interleaved_1f1b, looped_bfs, "
+    "interleaved_zero_bubble)",
+    "pp_layers": "decoder layers per stage by hand, a,b,... summing to the model's layer count (default: the "
+    "cost-balanced split; the first stage also holds the embedding, the last the head and MTP)",
 }
 
 
@@ -278,6 +293,7 @@ def check_args(cfg: TrainConfig) -> None:
     )
     check_lora_args(cfg)
     check_eval_args(cfg)
+    check_pp_args(cfg)
 
 
 # -- what the values name --------------------------------------------------------------------------------
@@ -324,12 +340,12 @@ def _resumed(cfg: TrainConfig, resume: str, state: ParallelState) -> tuple[Any, 
         f"--resume {cfg.resume}: holds no training state (optimizer, step, data position); resume from a "
         f"step-N folder written by training, or start from it with --model_path",
     )
-    saved = (training.get("world_size"), training.get("tp_size"), training.get("ep_size", training.get("tp_size")))
+    saved = saved_layout(training)  # (world, tp, ep, pp): pp may differ, tp, ep and dp (world / pp) may not
     _need(
-        saved == (state.world_size, state.tp_size, state.ep_size),
-        f"--resume {cfg.resume}: saved with world={saved[0]}, tp={saved[1]}, ep={saved[2]}, this run has "
-        f"world={state.world_size}, tp={state.tp_size}, ep={state.ep_size}; resume with the same --nproc_per_node, "
-        f"--tp_size and --ep_size",
+        same_stage_layout(saved, state),
+        f"--resume {cfg.resume}: saved with world={saved[0]}, tp={saved[1]}, ep={saved[2]}, pp={saved[3]}, this run "
+        f"has world={state.world_size}, tp={state.tp_size}, ep={state.ep_size}, pp={state.pp_size}; resume with the "
+        f"same --tp_size, --ep_size and dp (--nproc_per_node / --pp_size; --pp_size may differ)",
     )
     return model_config, int(extra["step"]), int(extra["data_position"])
 
@@ -414,6 +430,7 @@ def check_inputs(cfg: TrainConfig, state: ParallelState) -> RunInputs:
         max_pos is None or cfg.max_length <= max_pos,
         f"--max_length {cfg.max_length}: above the model's max_position_embeddings {max_pos}; pass at most {max_pos}",
     )
+    check_pp_model(cfg, model_config, state)
     replaced = _checkpoints_to_replace(cfg, start, state.rank == 0)
     _check_log_dir(cfg)
     eos = first_eos(getattr(model_config, "eos_token_id", None))

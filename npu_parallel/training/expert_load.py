@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -52,10 +53,12 @@ class LoadMonitor:
         max_ratio: float = 0.0,
         bias_update_rate: float = 0.0,
         window: int = WINDOW,
+        reader: Callable[..., LoadReading | None] | None = None,
     ):
         self.out = Path(log_dir) / HEATMAP if (log_dir and main) else None
         self.main, self.idle_steps, self.max_ratio = main, idle_steps, max_ratio
         self.bias_update_rate = bias_update_rate
+        self.read = reader or read_load  # or the pipeline's: every stage's load (training/pipeline_run.py)
         self.window: deque[LoadReading] = deque(maxlen=window)
         self.idle: dict[tuple[int, int], int] = {}  # (layer row, expert) -> steps in a row without a token
         self.over: set[int] = set()  # layer rows above max_ratio at the last step (warned once per excursion)
@@ -67,7 +70,7 @@ class LoadMonitor:
     def step(self, model: nn.Module, state, step: int, update: bool = True) -> dict:
         """The step's fields for metrics.jsonl (every rank calls it: one collective); ``update``: the optimizer
         stepped, so the routing bias may move too."""
-        reading = read_load(model, state, bias_update_rate=self.bias_update_rate, update=update)
+        reading = self.read(model, state, bias_update_rate=self.bias_update_rate, update=update)
         if reading is None:
             return {}
         self.window.append(reading)

@@ -1,137 +1,35 @@
-"""The fine-tuning loop: TP inside a node, FSDP2 over the dp ranks with mixed precision (bf16 compute, fp32
-master weights and optimizer state, gradients reduced and accumulated in fp32), AdamW with warmup+cosine, gradient
-accumulation and clipping by the true global norm, JIT warmup, sharded checkpoints and exact resume."""
+"""The fine-tuning loop, orchestration only: TP inside a node, FSDP2 over the dp ranks with mixed precision (bf16
+compute, fp32 master weights and optimizer state, gradients reduced and accumulated in fp32), AdamW with
+warmup+cosine, gradient accumulation and clipping by the true global norm, JIT warmup, sharded checkpoints and
+exact resume. The model is made in training/run_model.py, a step in training/step.py (or the pipeline's in
+training/pipeline_run.py), checkpoints in training/run_checkpoint.py."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
-from npu_parallel.checkpoint.load import load_pretrained, load_sharded
-from npu_parallel.checkpoint.lora_checkpoint import lora_extra
-from npu_parallel.checkpoint.save import load_training_state, save_sharded
-from npu_parallel.convert.mtp import MTP_ATTR, mtp_layers
+from npu_parallel.checkpoint.save import load_training_state
 from npu_parallel.moe.gate_options import set_noise_step
-from npu_parallel.moe.load import has_balance_bias
-from npu_parallel.parallel import device as _device
-from npu_parallel.parallel.data_parallel import Precision, data_parallel
-from npu_parallel.parallel.data_parallel import resolve_precision as _resolve
-from npu_parallel.parallel.state import ParallelState, init_distributed
+from npu_parallel.parallel.data_parallel import data_parallel
+from npu_parallel.parallel.state import ParallelState
+from npu_parallel.training import pipeline_run
 from npu_parallel.training.config import TrainConfig, add_train_args, check_args, check_inputs, config_from_args
-from npu_parallel.training.errors import ConfigError, NonFiniteError
 from npu_parallel.training.eval import evaluate, run_eval_set
 from npu_parallel.training.expert_load import LoadMonitor
-from npu_parallel.training.guards import (
-    agree,
-    check_same_batch,
-    nonfinite_parameter,
-    step_is_finite,
-    weights_are_finite,
-)
-from npu_parallel.training.lora import add_lora, resumes_lora
-from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
+from npu_parallel.training.guards import agree, check_same_batch, step_is_finite
 from npu_parallel.training.metrics import MetricsLog, peak_memory_mb
-from npu_parallel.training.moe_options import gate_options, moe_dispatcher
 from npu_parallel.training.optim import build_optimizer, clip_grad_norm_, warmup_cosine
-from npu_parallel.training.recompute import apply_recompute
+from npu_parallel.training.run_checkpoint import nonfinite_step, save_step
+from npu_parallel.training.run_model import jit_warmup, load_run_model, resolve_precision, run_state
 from npu_parallel.training.step import train_step
 
-__all__ = ["TrainConfig", "add_train_args", "config_from_args", "train"]  # the flags live in training.config
+__all__ = ["TrainConfig", "add_train_args", "config_from_args", "run_state", "train"]  # flags: training.config
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_precision(precision: str, kind: str) -> Precision:
-    """--precision on a device type -> its dtypes (auto: bf16 mixed where the device computes in bf16, else fp32)."""
-    try:
-        return _resolve(precision, kind)
-    except ValueError as exc:
-        raise ConfigError(f"--{exc}") from None
-
-
-def precision_record(mode: Precision) -> dict:
-    """What a checkpoint's manifest records of the run's precision (merge writes ``compute`` by default)."""
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-    return {"mode": mode.name, "compute": name[mode.compute], "master": name[mode.master], "reduce": name[mode.reduce]}
-
-
-def jit_warmup(model, state, vocab_parallel: bool, steps: int, vocab: int) -> float:
-    """Forward and backward on a tiny batch so kernels compile before the first timed step (HCCL timeouts)."""
-    if steps <= 0:
-        return 0.0
-    npu = _device.torch_npu_module()
-    if npu is not None and hasattr(npu.npu, "set_compile_mode"):
-        npu.npu.set_compile_mode(jit_compile=False)
-    t0 = time.perf_counter()
-    ids = torch.arange(16, device=state.device).remainder(vocab).unsqueeze(0)
-    devices = [] if state.device.type == "cpu" else [state.device]
-    with torch.random.fork_rng(devices=devices, device_type=state.device.type):
-        for _ in range(steps):
-            loss, _ = causal_lm_loss(model, ids, ids, vocab_parallel=vocab_parallel)
-            loss.backward()
-    for p in model.parameters():
-        p.grad = None
-    return time.perf_counter() - t0
-
-
-def run_state(cfg: TrainConfig) -> ParallelState:
-    """The run's one distributed state (ConfigError for a tp or ep size the world cannot split, on every rank)."""
-    try:
-        return init_distributed(cfg.tp_size, ep_size=cfg.ep_size, timeout_s=cfg.timeout_s)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _check_loaded_weights(cfg: TrainConfig, model_path: str, model) -> None:
-    """A checkpoint with NaN or Inf weights is bad input: it could only ever produce skipped steps."""
-    name = nonfinite_parameter(model)
-    if name is not None:
-        flag, path = ("--resume", cfg.resume) if cfg.resume else ("--model_path", model_path)
-        raise ConfigError(f"{flag} {path}: {name} holds NaN or Inf; restore the checkpoint's weights")
-
-
-def _use_mtp(cfg: TrainConfig, model) -> None:
-    """MTP layers train with --mtp_loss_weight > 0 (which needs them) and stay frozen, untouched, at 0."""
-    layers = mtp_layers(model)
-    if cfg.mtp_loss_weight and not layers:
-        source = cfg.resume or cfg.model_path
-        raise ConfigError(
-            f"--mtp_loss_weight {cfg.mtp_loss_weight}: {source} has no MTP layers ({MTP_ATTR} unset, or their "
-            f"tensors not stored); pass --mtp_loss_weight 0 or a checkpoint that keeps them (DeepSeek-V3's)"
-        )
-    for layer in layers:
-        layer.requires_grad_(bool(cfg.mtp_loss_weight))
-
-
-def _save(cfg: TrainConfig, model, opt, sched, state: ParallelState, mode: Precision, step: int, position: int) -> Path:
-    """A step-N checkpoint, never of non-finite weights (then NonFiniteError on every rank, nothing written)."""
-    if not weights_are_finite(model, state):
-        raise NonFiniteError(
-            f"step {step}: an update left NaN or Inf in the weights, so no checkpoint is written; lower --lr "
-            f"(now {cfg.lr:g}) and start again or resume from an earlier checkpoint"
-        )
-    assert cfg.save_dir is not None
-    return save_sharded(
-        model,
-        Path(cfg.save_dir) / f"step-{step}",
-        state,
-        optimizer=opt,
-        scheduler=sched,
-        extra={
-            "step": step,
-            "data_position": position,
-            "config": asdict(cfg),
-            "precision": precision_record(mode),
-            **lora_extra(model),
-        },
-        overwrite=bool(cfg.resume or cfg.overwrite),
-        trainable_only=bool(lora_extra(model)),  # a LoRA run saves its adapters and their optimizer state
-    )
 
 
 def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
@@ -159,52 +57,22 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
             logger.warning("--overwrite: removing %s of an earlier run", path)
             shutil.rmtree(path)
 
-    # the master weights: fp32 under mixed precision (a bf16 checkpoint upcast; a resumed one's fp32 kept); a LoRA
-    # base is frozen, so it stays in the compute dtype (its adapters are fp32)
-    lora = bool(cfg.lora_r or cfg.lora_adapter) or resumes_lora(cfg)
-    if cfg.resume and not lora:
-        model = load_sharded(
-            cfg.resume,
-            state,
-            moe_impl=moe_dispatcher(cfg, state),
-            dtype=mode.master,
-            aux_loss_coef=cfg.aux_loss_coef,
-            trust_remote_code=cfg.trust_remote_code,
-            gate_options=gate_options(cfg),
-        )
-    else:
-        model = load_pretrained(
-            inputs.model_path,
-            state,
-            dtype=mode.compute if lora else mode.master,
-            moe_impl=moe_dispatcher(cfg, state),
-            progress=main,
-            aux_loss_coef=cfg.aux_loss_coef,
-            trust_remote_code=cfg.trust_remote_code,
-            gate_options=gate_options(cfg),
-        )
-    agree(lambda: add_lora(cfg, model, state), state)  # LoRA: adapters only train (training/lora.py)
-    agree(lambda: _check_loaded_weights(cfg, inputs.model_path, model), state)
-    agree(lambda: _use_mtp(cfg, model), state)
-    if cfg.bias_update_rate > 0 and not has_balance_bias(model):
-        raise ConfigError(
-            f"--bias_update_rate {cfg.bias_update_rate:g}: this model's routers have no e_score_correction_bias "
-            f"(DeepSeek-V3's auxiliary-loss-free balancing); pass 0"
-        )
-    apply_recompute(model, "full" if cfg.gradient_checkpointing else cfg.recompute)  # before FSDP2 wraps it
-    if cfg.vocab_parallel_loss:
-        set_vocab_parallel_logits(model, True)
-    model.train()
-    data_parallel(model, state, precision=mode)  # FSDP2 over dp (also at dp = 1: the precision policy)
+    model = load_run_model(cfg, inputs.model_path, state, mode, main)  # loaded, LoRA, checked, ready to train
+    pp = pipeline_run.setup(cfg, model, state, mode)  # --pp_size > 1: the stages, each FSDP2 over dp (else None)
+    if pp is None:
+        data_parallel(model, state, precision=mode)  # FSDP2 over dp (also at dp = 1: the precision policy)
 
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, params=None if pp is None else pp.parameters())
     sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     if cfg.resume:
         load_training_state(cfg.resume, state, optimizer=opt, scheduler=sched)
         if main:
             logger.info("resumed from %s at step %d", cfg.resume, start)
 
-    warm = jit_warmup(model, state, cfg.vocab_parallel_loss, cfg.jit_warmup_steps, model.config.vocab_size)
+    if pp is None:
+        warm = jit_warmup(model, state, cfg.vocab_parallel_loss, cfg.jit_warmup_steps, model.config.vocab_size)
+    else:
+        warm = pp.warmup(cfg.jit_warmup_steps, cfg.grad_accum, (1, 16), model.config.vocab_size)
     if main and warm:
         logger.info("JIT warmup: %d passes in %.1f s", cfg.jit_warmup_steps, warm)
     load = LoadMonitor(
@@ -213,6 +81,7 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
         idle_steps=cfg.warn_idle_steps,
         max_ratio=cfg.warn_load_ratio,
         bias_update_rate=cfg.bias_update_rate,
+        reader=None if pp is None else pp.read_load,
     )
     load.reset(model)  # the warmup passes are not steps
 
@@ -230,12 +99,15 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
             set_noise_step(model, step, state.dp_rank)  # router noise by (step, dp rank): a resumed run draws alike
             # the global batch's loss: summed over its supervised targets, divided by their global count
             # (training/step.py); FSDP2 reduces the gradients on the last micro-batch only
-            losses = train_step(
-                model, batches, state, vocab_parallel=cfg.vocab_parallel_loss, mtp_weight=cfg.mtp_loss_weight
-            )
+            if pp is not None:
+                losses = pp.step(batches)  # the same global batch and normalization through the stages
+            else:
+                losses = train_step(
+                    model, batches, state, vocab_parallel=cfg.vocab_parallel_loss, mtp_weight=cfg.mtp_loss_weight
+                )
             total, _, aux_total, mtp_total = losses.reduce(state)
             assert total is not None
-            norm = clip_grad_norm_(model, cfg.grad_clip, state)
+            norm = clip_grad_norm_(model, cfg.grad_clip, state) if pp is None else pp.clip(cfg.grad_clip)
             lr = sched.get_last_lr()[0]
             finite = step_is_finite(total, norm, state)
             if finite:
@@ -268,9 +140,11 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
                 }
             )
             if not finite:
-                _nonfinite_step(cfg, nonfinite, total, norm.item(), main)
+                nonfinite_step(cfg, nonfinite, total, norm.item(), main)
             if cfg.save_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or at_end):
-                saved = _save(cfg, model, opt, sched, state, mode, step + 1, data.position)
+                if pp is not None:
+                    pp.sync_weights()  # the other stages' parameters from their owners: a pp 1 run's folder
+                saved = save_step(cfg, model, opt, sched, state, mode, step + 1, data.position)
     finally:
         plot = log.close()
         load_plot = load.close()
@@ -289,23 +163,3 @@ def train(cfg: TrainConfig, state: ParallelState | None = None) -> dict:
             for kind, trains in (("trainable", True), ("frozen", False))
         },
     }
-
-
-def _nonfinite_step(cfg: TrainConfig, run: list[int], loss: float, norm: float, main: bool) -> None:
-    """Warn of a skipped step; raise NonFiniteError (every rank alike) once ``max_nonfinite_steps`` are in a row."""
-    what = f"loss {loss:.4g}, grad norm {norm:.4g}"
-    if len(run) >= cfg.max_nonfinite_steps:
-        span = f"step {run[0]}" if len(run) == 1 else f"steps {run[0]}-{run[-1]}"
-        raise NonFiniteError(
-            f"{span}: loss or gradient norm not finite {len(run)} times in a row (last: {what}); stopped by "
-            f"--max_nonfinite_steps {cfg.max_nonfinite_steps}, nothing saved for these steps: lower --lr "
-            f"(now {cfg.lr:g}), check the data, or resume from the last checkpoint"
-        )
-    if main:
-        logger.warning(
-            "step %d: %s; skipped (no update, gradients dropped, LR schedule held), %d of %d allowed in a row",
-            run[-1],
-            what,
-            len(run),
-            cfg.max_nonfinite_steps,
-        )

@@ -242,7 +242,10 @@ def _sync_embedding(pipe: Pipeline, state: ParallelState) -> None:
         return
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=state.pp_ends.group)
+    from npu_parallel.parallel.data_parallel import local_tensor
+
+    # under FSDP2 both copies are sharded alike over dp (each a stage's root): this rank's rows of each
+    dist.all_reduce(local_tensor(weight.grad), group=state.pp_ends.group)
 
 
 def _average_over_dp(pipe: Pipeline, state: ParallelState) -> None:

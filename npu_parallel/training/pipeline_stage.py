@@ -30,7 +30,7 @@ from torch import nn
 from npu_parallel.convert.documents import document_inputs, packs_documents
 from npu_parallel.convert.mtp import mtp_layers, mtp_states
 from npu_parallel.moe.balance import Balance, LayerTerm
-from npu_parallel.moe.load import moe_blocks, token_layout
+from npu_parallel.moe.load import moe_blocks, take_terms, token_layout
 from npu_parallel.moe.token_layout import TokenLayout
 from npu_parallel.training.batch import Batch
 from npu_parallel.training.losses import token_loss_sum
@@ -181,12 +181,4 @@ class StageModule(nn.Module):
 
 def _collect(layers: nn.Module) -> list[LayerTerm]:
     """Take the MoE blocks' terms of the last forward (as the model's BalanceHook does) and count their load."""
-    terms = []
-    for _, block in moe_blocks(layers):
-        term, block.balance_term = block.balance_term, None
-        if term is None:
-            continue
-        terms.append(term)
-        counts = term.counts.to(torch.int64)
-        block.expert_load = counts if block.expert_load is None else block.expert_load + counts
-    return terms
+    return take_terms(layers)
