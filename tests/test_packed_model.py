@@ -117,6 +117,7 @@ def test_npu_fused_attention_runs_packed_rows_in_the_tnd_layout(checkpoints):
     import npu_parallel
     from npu_parallel.parallel import kernels
     from npu_parallel.parallel.probe import probe_results, reset_probes
+    from npu_parallel.parallel.state import single_rank_state
     from npu_parallel.training.losses import batch_loss
     from npu_parallel.training.packing import make_batch
 
@@ -132,7 +133,7 @@ def test_npu_fused_attention_runs_packed_rows_in_the_tnd_layout(checkpoints):
             self.layouts.append(input_layout)
             return super().npu_fusion_attention(query, key, value, head_num, input_layout, *args, **kwargs)
 
-    state = npu_parallel.init_distributed()
+    state = single_rank_state()  # no process group left behind for the other tests of this process
     model = npu_parallel.load_pretrained(checkpoints / "deepseek_v2", state, dtype=torch.float32, progress=False)
     model.train()
     fused = copy.deepcopy(model)

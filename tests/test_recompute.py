@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import npu_parallel
 from npu_parallel.parallel.data_parallel import data_parallel, local_tensor
@@ -31,8 +32,16 @@ def _saved(model, ids) -> tuple[torch.Tensor, int]:
     return loss, sum(saved.values())
 
 
-def _run(path, mode: str, fsdp: bool):
-    state = npu_parallel.init_distributed()
+@pytest.fixture
+def state():
+    """One rank's state (FSDP2 needs its process group); a group this test made is gone after it."""
+    ours = not dist.is_initialized()
+    yield npu_parallel.init_distributed()
+    if ours and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(path, mode: str, fsdp: bool, state):
     model = npu_parallel.load_pretrained(path, state, dtype=torch.float32, progress=False).train()
     count = apply_recompute(model, mode) if mode != "none" else 0
     if fsdp:
@@ -45,11 +54,11 @@ def _run(path, mode: str, fsdp: bool):
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["plain", "fsdp2"])
-def test_recompute_gives_the_same_gradients_and_keeps_less(checkpoints, fsdp):
+def test_recompute_gives_the_same_gradients_and_keeps_less(checkpoints, fsdp, state):
     path = checkpoints / "deepseek_v2"
-    base_loss, base_grads, base_saved, _ = _run(path, "none", fsdp)
+    base_loss, base_grads, base_saved, _ = _run(path, "none", fsdp, state)
     for mode in ("experts", "attention", "full"):
-        loss, grads, saved, count = _run(path, mode, fsdp)
+        loss, grads, saved, count = _run(path, mode, fsdp, state)
         assert count > 0, mode
         assert loss == base_loss, mode
         assert grads.keys() == base_grads.keys(), mode

@@ -119,7 +119,7 @@ def test_trained_remote_code_model_saved_and_resumed_at_tp2(tmp_path):
     # --resume reads the saved config by the same rule (before any rank loads anything)
     from npu_parallel.training.config import ConfigError, TrainConfig, _resumed
 
-    state = types.SimpleNamespace(world_size=2, tp_size=2, ep_size=2)
+    state = types.SimpleNamespace(world_size=2, tp_size=2, ep_size=2, pp_size=1)
     with pytest.raises(ConfigError, match=r"^--resume .*--trust_remote_code"):
         _resumed(TrainConfig(resume=str(out)), str(out), state)  # type: ignore[arg-type]
     config, step, position = _resumed(TrainConfig(resume=str(out), trust_remote_code=True), str(out), state)  # type: ignore[arg-type]

@@ -257,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its flags import torch to build: parsed by the verb itself (cli_train.main_train)
+        from npu_parallel.tools.cli_train import main_train
+
+        return _cann_guarded("train", lambda: main_train(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -264,20 +269,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:  # which modules each plan rule converted: with -v only (else it precedes any error)
         logging.getLogger("npu_parallel.convert.conversion").setLevel(logging.WARNING)
+
+    def run() -> int:
+        try:
+            check_args(args)
+            check_transformers(args)
+            return args.func(args)
+        except UserError as exc:
+            print(f"npu-parallel {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    return _cann_guarded(args.command, run)
+
+
+def _cann_guarded(command: str, run) -> int:
+    """``run()``, with torch (or transformers) failing to load a torch_npu without CANN said in one line, exit 2."""
     try:
-        check_args(args)
-        check_transformers(args)
-        return args.func(args)
-    except UserError as exc:
-        print(f"npu-parallel {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (ImportError, RuntimeError) as exc:  # torch (or transformers) loading a torch_npu without CANN
+        return run()
+    except (ImportError, RuntimeError) as exc:
         from npu_parallel._cann import cann_not_sourced
 
         hint = cann_not_sourced(exc)
         if hint is None:
             raise
-        print(f"npu-parallel {args.command}: error: {hint}", file=sys.stderr)
+        print(f"npu-parallel {command}: error: {hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from npu_parallel.tools.checks import UserError
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK
 
-__all__ = ["PROG", "add_train_parser", "cmd_train", "train_argv"]
+__all__ = ["PROG", "add_train_parser", "build_train_parser", "cmd_train", "main_train", "train_argv"]
 
 PROG = "npu-parallel train"
 EXIT_FILE = "NPU_PARALLEL_TRAIN_EXIT_FILE"  # where rank 0 of a launched run leaves its exit code (torchrun gives 1)
@@ -28,10 +28,19 @@ LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def add_train_parser(sub) -> None:
-    """Register ``npu-parallel train``: every training flag, ``--config`` and ``--nproc_per_node``."""
+    """List ``npu-parallel train`` among the verbs. Its flags are the training flags, and building them imports
+    torch, which ``npu-parallel --help`` must not: :func:`main_train` parses them (``cli.main`` hands it the
+    command line)."""
+    p = sub.add_parser("train", help="fine-tune a checkpoint (flags or --config run.yaml)", add_help=False)
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=lambda args: main_train(list(args.train_args)))
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The verb's parser: every training flag, ``--config`` and ``--nproc_per_node``."""
     from npu_parallel.training.cli import DESCRIPTION, TRAIN_DEFAULTS, build_parser
 
-    p = sub.add_parser("train", help="fine-tune a checkpoint (flags or --config run.yaml)", description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     build_parser(p, defaults=TRAIN_DEFAULTS)
     p.add_argument(
         "--nproc_per_node",
@@ -46,7 +55,18 @@ def add_train_parser(sub) -> None:
             if action.help and "%(default)" in action.help:
                 action.help = action.help.replace("%(default)s", str(action.default))
             action.default = argparse.SUPPRESS
-    p.set_defaults(func=cmd_train, train_parser=p)
+    p.set_defaults(train_parser=p)
+    return p
+
+
+def main_train(argv: list[str]) -> int:
+    """``npu-parallel train ARGV``: parse the training flags and run (exit 2 with one line on bad input)."""
+    args = build_train_parser().parse_args(argv)
+    try:
+        return cmd_train(args)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def train_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
