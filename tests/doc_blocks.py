@@ -169,7 +169,13 @@ def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    """Each verb's parser; ``train`` parses its own flags (tools/cli_train.build_train_parser)."""
+    subs = dict(next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)))
+    if "train" in subs:
+        from npu_parallel.tools.cli_train import build_train_parser
+
+        subs["train"] = build_train_parser()
+    return subs
 
 
 @functools.cache
