@@ -8,28 +8,12 @@ import torch
 
 import npu_parallel
 
-from .common import seeded_ids
+from .common import saved_bytes, seeded_ids
 from .ep_worker import ROWS, SEQ, _load, average_grads
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-
-
-def _saved_bytes(model, ids, weights: set[int]) -> dict:
-    """Bytes of the tensors autograd saves in the forward, each storage once, weights (and views of them) left out;
-    the loss under ``"loss"``."""
-    saved: dict = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        saved["loss"] = model(input_ids=ids, labels=ids).loss
-    return saved
 
 
 def measure(ckpt_root: str, names: list[str], layouts: list[tuple[int, int]]) -> dict:
@@ -43,8 +27,7 @@ def measure(ckpt_root: str, names: list[str], layouts: list[tuple[int, int]]) ->
             model.train()
             ids = seeded_ids(model.config.vocab_size, rows, SEQ, 3)
             weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-            saved = _saved_bytes(model, ids, weights)
-            loss = saved.pop("loss")
+            loss, activations = saved_bytes(model, weights, input_ids=ids, labels=ids)
             loss.backward()
             average_grads(model, state)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -55,7 +38,7 @@ def measure(ckpt_root: str, names: list[str], layouts: list[tuple[int, int]]) ->
                 "weights": _bytes(params),
                 "grads": _bytes([p.grad for p in params if p.grad is not None]),
                 "optimizer": _bytes(states),
-                "activations": sum(saved.values()),
+                "activations": activations,
                 "micro_batch": rows,
             }
             del model, opt

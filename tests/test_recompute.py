@@ -13,23 +13,7 @@ from npu_parallel.training.config import TrainConfig, check_args
 from npu_parallel.training.errors import ConfigError
 from npu_parallel.training.recompute import apply_recompute
 
-from .common import seeded_ids
-
-
-def _saved(model, ids) -> tuple[torch.Tensor, int]:
-    """(loss, bytes of the tensors autograd keeps for the backward outside any recomputed region, weights left out)."""
-    weights = {local_tensor(p).untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # as training/losses.py calls it
-    return loss, sum(saved.values())
+from .common import saved_bytes, seeded_ids
 
 
 @pytest.fixture
@@ -47,7 +31,9 @@ def _run(path, mode: str, fsdp: bool, state):
     if fsdp:
         data_parallel(model, state, precision="fp32")
     ids = seeded_ids(model.config.vocab_size, 2, 24, 5)
-    loss, saved = _saved(model, ids)
+    weights = {local_tensor(p).untyped_storage().data_ptr() for p in model.parameters()}
+    # use_cache=False as training/losses.py calls it
+    loss, saved = saved_bytes(model, weights, input_ids=ids, labels=ids, use_cache=False)
     loss.backward()
     grads = {n: local_tensor(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.item(), grads, saved, count

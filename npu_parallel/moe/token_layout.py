@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from npu_parallel.moe.dispatchers.base import slot_counts
+
 __all__ = ["TokenLayout"]
 
 
@@ -48,8 +50,4 @@ class TokenLayout:
 
     def slot_counts(self, indices: torch.Tensor, bins: int) -> torch.Tensor:
         """``[bins]`` float32: the real tokens' routed slots per expert (``indices [T, k]``)."""
-        k = indices.shape[-1]
-        weight = self.keep[:, None].expand(-1, k).reshape(-1)
-        return torch.zeros(bins, dtype=torch.float32, device=indices.device).scatter_add_(
-            0, indices.reshape(-1), weight
-        )
+        return slot_counts(indices, bins, torch.float32, weights=self.keep[:, None].expand_as(indices))

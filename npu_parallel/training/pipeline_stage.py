@@ -166,8 +166,8 @@ class StageModule(nn.Module):
         if ctx.mtp_weight and len(self.mtp):
             packed = batch.document_ids is not None and packs_documents(batch.lengths)
             docs, pos = (batch.document_ids, batch.position_ids) if packed else (None, None)
+            # as in train_step, mtp_states counts the MTP layers' load and drops their balance terms
             states = mtp_states(self.full_model(), hidden, batch.input_ids, docs, pos)
-            _collect(self.mtp)  # as in train_step, an MTP layer's own balance term is not part of the loss
             sums = [
                 token_loss_sum(self.lm_head(s)[:, :-1], batch.targets(k), self.lm_head, ctx.vocab_parallel)
                 for k, s in enumerate(states, start=1)

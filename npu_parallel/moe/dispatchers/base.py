@@ -215,12 +215,13 @@ def local_keys(indices: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
     return torch.where(inside, local, torch.full_like(local, experts.num_local))
 
 
-def slot_counts(ids: torch.Tensor, bins: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def slot_counts(
+    ids: torch.Tensor, bins: int, dtype: torch.dtype | None = None, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Slots per bin ``[bins]`` from ids of any shape (``[T, k]`` expert ids, flat local keys), in ``dtype``
-    (default: the ids'). ``scatter_add`` into a fixed-size buffer: ``bincount`` sizes its output from the data
-    (a hidden host sync)."""
+    (default: the ids'); ``weights`` (the ids' shape) counts each slot by its weight instead of 1 (0: padding).
+    ``scatter_add`` into a fixed-size buffer: ``bincount`` sizes its output from the data (a hidden host sync)."""
     flat = ids.reshape(-1)
     dtype = dtype or flat.dtype
-    return torch.zeros(bins, dtype=dtype, device=flat.device).scatter_add_(
-        0, flat, torch.ones(flat.shape, dtype=dtype, device=flat.device)
-    )
+    ones = torch.ones(flat.shape, dtype=dtype, device=flat.device) if weights is None else weights.reshape(-1)
+    return torch.zeros(bins, dtype=dtype, device=flat.device).scatter_add_(0, flat, ones.to(dtype))
