@@ -16,12 +16,14 @@ if TYPE_CHECKING:
     from npu_parallel.checkpoint.save import load_training_state, save_sharded
     from npu_parallel.convert.conversion import convert_model
     from npu_parallel.convert.lora import merge_lora
+    from npu_parallel.convert.options import ConversionOptions
     from npu_parallel.moe.gate_options import GateOptions
     from npu_parallel.moe.routing_hooks import override_routing, record_routing
     from npu_parallel.parallel.data_parallel import data_parallel
     from npu_parallel.parallel.state import ParallelState, init_distributed
 
 _LAZY = {
+    "ConversionOptions": "npu_parallel.convert.options",
     "GateOptions": "npu_parallel.moe.gate_options",
     "ParallelState": "npu_parallel.parallel.state",
     "apply_lora": "npu_parallel.checkpoint.peft_adapter",
@@ -39,6 +41,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ConversionOptions",
     "GateOptions",
     "ParallelState",
     "__version__",

@@ -10,6 +10,7 @@ import torch
 
 from npu_parallel.checkpoint.materialize import empty_model
 from npu_parallel.convert.conversion import apply_plan
+from npu_parallel.convert.options import ConversionOptions
 from npu_parallel.moe.dispatchers import implementation, implementations, resolve_dispatcher
 from npu_parallel.moe.dispatchers.masked import MaskedDispatcher
 from npu_parallel.parallel.state import Group, check_ep_size, check_local_world, group_layout
@@ -123,7 +124,7 @@ def test_conversion_refuses_what_ep_cannot_do(checkpoints):
         return apply_plan(empty_model(config, torch.float32, meta_buffers=True), tp, device_type="meta", **kw)
 
     with pytest.raises(ValueError, match=r"moe_impl='grouped' computes only its tp group's tokens.*'alltoall'"):
-        convert(moe_impl="grouped", ep=ep)
+        convert(options=ConversionOptions(moe_impl="grouped"), ep=ep)
     with pytest.raises(ValueError, match=r"ep_size=16 must divide the routed experts \(n_routed_experts\) = 8.*\[2, 4"):
         convert(ep=Group.offline(0, 16))
     info = convert(ep=ep)

@@ -28,6 +28,7 @@ from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.checkpoint.sharded_source import ShardedSource
 from npu_parallel.checkpoint.source import TensorSource
 from npu_parallel.convert.conversion import ConversionInfo, apply_plan, conversion_info
+from npu_parallel.convert.options import ConversionOptions, fold_options
 from npu_parallel.hf_compat import dtype_kwargs, is_remote_code
 from npu_parallel.moe.dispatchers import Dispatcher
 from npu_parallel.moe.gate_options import GateOptions
@@ -37,13 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 def _build(
-    source: TensorSource,
-    state: ParallelState,
-    dtype,
-    moe_impl: str | Dispatcher,
-    capacity_factor: float | None,
-    aux_loss_coef: float | None = None,
-    gate_options: GateOptions | None = None,
+    source: TensorSource, state: ParallelState, dtype, options: ConversionOptions
 ) -> tuple[PreTrainedModel, ConversionInfo, list[Item]]:
     """The converted model on the meta device and what it needs from ``source``; no byte read yet."""
     plan = source.plan
@@ -55,12 +50,9 @@ def _build(
         state.tp,
         device_type=state.device.type,
         plan=plan,
-        moe_impl=moe_impl,
-        capacity_factor=capacity_factor,
+        options=options,
         world_size=state.world_size,
-        aux_loss_coef=aux_loss_coef,
         ep=state.ep,
-        gate_options=gate_options,
     )  # checks tp, same on every rank
     check_mtp_complete(model, source, mtp)
     if state.rank == 0:
@@ -94,19 +86,24 @@ def load_pretrained(
     aux_loss_coef: float | None = None,
     trust_remote_code: bool | None = None,
     gate_options: GateOptions | None = None,
+    options: ConversionOptions | None = None,
 ) -> PreTrainedModel:
     """The converted model, built without ever holding the full weights: each rank reads only its slices.
 
     Identical, bit for bit, to ``convert_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), state)``,
     plus the MTP layers the checkpoint stores (which transformers drops); fp8 weights come dequantized.
-    ``aux_loss_coef``, ``gate_options``: as in convert_model. ``trust_remote_code=True`` builds the model from the
-    checkpoint's own code (``auto_map``) even where transformers has a class for it; a checkpoint whose model type
-    transformers lacks needs it (the rule: :mod:`npu_parallel.checkpoint.remote_code`). None:
-    ``NPU_PARALLEL_TRUST_REMOTE_CODE``, else no.
+    ``moe_impl``, ``capacity_factor``, ``aux_loss_coef``, ``gate_options``, ``options``: as in convert_model.
+    ``trust_remote_code=True`` builds the model from the checkpoint's own code (``auto_map``) even where
+    transformers has a class for it; a checkpoint whose model type transformers lacks needs it (the rule:
+    :mod:`npu_parallel.checkpoint.remote_code`). None: ``NPU_PARALLEL_TRUST_REMOTE_CODE``, else no.
     """
+    opts = fold_options(
+        options, moe_impl=moe_impl, capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef,
+        gate_options=gate_options,
+    )  # fmt: skip
     started = time.perf_counter()
     with HFSource(path, trust_remote_code) as source:
-        model, info, items = _build(source, state, dtype, moe_impl, capacity_factor, aux_loss_coef, gate_options)
+        model, info, items = _build(source, state, dtype, opts)
         with tqdm(
             total=len(items), desc="loading", unit="tensor", disable=None if (progress and state.rank == 0) else True
         ) as bar:
@@ -149,17 +146,29 @@ def load_sharded(
     aux_loss_coef: float | None = None,
     trust_remote_code: bool | None = None,
     gate_options: GateOptions | None = None,
+    capacity_factor: float | None = None,
+    options: ConversionOptions | None = None,
 ) -> PreTrainedModel:
     """Restore a model saved by save_sharded or `npu-parallel convert`, at this tp size (resharded if it differs).
 
-    With ``model``, weights are copied into its parameters in place (an optimizer built on them stays valid).
-    ``aux_loss_coef``, ``gate_options``: as in convert_model (a new model only). ``trust_remote_code``: as in
+    With ``model``, weights are copied into its parameters in place (an optimizer built on them stays valid); it
+    keeps the choices it was converted with (others given are a ValueError). ``moe_impl``, ``capacity_factor``,
+    ``aux_loss_coef``, ``gate_options``, ``options``: as in convert_model. ``trust_remote_code``: as in
     load_pretrained, for the model code saved with the checkpoint (its ``auto_map`` files, checksummed in the manifest).
     """
+    opts = fold_options(
+        options, moe_impl=moe_impl, capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef,
+        gate_options=gate_options,
+    )  # fmt: skip
+    if model is not None and opts != ConversionOptions() and opts != conversion_info(model).options:
+        raise ValueError(
+            f"load_sharded(model=...) copies weights into a model converted already, with its own choices: leave "
+            f"out {opts} (or pass model=None for a new model built with them)"
+        )
     started = time.perf_counter()
     with ShardedSource(path, verify=verify, trust_remote_code=trust_remote_code) as source:
         if model is None:
-            model, info, items = _build(source, state, dtype, moe_impl, None, aux_loss_coef, gate_options)
+            model, info, items = _build(source, state, dtype, opts)
             materialize(items, source, RebindInto(model, state.device, source))
             model.eval()
             recorded = source.manifest.get("source_path")

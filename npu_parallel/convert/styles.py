@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from npu_parallel.convert.heads import check_heads_patched, divide_heads
+from npu_parallel.convert.options import ConversionOptions
 from npu_parallel.moe.balance import BalanceRule
 from npu_parallel.moe.block import MoEBlock
 from npu_parallel.moe.dispatchers import Dispatcher
@@ -41,12 +42,11 @@ class Context:
     tp: Group
     config: object
     dispatcher: Dispatcher
+    options: ConversionOptions = field(default_factory=ConversionOptions)  # aux_loss_coef, gate_options, ...
     converted: dict = field(default_factory=dict)  # path -> new module, for styles that refer to others
     balance: BalanceRule | None = None  # the family's load-balancing loss
-    aux_loss_coef: float | None = None  # its coefficient, overriding the config's (0: off)
     ep: Group | None = None  # the ranks splitting the routed experts (None: the tp group)
     router_rule: RouterRule | None = None  # the family's routing math (routing hooks)
-    gate_options: GateOptions | None = None  # router noise and z-loss (training a new MoE; None: off)
 
 
 class Style:
@@ -228,7 +228,7 @@ class MoE(Style):
             shared = self.shared_mlp.apply(shared, ctx, f"{path}.{self.shared}")
         balance = None
         if ctx.balance is not None:
-            balance = ctx.balance.resolve(ctx.config, gate, experts.num_experts, ctx.aux_loss_coef)
+            balance = ctx.balance.resolve(ctx.config, gate, experts.num_experts, ctx.options.aux_loss_coef)
         new = MoEBlock(
             router=gate,
             experts=experts,
@@ -242,7 +242,7 @@ class MoE(Style):
             balance=balance,
         )
         new.router_rule = ctx.router_rule  # the family's routing math, for the routing hooks
-        _set_gate_options(new, module, ctx.gate_options or GateOptions(), path)
+        _set_gate_options(new, module, ctx.options.gate_options or GateOptions(), path)
         if hasattr(module, "config"):
             new.config = module.config
         return new

@@ -35,7 +35,7 @@ import torch
 from npu_parallel.moe.dispatchers.base import slot_counts
 from npu_parallel.moe.token_layout import TokenLayout
 
-__all__ = ["Balance", "BalanceRule", "LayerTerm"]
+__all__ = ["Balance", "BalanceRule", "LayerTerm", "check_coefficient"]
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -190,6 +190,13 @@ class Balance:
         return value, value
 
 
+def check_coefficient(value: object, source: str = "aux_loss_coef") -> float:
+    """A load-balancing coefficient as a float; ValueError naming ``source`` unless it is a number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{source}={value!r}: the load-balancing coefficient must be a number >= 0 (0: off)")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class BalanceRule:
     """A family's load-balancing loss and the config keys that set it (declared in the family's Plan)."""
@@ -211,10 +218,7 @@ class BalanceRule:
         value = override if override is not None else _config_value(config, self.coef_key)
         if value is None:
             return 0.0
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            source = "aux_loss_coef" if override is not None else f"config.{self.coef_key}"
-            raise ValueError(f"{source}={value!r}: the load-balancing coefficient must be a number >= 0 (0: off)")
-        return float(value)
+        return check_coefficient(value, "aux_loss_coef" if override is not None else f"config.{self.coef_key}")
 
     def resolve(self, config: object, router: object, num_experts: int, override: float | None = None) -> Balance:
         """The Balance of a model with this ``config`` for a block routed by ``router``.

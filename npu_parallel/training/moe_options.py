@@ -1,19 +1,19 @@
 """The trainer's MoE options: router noise and z-loss (:mod:`npu_parallel.moe.gate_options`) and the capacity
-of the dropping dispatchers, checked on their own (``check_moe_args``) and turned into what the conversion takes."""
+of the dropping dispatchers, checked on their own (``check_moe_args``) and turned into the run's ConversionOptions."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from npu_parallel.moe.dispatchers import Dispatcher, resolve_dispatcher
+from npu_parallel.convert.options import DISPATCHER_OPTIONS, ConversionOptions
 from npu_parallel.moe.gate_options import NOISES, GateOptions
 from npu_parallel.training.errors import ConfigError
 
-__all__ = ["CAPACITY_IMPLS", "check_moe_args", "gate_options", "moe_dispatcher"]
+__all__ = ["CAPACITY_IMPLS", "check_moe_args", "conversion_options", "gate_options"]
 
 CAPACITY_IMPLS = ("static", "alltoall_static")  # the dispatchers with fixed-size buffers, which can drop
-CAPACITY_FLAGS = ("capacity_factor", "eval_capacity_factor", "min_capacity")
+CAPACITY_FLAGS = DISPATCHER_OPTIONS  # --capacity_factor, --eval_capacity_factor, --min_capacity
 
 
 def _need(ok: bool, message: str) -> None:
@@ -62,9 +62,7 @@ def gate_options(cfg: Any) -> GateOptions | None:
     return GateOptions(cfg.router_noise, cfg.router_noise_eps, cfg.router_z_loss, cfg.seed)
 
 
-def moe_dispatcher(cfg: Any, state: Any) -> str | Dispatcher:
-    """--moe_impl, built with the capacity flags when any is given (the conversion takes either)."""
-    options = {n: getattr(cfg, n) for n in CAPACITY_FLAGS}
-    if all(v is None for v in options.values()):
-        return cfg.moe_impl
-    return resolve_dispatcher(cfg.moe_impl, state.device.type, cross_group=state.ep.size > state.tp.size, **options)
+def conversion_options(cfg: Any) -> ConversionOptions:
+    """The run's conversion choices: --moe_impl with the capacity flags, --aux_loss_coef, the gate options."""
+    capacity = {n: getattr(cfg, n) for n in CAPACITY_FLAGS}
+    return ConversionOptions(cfg.moe_impl, **capacity, aux_loss_coef=cfg.aux_loss_coef, gate_options=gate_options(cfg))

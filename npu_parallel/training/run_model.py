@@ -20,7 +20,7 @@ from npu_parallel.training.errors import ConfigError
 from npu_parallel.training.guards import agree, nonfinite_parameter
 from npu_parallel.training.lora import add_lora, resumes_lora
 from npu_parallel.training.losses import causal_lm_loss, set_vocab_parallel_logits
-from npu_parallel.training.moe_options import gate_options, moe_dispatcher
+from npu_parallel.training.moe_options import conversion_options
 from npu_parallel.training.recompute import apply_recompute
 
 __all__ = ["jit_warmup", "load_run_model", "resolve_precision", "run_state"]
@@ -69,26 +69,19 @@ def load_run_model(cfg: TrainConfig, model_path: str, state: ParallelState, mode
     # the master weights: fp32 under mixed precision (a bf16 checkpoint upcast; a resumed one's fp32 kept); a LoRA
     # base is frozen, so it stays in the compute dtype (its adapters are fp32)
     lora = bool(cfg.lora_r or cfg.lora_adapter) or resumes_lora(cfg)
+    options = conversion_options(cfg)  # the conversion's choices, one object from the config to the dispatcher
     if cfg.resume and not lora:
         model = load_sharded(
-            cfg.resume,
-            state,
-            moe_impl=moe_dispatcher(cfg, state),
-            dtype=mode.master,
-            aux_loss_coef=cfg.aux_loss_coef,
-            trust_remote_code=cfg.trust_remote_code,
-            gate_options=gate_options(cfg),
+            cfg.resume, state, dtype=mode.master, trust_remote_code=cfg.trust_remote_code, options=options
         )
     else:
         model = load_pretrained(
             model_path,
             state,
             dtype=mode.compute if lora else mode.master,
-            moe_impl=moe_dispatcher(cfg, state),
             progress=main,
-            aux_loss_coef=cfg.aux_loss_coef,
             trust_remote_code=cfg.trust_remote_code,
-            gate_options=gate_options(cfg),
+            options=options,
         )
     agree(lambda: add_lora(cfg, model, state), state)  # LoRA: adapters only train (training/lora.py)
     agree(lambda: check_loaded_weights(cfg, model_path, model), state)
