@@ -117,6 +117,26 @@ def count_parameters(config, tp: int) -> Counts:
     return Counts(dense, experts, biggest[0], biggest[1], lora, tuple(decoder), embed, rest)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Step:
+    """The planner's choices besides the layout: what one training step holds and sends (the module docstring)."""
+
+    dtype: str = "bfloat16"
+    dp_mode: str = "fsdp"
+    lora: bool = False
+    lora_rank: int = 16
+    micro_batch: int = 1
+    seq: int = 4096
+    recompute: bool = False
+    grad_accum: int = 8
+    pp_schedule: str = "1f1b"
+
+    @property
+    def tokens(self) -> int:
+        """``T = B * S``: one micro-batch's tokens per dp rank."""
+        return self.micro_batch * self.seq
+
+
 @dataclass
 class Layout:
     """One (tp, ep, dp) layout: bytes per card and the collectives of one step."""
@@ -180,66 +200,34 @@ def activations(
     return int(tokens * per_token * b + logits)
 
 
-def layout(
-    config,
-    c: Counts,
-    tp: int,
-    ep: int,
-    world: int,
-    *,
-    dtype: str,
-    dp_mode: str,
-    lora: bool,
-    lora_rank: int,
-    micro_batch: int,
-    seq: int,
-    card_bytes: int,
-    recompute: bool = False,
-    pp: int = 1,
-    grad_accum: int = 1,
-    pp_schedule: str = "1f1b",
-) -> Layout:
+def layout(config, c: Counts, tp: int, ep: int, world: int, step: Step, card_bytes: int, pp: int = 1) -> Layout:
     """Bytes per card and the step's collectives for one layout (see the module docstring); with ``pp`` stages,
     those of the fullest stage's card (:mod:`npu_parallel.tools.plan_pipeline`)."""
     if pp == 1:
-        one = _stage_layout(config, None, c, tp, ep, world, dtype, dp_mode, lora, lora_rank, micro_batch * seq, 1,
-                            recompute)  # fmt: skip
+        one = _stage_layout(config, None, c, tp, ep, world, step, 1)
         one.fits = one.total <= card_bytes
         return one
     cards = []
     for st in c.stages(config, pp):
-        flight = in_flight(pp_schedule, st.index, pp, grad_accum)
-        lay = _stage_layout(config, st, c, tp, ep, world // pp, dtype, dp_mode, lora, lora_rank, micro_batch * seq,
-                            flight, recompute)  # fmt: skip
-        act = micro_batch * seq * config.hidden_size * BYTES[dtype]  # one micro-batch's [B, S, H] at a boundary
-        sends = grad_accum * (int(st.index > 0) + int(not st.head))  # gradients back, activations forward
+        flight = in_flight(step.pp_schedule, st.index, pp, step.grad_accum)
+        lay = _stage_layout(config, st, c, tp, ep, world // pp, step, flight)
+        act = step.tokens * config.hidden_size * BYTES[step.dtype]  # one micro-batch's [B, S, H] at a boundary
+        sends = step.grad_accum * (int(st.index > 0) + int(not st.head))  # gradients back, activations forward
         lay.comm["pp send/recv"] = (sends, int(sends * act))
-        lay.pp, lay.stage, lay.bubble = pp, st.index, bubble(pp, grad_accum)
+        lay.pp, lay.stage, lay.bubble = pp, st.index, bubble(pp, step.grad_accum)
         cards.append(lay)
     out = max(cards, key=lambda lay: lay.total)
     out.fits = out.total <= card_bytes
     return out
 
 
-def _stage_layout(
-    config,
-    st: Stage | None,
-    c: Counts,
-    tp: int,
-    ep: int,
-    world: int,
-    dtype: str,
-    dp_mode: str,
-    lora: bool,
-    lora_rank: int,
-    tokens: int,
-    flight: int,
-    recompute: bool,
-) -> Layout:
-    """One card of a stage (``st`` None: the whole model) among ``world`` ranks holding that stage."""
+def _stage_layout(config, st: Stage | None, c: Counts, tp: int, ep: int, world: int, step: Step, flight: int) -> Layout:
+    """One card of a stage (``st`` None: the whole model) among ``world`` ranks holding that stage, ``flight``
+    micro-batches' activations held at once."""
+    dtype, lora, lora_rank, tokens = step.dtype, step.lora, step.lora_rank, step.tokens
     b = BYTES[dtype]
     dp, edp = world // tp, world // ep
-    fsdp = dp_mode == "fsdp"
+    fsdp = step.dp_mode == "fsdp"
     dense_share, expert_share = (dp, edp) if fsdp else (1, 1)
     dense_n, experts_n = (c.dense, c.experts) if st is None else (st.dense, st.experts)
     lora_n = c.lora_per_rank if st is None else st.lora_per_rank
@@ -292,7 +280,7 @@ def _stage_layout(
         master=int(master),
         grads=int(trainable * grad_b),
         optimizer=int(trainable * 8),
-        activations=flight * activations(config, tp, ep, tokens, b, recompute, st),
+        activations=flight * activations(config, tp, ep, tokens, b, step.recompute, st),
         comm={k: (n, int(v)) for k, (n, v) in comm.items()},
     )
     out.total = out.weights + out.gathered + out.master + out.grads + out.optimizer + out.activations
@@ -328,6 +316,7 @@ def plan(
     if dp_mode not in ("fsdp", "replicate"):
         raise ValueError(f"dp_mode={dp_mode!r}: use 'fsdp' or 'replicate'")
     family = plan_for(config)
+    step = Step(dtype, dp_mode, lora, lora_rank, micro_batch, seq, recompute, grad_accum, pp_schedule)
     world = nodes * cards_per_node
     n_exp = family.num_experts(config)
     layers = int(config.num_hidden_layers)
@@ -347,26 +336,7 @@ def plan(
                 continue
             eps = [e for e in divisors(stage) if e % tp == 0 and (n_exp or 0) % e == 0] if n_exp else [tp]
             for ep in eps:
-                out.append(
-                    layout(
-                        config,
-                        counts,
-                        tp,
-                        ep,
-                        world,
-                        dtype=dtype,
-                        dp_mode=dp_mode,
-                        lora=lora,
-                        lora_rank=lora_rank,
-                        micro_batch=micro_batch,
-                        seq=seq,
-                        card_bytes=card_bytes,
-                        recompute=recompute,
-                        pp=pp,
-                        grad_accum=grad_accum,
-                        pp_schedule=pp_schedule,
-                    )
-                )
+                out.append(layout(config, counts, tp, ep, world, step, card_bytes, pp))
     return sorted(out, key=_rank)
 
 
