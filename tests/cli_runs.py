@@ -69,6 +69,15 @@ def in_process(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def main_captured(capsys, *argv: str) -> tuple[int, str, str]:
+    """``npu-parallel ARGV`` through main() in this process, its output taken from pytest's ``capsys``."""
+    from npu_parallel.tools.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def json_line(*argv: str) -> dict:
     """``npu-parallel ARGV`` in this process, exit 0, its stdout one JSON object."""
     code, out, err = in_process(*argv)

@@ -10,15 +10,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from npu_parallel.tools.cli import main
-
+from .cli_runs import main_captured as run_cli
 from .registry import family_checkpoints, uncovered_families
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tensors(path):
