@@ -86,20 +86,21 @@ def main() -> None:
          f"{r['states_mb']:.1f}", f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"]
         for m in MODES for r in sorted(bests[m], key=lambda r: r["rank"])
     ]  # fmt: skip
-    step = max(r["step_s"] for r in lora) / max(r["step_s"] for r in full)
-    mem = max(r["peak_mb"] for r in lora) / max(r["peak_mb"] for r in full)
-    states = max(r["states_mb"] for r in lora) / max(r["states_mb"] for r in full)
     intro = [
         f"{desc}, tp={args.tp}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after {args.warmup} "
         f"warmup, AdamW, fp32; LoRA r={args.r} on {'/'.join(TARGETS)} and the routed experts; best of "
         f"{args.repeats} alternating launches; peak memory: {lora[0]['memory']} above the process start",
     ]  # fmt: skip
+    trainable = lora[0]["trainable"] / full[0]["trainable"]
     ratios = [
-        f"ratio step time LoRA / full = {step:.2f}x",
-        f"ratio peak memory LoRA / full = {mem:.2f}x",
-        f"ratio model states (weights, gradients, AdamW moments) LoRA / full = {states:.2f}x",
-        f"ratio trainable parameters LoRA / full = {lora[0]['trainable'] / full[0]['trainable']:.3f}",
-    ]  # fmt: skip
+        common.ratio_line("step time LoRA / full", common.ratio(bests, "step_s", "lora", "full")),
+        common.ratio_line("peak memory LoRA / full", common.ratio(bests, "peak_mb", "lora", "full")),
+        common.ratio_line(
+            "model states (weights, gradients, AdamW moments) LoRA / full",
+            common.ratio(bests, "states_mb", "lora", "full"),
+        ),
+        common.ratio_line("trainable parameters LoRA / full", trainable, digits=3, unit=""),
+    ]
     common.write_report("bench_lora", args, desc, intro, HEADER, rows, ratios)
 
 

@@ -183,12 +183,9 @@ def main() -> None:
     def seconds(mode: str) -> str:
         return " ".join(f"{x:.1f}" for x in common.spread(records, mode, "seconds"))
 
-    def slowest(mode: str, key: str) -> float:
-        return min(r[key] for r in bests[mode])  # a launch runs at its slowest rank's rate
-
-    speed = slowest("packed", "tokens_per_s") / slowest("padded", "tokens_per_s")
-    fwd_bwd = slowest("packed", "fwd_bwd_tokens_per_s") / slowest("padded", "fwd_bwd_tokens_per_s")
-    mem = max(r["peak_mb"] for r in bests["packed"]) / max(r["peak_mb"] for r in bests["padded"])
+    speed = common.ratio(bests, "tokens_per_s", "packed", "padded", min)  # a launch runs at its slowest rank's rate
+    fwd_bwd = common.ratio(bests, "fwd_bwd_tokens_per_s", "packed", "padded", min)
+    mem = common.ratio(bests, "peak_mb", "packed", "padded")
     intro = [
         f"{desc}, tp={args.tp}, {args.precision}, rows of --seq {args.seq} tokens, {args.batch} rows per micro-batch, "
         f"grad_accum {args.grad_accum}, {args.warmup} warmup step(s) untimed, {args.optimizer}; best of {args.repeats} "
@@ -198,10 +195,10 @@ def main() -> None:
         f"{bests['packed'][0]['data']}",
     ]  # fmt: skip
     ratios = [
-        f"ratio real tokens/s packed / padded = {speed:.2f}x (target >= 1.0x: {'PASS' if speed >= 1.0 else 'MISS'})",
-        f"ratio real tokens/s packed / padded, forward+backward only = {fwd_bwd:.2f}x",
-        f"ratio peak memory packed / padded = {mem:.2f}x",
-    ]  # fmt: skip
+        common.ratio_line("real tokens/s packed / padded", speed, (">=", 1.0)),
+        common.ratio_line("real tokens/s packed / padded, forward+backward only", fwd_bwd),
+        common.ratio_line("peak memory packed / padded", mem),
+    ]
     common.write_report("bench_packing", args, desc, intro, HEADER, rows, ratios)
 
 

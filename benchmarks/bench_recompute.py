@@ -27,7 +27,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     import npu_parallel
-    from npu_parallel.training.recompute import apply_recompute
+    from npu_parallel.training.recompute import apply_recompute, saved_bytes
 
     torch.set_num_threads(1)
     state = npu_parallel.init_distributed(1)
@@ -44,7 +44,10 @@ def worker(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    saved = _saved_bytes(model, batches[0])  # what the backward keeps, outside the recomputed regions
+    ids = batches[0]  # what the backward keeps, outside the recomputed regions; gradients dropped after
+    loss, saved = saved_bytes(model, input_ids=ids, labels=ids, use_cache=False)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
     times, losses = common.timed_steps(step, batches, args.warmup)
     return {
         "rank": 0,
@@ -53,26 +56,6 @@ def worker(args: argparse.Namespace) -> dict:
         "saved_mb": saved / 2**20,
         "last_loss": losses[-1],
     }
-
-
-def _saved_bytes(model, ids) -> int:
-    """Bytes of the tensors autograd saves for the backward in one forward, each storage once, weights left out."""
-    import torch
-
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(saved.values())
 
 
 def main() -> None:

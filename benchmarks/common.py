@@ -4,7 +4,8 @@ A benchmark script adds its own flags to :func:`parser`, resolves ``--model`` wi
 the tiny DeepSeek-V2-Lite-shaped model, a smoke run; ``slice``: the V2-Lite slice of ``slice.py`` at the
 published widths, what claims rest on; or a checkpoint folder), runs its worker over alternating launches with
 :func:`alternate`, keeps each mode's best launch with :func:`best`, and writes its raw tables with
-:func:`write_results` to ``benchmarks/results/<name>.md``. Workers time steps with :func:`timed_steps` and read
+:func:`write_results` to ``benchmarks/results/<name>.md``, its ratios stated by :func:`ratio` and
+:func:`ratio_line`. Workers time steps with :func:`timed_steps` and read
 peak memory with :class:`Peak`.
 """
 
@@ -259,3 +260,25 @@ def write_results(name: str, args: argparse.Namespace, model: str, body: str) ->
     )
     print(f"wrote {path}")
     return path
+
+
+def ratio(
+    bests: dict[str, list[dict]], key: str, over: str, under: str, pick: Callable[[Iterable[float]], float] = max
+) -> float:
+    """``key`` of mode ``over`` divided by that of ``under``, each launch taken at its slowest rank: ``pick`` is
+    ``max`` for seconds and memory (the default), ``min`` for a rate such as tokens/s."""
+    return pick(r[key] for r in bests[over]) / pick(r[key] for r in bests[under])
+
+
+def ratio_line(
+    what: str, value: float, target: tuple[str, float] | None = None, digits: int = 2, unit: str = "x"
+) -> str:
+    """``ratio WHAT = 1.23x``; with ``target=(">=", 1.0)`` (or ``"<="``) also ``(target >= 1.0x: PASS)`` or MISS."""
+    line = f"ratio {what} = {value:.{digits}f}{unit}"
+    if target is None:
+        return line
+    op, bound = target
+    if op not in (">=", "<="):
+        raise ValueError(f"target {op!r}: use '>=' or '<='")
+    met = value >= bound if op == ">=" else value <= bound
+    return f"{line} (target {op} {bound}{unit}: {'PASS' if met else 'MISS'})"

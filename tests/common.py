@@ -18,20 +18,3 @@ def sgd_step(model: nn.Module, lr: float) -> None:
         if p.grad is not None:
             p -= lr * p.grad
     model.zero_grad(set_to_none=True)
-
-
-def saved_bytes(model: nn.Module, weights: set[int], **inputs) -> tuple[torch.Tensor, int]:
-    """(loss of ``model(**inputs)``, bytes of the tensors autograd saves for the backward in that forward): each
-    storage once, the storages in ``weights`` (data pointers: the parameters and views of them) left out, and
-    what a recomputed region keeps for itself not seen."""
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**inputs).loss
-    return loss, sum(saved.values())

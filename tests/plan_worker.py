@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 import npu_parallel
+from npu_parallel.training.recompute import saved_bytes
 
-from .common import saved_bytes, seeded_ids
+from .common import seeded_ids
 from .ep_worker import ROWS, SEQ, _load, average_grads
 
 
@@ -26,8 +27,7 @@ def measure(ckpt_root: str, names: list[str], layouts: list[tuple[int, int]]) ->
             model = npu_parallel.convert_model(_load(Path(ckpt_root) / name, name), state)
             model.train()
             ids = seeded_ids(model.config.vocab_size, rows, SEQ, 3)
-            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-            loss, activations = saved_bytes(model, weights, input_ids=ids, labels=ids)
+            loss, activations = saved_bytes(model, input_ids=ids, labels=ids)
             loss.backward()
             average_grads(model, state)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

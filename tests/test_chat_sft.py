@@ -4,24 +4,19 @@ chat data at tp 1 and 2, packed or one example per row, equals each example run 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import math
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from npu_parallel.tools.cli import main
-from npu_parallel.training.batch import IGNORE_INDEX
 from npu_parallel.training.dataset import prepare
 
+from .cli_runs import json_line, launched_json
 from .dist import run_ranks
+from .eval_worker import check_eval, eval_run, summed_reference
 from .sft_data_helpers import cfg, chat, write_jsonl
-from .test_eval import _check, _launched
 from .tokenizers_fixture import add_tokenizer
 
 LENGTH = 48
@@ -44,52 +39,26 @@ def per_example_reference(model_dir: str, data: str) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     p = prepare(cfg(model_path=model_dir, eval_data=data, max_length=LENGTH), tok, with_train=False)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for i in p.eval:
-            ids, labels = torch.tensor([p.docs[i].ids]), torch.tensor(p.docs[i].labels[1:])
-            logits = ref(input_ids=ids).logits[0, :-1]
-            total += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
-            tokens += int((labels != IGNORE_INDEX).sum())
-    return {"loss": total / tokens, "tokens": tokens, "examples": len(p.eval)}
+    examples = ((torch.tensor([p.docs[i].ids]), torch.tensor(p.docs[i].labels[1:])) for i in p.eval)
+    return summed_reference(ref, examples)
 
 
 def _eval(*argv: str) -> dict:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["eval", *argv])
-    assert code == 0, err.getvalue()
-    return json.loads(out.getvalue())
+    return json_line("eval", *argv)
 
 
 def test_eval_on_chat_data_equals_each_example_alone(setup):
     s = setup
     ref = per_example_reference(s["model"], s["eval"])
     args = [s["model"], "--data", s["eval"], "--max_length", str(LENGTH)]
-    _check(_eval(*args, "--batch_size", "2"), ref)  # packed (the default for chat data)
-    _check(_eval(*args, "--no-packing", "--batch_size", "3"), ref)  # one example per row, padded
-    _check(_launched(*args, "--tp", "2"), ref)
+    check_eval(_eval(*args, "--batch_size", "2"), ref)  # packed (the default for chat data)
+    check_eval(_eval(*args, "--no-packing", "--batch_size", "3"), ref)  # one example per row, padded
+    check_eval(launched_json("eval", *args, "--tp", "2"), ref)
 
 
 def _run(s: dict, name: str, **over) -> dict:
-    run = s["root"] / name
-    return dict(
-        model_path=s["model"],
-        data=s["train"],
-        eval_data=s["eval"],
-        eval_every=1,
-        tp_size=1,
-        batch_size=2,
-        max_length=LENGTH,
-        steps=2,
-        lr=1e-3,
-        warmup_steps=0,
-        jit_warmup_steps=0,
-        aux_loss_coef=0.01,
-        save_dir=str(run / "ckpt"),
-        log_dir=str(run / "log"),
-        **over,
-    )
+    more = dict(data=s["train"], batch_size=2, steps=2, aux_loss_coef=0.01, **over)
+    return eval_run(s["model"], s["eval"], s["root"] / name, LENGTH, **more)
 
 
 def test_packed_chat_training_does_not_depend_on_the_layout(setup):

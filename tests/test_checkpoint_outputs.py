@@ -13,17 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from npu_parallel.tools.cli import main
-
+from .cli_runs import main_captured as cli
 from .repo import digest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def refused(result, *fragments):

@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from npu_parallel.tools.cli import main
-
+from .cli_runs import main_captured as cli
 from .serving import add_tokenizer
 
 
@@ -20,12 +19,6 @@ def src(checkpoints, tmp_path):
     shutil.copytree(checkpoints / "deepseek_v3", path)
     add_tokenizer(path)
     return path
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_generate_cli_chat_sampled_at_tp2_equals_the_unconverted_model(capsys, src):

@@ -23,6 +23,7 @@ from npu_parallel.parallel.state import Group
 
 from .models import load_reference
 from .npu_reference import fake_torch_npu
+from .registry import portable_impls
 
 CAPACITY_ERROR = (
     r"capacity_factor={} needs moe_impl='static' and a value > 0 \(e.g. 1.25\); "
@@ -168,7 +169,7 @@ class _TopK(nn.Module):
         return logits, weights, indices
 
 
-@pytest.mark.parametrize("impl", implementations()[:3])
+@pytest.mark.parametrize("impl", portable_impls())
 def test_block_is_route_dispatch_compute_combine(impl):
     ex = _experts()
     router = _TopK()

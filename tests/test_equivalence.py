@@ -3,6 +3,7 @@
 import pytest
 
 from .models import VARIANTS
+from .registry import other_impls
 
 TPS = (1, 2, 4)
 CASES = [(name, tp) for tp in TPS for name in VARIANTS]
@@ -50,7 +51,7 @@ def test_two_allreduces_per_decoder_layer(equivalence, name, tp):
 
 
 @pytest.mark.parametrize("tp", TPS)
-@pytest.mark.parametrize("impl", ["masked", "static"])
+@pytest.mark.parametrize("impl", other_impls())
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_other_moe_impls_match_too(equivalence, name, impl, tp):
     """The seed's masked reference and the sync-free static path: same results, zero host syncs."""

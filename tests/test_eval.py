@@ -4,25 +4,16 @@ metrics.jsonl, on the console and in loss.png; bad input exits 2 with one line."
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from npu_parallel.tools.cli import main
+from .cli_runs import in_process, json_line, launched_json, metrics
+from .dist import run_ranks
+from .eval_worker import TOL, check_eval, eval_run, make_adapter, per_example_reference
 
-from .dist import RANK_ENV, run_ranks
-from .eval_worker import make_adapter, per_example_reference
-
-ROOT = Path(__file__).resolve().parents[1]
 LENGTH = 24
-TOL = dict(rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -37,28 +28,7 @@ def setup(checkpoints, tmp_path_factory):
 
 
 def _cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["eval", *argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def _launched(*argv: str) -> dict:
-    env = {**os.environ, **RANK_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "npu_parallel.tools.cli", "eval", *argv], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout
-    return json.loads(lines[0])
-
-
-def _check(got: dict, ref: dict) -> None:
-    assert set(got) == {"loss", "perplexity", "tokens", "examples"}
-    assert got["tokens"] == ref["tokens"] and got["examples"] == ref["examples"]
-    assert got["loss"] == pytest.approx(ref["loss"], **TOL)
-    assert got["perplexity"] == pytest.approx(math.exp(ref["loss"]), **TOL)
+    return in_process("eval", *argv)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["hf", "lora"])
@@ -67,34 +37,16 @@ def test_eval_at_tp_1_and_2_equals_the_per_example_reference(setup, lora):
     ref = per_example_reference(s["model"], s["data"], LENGTH, s["adapter"] if lora else None)
     extra = ["--lora_adapter", s["adapter"]] if lora else []
     args = [s["model"], "--data", s["data"], "--max_length", str(LENGTH), *extra]
-    code, out, err = _cli(*args, "--tp", "1", "--batch_size", "3")  # batches of 3 rows: the loss stays the same
-    assert code == 0, err
-    _check(json.loads(out), ref)
-    _check(_launched(*args, "--tp", "2"), ref)
+    check_eval(json_line("eval", *args, "--tp", "1", "--batch_size", "3"), ref)  # batches of 3: the same loss
+    check_eval(launched_json("eval", *args, "--tp", "2"), ref)
 
 
 def test_training_evaluates_every_n_steps_and_the_checkpoint_agrees(setup):
     s = setup
     run = s["root"] / "run"
-    result = run_ranks(
-        2,
-        "tests.train_worker:run_train",
-        dict(
-            model_path=s["model"],
-            tp_size=1,  # dp 2: each rank evaluates half the eval set
-            batch_size=1,
-            max_length=LENGTH,
-            steps=3,
-            lr=1e-3,
-            warmup_steps=0,
-            jit_warmup_steps=0,
-            eval_every=2,
-            eval_data=s["data"],
-            save_dir=str(run / "ckpt"),
-            log_dir=str(run / "log"),
-        ),
-    )
-    records = [json.loads(x) for x in (run / "log" / "metrics.jsonl").read_text().splitlines()]
+    # dp 2: each rank evaluates half the eval set
+    result = run_ranks(2, "tests.train_worker:run_train", eval_run(s["model"], s["data"], run, LENGTH, eval_every=2))
+    records = metrics(run / "log")
     evals = {r["step"]: r for r in records if "eval_loss" in r}
     assert sorted(evals) == [2, 3]  # every 2 steps and at the end
     ref = per_example_reference(s["model"], s["data"], LENGTH)
@@ -103,9 +55,8 @@ def test_training_evaluates_every_n_steps_and_the_checkpoint_agrees(setup):
     assert evals[3]["eval_perplexity"] == pytest.approx(math.exp(evals[3]["eval_loss"]), **TOL)
     assert result["plot"] and Path(result["plot"]).is_file()
     # the step-3 checkpoint, evaluated on its own at tp 1: the run's last eval loss
-    code, out, err = _cli(str(run / "ckpt" / "step-3"), "--data", s["data"], "--max_length", str(LENGTH))
-    assert code == 0, err
-    assert json.loads(out)["loss"] == pytest.approx(evals[3]["eval_loss"], **TOL)
+    got = json_line("eval", str(run / "ckpt" / "step-3"), "--data", s["data"], "--max_length", str(LENGTH))
+    assert got["loss"] == pytest.approx(evals[3]["eval_loss"], **TOL)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("peft")
 
 from .dist import run_ranks
+from .registry import other_impls
 
 VARIANTS = ["deepseek_v2", "deepseek_v2_lite", "deepseek_v3", "qwen3_moe"]  # q LoRA, no q LoRA, V3, Qwen3-MoE
 TOL = 2e-5
@@ -14,13 +15,13 @@ TOL = 2e-5
 
 @pytest.fixture(scope="module")
 def lora_results(checkpoints, tmp_path_factory):
-    # one world-4 launch: tp 1, 2 and 4 in turn; at tp 2 also the static and masked dispatchers (first variant)
-    impls = {"2": ["auto", "static", "masked"]}
+    # one world-4 launch: tp 1, 2 and 4 in turn; at tp 2 also the other portable dispatchers (first variant)
+    impls = {"2": ["auto", *other_impls()]}
     work = str(tmp_path_factory.mktemp("lora"))
     return run_ranks(4, "tests.lora_worker:compare", str(checkpoints), VARIANTS, [1, 2, 4], impls, work, timeout=900)
 
 
-CASES = [f"{tp}/auto/{v}" for tp in (1, 2, 4) for v in VARIANTS] + ["2/static/deepseek_v2", "2/masked/deepseek_v2"]
+CASES = [f"{tp}/auto/{v}" for tp in (1, 2, 4) for v in VARIANTS] + [f"2/{impl}/deepseek_v2" for impl in other_impls()]
 
 
 @pytest.mark.parametrize("case", CASES)

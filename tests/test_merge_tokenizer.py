@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 import npu_parallel
 from npu_parallel.checkpoint.load import load_pretrained, load_sharded
 from npu_parallel.checkpoint.save import save_sharded
-from npu_parallel.tools.cli import main
+
+from .cli_runs import main_captured as cli
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a tiny model says hello to the fox"]
 CHAT = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -39,12 +40,6 @@ def src(checkpoints, tmp_path):
     shutil.copytree(checkpoints / "mixtral", path)
     add_tokenizer(path)
     return path
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _tokenizer_names(folder: Path) -> list[str]:

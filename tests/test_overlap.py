@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from .dist import run_ranks
+from .registry import impls_taking
 
 # (family, tp, ep, moe_impl): DeepSeek-V2's shared experts, Qwen2-MoE's gated shared expert; ep 2 (dp 2) and ep 4
 CASES = [
@@ -67,7 +68,7 @@ def test_overlap_option(monkeypatch):
     from npu_parallel.moe.dispatchers import resolve_dispatcher
 
     monkeypatch.delenv("NPU_PARALLEL_OVERLAP_SHARED", raising=False)
-    for impl in ("alltoall", "alltoall_static"):
+    for impl in impls_taking("overlap_shared"):
         assert resolve_dispatcher(impl, "cpu").overlap_shared is True
         off = resolve_dispatcher(impl, "cpu", overlap_shared=False)
         assert off.overlap_shared is False and "overlap_shared=False" in repr(off)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,11 @@ from safetensors.torch import load_file
 
 from npu_parallel.checkpoint.offline import merge_checkpoint
 
+from .cli_runs import LITE, run_cases
 from .dist import run_ranks
 from .models import VARIANTS
 from .published import build_published
 from .sft_data_helpers import chat, write_jsonl
-from .test_train_cli import LITE, ROOT, _env
 from .tokenizers_fixture import add_tokenizer
 
 BASE = dict(batch_size=2, max_length=32, steps=3, lr=1e-3, warmup_steps=1, jit_warmup_steps=1, seed=5, grad_clip=1.0)
@@ -188,18 +186,8 @@ def test_bad_layouts_exit_2_with_one_line(checkpoints, tmp_path):
     model = checkpoints / "deepseek_v2"
     base = ["--model_path", str(model), "--steps", "2", "--max_length", "32", "--jit_warmup_steps", "0"]
     cases = [{"script": LITE, "argv": [*base, *argv]} for argv, _ in BAD.values()]
-    cases_file, out_file = tmp_path / "cases.json", tmp_path / "out.json"
-    cases_file.write_text(json.dumps(cases))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.train_worker", str(cases_file), str(out_file)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for (name, (_, message)), got in zip(BAD.items(), json.loads(out_file.read_text()), strict=True):
+    results = run_cases(cases, tmp_path, timeout=300)
+    for (name, (_, message)), got in zip(BAD.items(), results, strict=True):
         assert got["code"] == 2, (name, got["stderr"][-2000:])
         errors = [line for line in got["stderr"].splitlines() if ": error: " in line]
         assert len(errors) == 1 and message in errors[0], (name, got["stderr"][-2000:])

@@ -11,9 +11,9 @@ import npu_parallel
 from npu_parallel.parallel.data_parallel import data_parallel, local_tensor
 from npu_parallel.training.config import TrainConfig, check_args
 from npu_parallel.training.errors import ConfigError
-from npu_parallel.training.recompute import apply_recompute
+from npu_parallel.training.recompute import apply_recompute, saved_bytes
 
-from .common import saved_bytes, seeded_ids
+from .common import seeded_ids
 
 
 @pytest.fixture
@@ -31,9 +31,8 @@ def _run(path, mode: str, fsdp: bool, state):
     if fsdp:
         data_parallel(model, state, precision="fp32")
     ids = seeded_ids(model.config.vocab_size, 2, 24, 5)
-    weights = {local_tensor(p).untyped_storage().data_ptr() for p in model.parameters()}
-    # use_cache=False as training/losses.py calls it
-    loss, saved = saved_bytes(model, weights, input_ids=ids, labels=ids, use_cache=False)
+    # use_cache=False as training/losses.py calls it; the weights (this rank's shards under FSDP2) not counted
+    loss, saved = saved_bytes(model, input_ids=ids, labels=ids, use_cache=False)
     loss.backward()
     grads = {n: local_tensor(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.item(), grads, saved, count

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -23,9 +21,7 @@ from npu_parallel.training.cli import build_parser, parse
 from npu_parallel.training.metrics import MetricsLog, read_metrics
 from npu_parallel.training.run_config import config_values, write_run_config
 
-from .test_train_cli import ROOT, _env
-
-CLI = str(ROOT / "npu_parallel" / "tools" / "cli.py")
+from .cli_runs import CLI, ROOT, run_child
 
 
 def _parse(*argv: str):
@@ -168,20 +164,9 @@ def runs(checkpoints, tmp_path_factory):
     launched = ["train", "--config", "runs/a/config.yaml", "--log_dir", "runs/c", "--nproc_per_node", "2"]
     refused = [*launched[:-2], "--model_path", "nope", "--log_dir", "runs/d", "--nproc_per_node", "2"]
     cases = [{"script": CLI, "argv": argv} for argv in (first, again, launched, refused)]
-    (root / "cases.json").write_text(json.dumps(cases))
-    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.train_worker", "cases.json", "out.json"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    results, output = run_child(cases, root, cwd=root)
     names = ("first", "again", "launched", "refused")
-    results = dict(zip(names, json.loads((root / "out.json").read_text()), strict=True))
-    return {"root": root, "results": results, "output": proc.stdout + proc.stderr}
+    return {"root": root, "results": dict(zip(names, results, strict=True)), "output": output}
 
 
 def _losses(log_dir: Path) -> list[float]:

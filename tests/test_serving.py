@@ -17,18 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import npu_parallel
 from npu_parallel.checkpoint.load import load_pretrained
 from npu_parallel.checkpoint.save import save_sharded
-from npu_parallel.tools.cli import main
 
+from .cli_runs import main_captured as cli
 from .published import build_published
 from .serving import CHATML, add_tokenizer
 
 MESSAGES = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hi"}]
-
-
-def cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _stored_keys(folder: Path) -> set[str]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -15,8 +13,8 @@ from npu_parallel.training.config import TrainConfig, check_args, check_inputs
 from npu_parallel.training.dataset import DataStream
 from npu_parallel.training.errors import ConfigError
 
+from .cli_runs import LITE, run_cases, train_args
 from .sft_data_helpers import chat, layout, write_jsonl
-from .test_train_cli import LITE, ROOT, _args, _env
 from .tokenizers_fixture import add_tokenizer
 
 
@@ -68,26 +66,16 @@ def results(chat_model):
         "empty_assistant": _file(root, "e.jsonl", [empty]),
         "non_utf8": _file(root, "n.jsonl", [chat(1), b'{"messages": "caf\xe9"}']),
     }
-    cases = {name: _args(model, "--data", path) for name, path in files.items()}
-    cases["no_template"] = _args(chat_model["bare"], "--data", good)
-    cases["no_tokenizer"] = _args(chat_model["plain"], "--data", good)
-    cases["eval_split"] = _args(model, "--data", good, "--eval_split", "0.01")
-    cases["format"] = _args(model, "--data", good, "--format", "chats")
-    cases["truncation"] = _args(model, "--data", good, "--truncation", "cut")
-    cases["field_map"] = _args(model, "--data", good, "--field_map", "turns=dialog")
-    cases["weight"] = _args(model, "--data", "x.jsonl:-1")
-    cases_file, out_file = root / "cases.json", root / "out.json"
-    cases_file.write_text(json.dumps([{"script": LITE, "argv": a} for a in cases.values()]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.train_worker", str(cases_file), str(out_file)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(zip(cases, json.loads(out_file.read_text()), strict=True))
+    cases = {name: train_args(model, "--data", path) for name, path in files.items()}
+    cases["no_template"] = train_args(chat_model["bare"], "--data", good)
+    cases["no_tokenizer"] = train_args(chat_model["plain"], "--data", good)
+    cases["eval_split"] = train_args(model, "--data", good, "--eval_split", "0.01")
+    cases["format"] = train_args(model, "--data", good, "--format", "chats")
+    cases["truncation"] = train_args(model, "--data", good, "--truncation", "cut")
+    cases["field_map"] = train_args(model, "--data", good, "--field_map", "turns=dialog")
+    cases["weight"] = train_args(model, "--data", "x.jsonl:-1")
+    results = run_cases([{"script": LITE, "argv": a} for a in cases.values()], root)
+    return dict(zip(cases, results, strict=True))
 
 
 @pytest.mark.parametrize("name", list(BAD))

@@ -5,7 +5,6 @@ no non-finite checkpoint, strict-JSON metrics), and the cross-rank guards (tp ba
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,28 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from npu_parallel.tools.launch import launch
 
+from .cli_runs import LITE, ROOT, TP_MOE, child_env, metrics, run_named, train_args
 from .dist import RANK_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
-LITE = str(ROOT / "examples" / "train_deepseek_v2_lite.py")
-TP_MOE = str(ROOT / "examples" / "train_tp_moe.py")
 PROG = "train_deepseek_v2_lite.py: error: "
-
-
-def _env() -> dict:
-    return {**os.environ, **RANK_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-def _strict_json(line: str):
-    def no_constant(name):
-        raise ValueError(f"{name} is not JSON")
-
-    return json.loads(line, parse_constant=no_constant)
-
-
-def _args(model: Path, *extra: str) -> list[str]:
-    base = ["--model_path", str(model), "--steps", "2", "--max_length", "32", "--lr", "1e-3", "--jit_warmup_steps", "0"]
-    return [*base, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -66,59 +47,48 @@ def cli(checkpoints, files, tmp_path_factory):
     save_file(weights, inf_model / "model.safetensors", metadata={"format": "pt"})
     cases = {
         # values, each against its rule
-        "steps": (LITE, _args(model, "--steps", "0")),
-        "batch_size": (LITE, _args(model, "--batch_size", "0")),
-        "max_length": (LITE, _args(model, "--max_length", "0")),
-        "grad_accum": (LITE, _args(model, "--grad_accum", "0")),
-        "lr": (LITE, _args(model, "--lr", "-1")),
-        "warmup_steps": (LITE, _args(model, "--warmup_steps", "3")),
-        "stop_after": (LITE, _args(model, "--stop_after", "3")),
-        "save_every": (LITE, _args(model, "--save_every", "-1")),
-        "max_nonfinite_steps": (LITE, _args(model, "--max_nonfinite_steps", "0")),
-        "router_noise": (LITE, _args(model, "--router_noise", "gauss")),
-        "router_noise_eps": (LITE, _args(model, "--router_noise", "jitter", "--router_noise_eps", "1.5")),
-        "router_z_loss": (LITE, _args(model, "--router_z_loss", "-1")),
-        "capacity_impl": (LITE, _args(model, "--capacity_factor", "1.25")),
-        "min_capacity": (LITE, _args(model, "--moe_impl", "static", "--min_capacity", "4")),
-        "resume_and_overwrite": (LITE, _args(model, "--resume", str(save), "--overwrite")),
+        "steps": (LITE, train_args(model, "--steps", "0")),
+        "batch_size": (LITE, train_args(model, "--batch_size", "0")),
+        "max_length": (LITE, train_args(model, "--max_length", "0")),
+        "grad_accum": (LITE, train_args(model, "--grad_accum", "0")),
+        "lr": (LITE, train_args(model, "--lr", "-1")),
+        "warmup_steps": (LITE, train_args(model, "--warmup_steps", "3")),
+        "stop_after": (LITE, train_args(model, "--stop_after", "3")),
+        "save_every": (LITE, train_args(model, "--save_every", "-1")),
+        "max_nonfinite_steps": (LITE, train_args(model, "--max_nonfinite_steps", "0")),
+        "router_noise": (LITE, train_args(model, "--router_noise", "gauss")),
+        "router_noise_eps": (LITE, train_args(model, "--router_noise", "jitter", "--router_noise_eps", "1.5")),
+        "router_z_loss": (LITE, train_args(model, "--router_z_loss", "-1")),
+        "capacity_impl": (LITE, train_args(model, "--capacity_factor", "1.25")),
+        "min_capacity": (LITE, train_args(model, "--moe_impl", "static", "--min_capacity", "4")),
+        "resume_and_overwrite": (LITE, train_args(model, "--resume", str(save), "--overwrite")),
         # what the values name
-        "max_position": (LITE, _args(model, "--max_length", "129")),
-        "model_path": (LITE, _args(model, "--model_path", str(root / "nope"))),
-        "data": (LITE, _args(model, "--data", str(root / "nope.jsonl"))),
-        "resume": (LITE, _args(model, "--resume", str(root / "nope"))),
-        "tp_size": (LITE, _args(model, "--tp_size", "2")),
-        "text_field_missing": (LITE, _args(model, "--data", str(files["content"]))),
+        "max_position": (LITE, train_args(model, "--max_length", "129")),
+        "model_path": (LITE, train_args(model, "--model_path", str(root / "nope"))),
+        "data": (LITE, train_args(model, "--data", str(root / "nope.jsonl"))),
+        "resume": (LITE, train_args(model, "--resume", str(root / "nope"))),
+        "tp_size": (LITE, train_args(model, "--tp_size", "2")),
+        "text_field_missing": (LITE, train_args(model, "--data", str(files["content"]))),
         "tp_moe_model_path": (TP_MOE, ["--steps", "2"]),
         # honoured
-        "text_field": (LITE, _args(model, "--data", str(files["content"]), "--text_field", "content")),
+        "text_field": (LITE, train_args(model, "--data", str(files["content"]), "--text_field", "content")),
         # a rerun into used folders
-        "first": (LITE, _args(model, "--save_dir", str(save), "--save_every", "1", "--log_dir", str(log))),
-        "rerun": (LITE, _args(model, "--save_dir", str(save), "--log_dir", str(log))),
-        "rerun_log_dir": (LITE, _args(model, "--log_dir", str(log))),
-        "overwrite_foreign": (LITE, _args(model, "--save_dir", str(foreign), "--overwrite")),
+        "first": (LITE, train_args(model, "--save_dir", str(save), "--save_every", "1", "--log_dir", str(log))),
+        "rerun": (LITE, train_args(model, "--save_dir", str(save), "--log_dir", str(log))),
+        "rerun_log_dir": (LITE, train_args(model, "--log_dir", str(log))),
+        "overwrite_foreign": (LITE, train_args(model, "--save_dir", str(foreign), "--overwrite")),
         "overwrite": (
             LITE,
-            _args(model, "--steps", "3", "--save_dir", str(save), "--log_dir", str(log), "--overwrite"),
+            train_args(model, "--steps", "3", "--save_dir", str(save), "--log_dir", str(log), "--overwrite"),
         ),
-        "lr_too_high": (LITE, _args(model, "--lr", "1e40")),
+        "lr_too_high": (LITE, train_args(model, "--lr", "1e40")),
         # a model holding an Inf weight: refused once loaded, before the first step
         "inf_weights": (
             LITE,
-            _args(model, "--model_path", str(inf_model), "--save_every", "1", "--save_dir", str(root / "inf")),
+            train_args(model, "--model_path", str(inf_model), "--save_every", "1", "--save_dir", str(root / "inf")),
         ),
     }
-    cases_file, out_file = root / "cases.json", root / "out.json"
-    cases_file.write_text(json.dumps([{"script": s, "argv": a} for s, a in cases.values()]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.train_worker", str(cases_file), str(out_file)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = dict(zip(cases, json.loads(out_file.read_text()), strict=True))
+    results = run_named(cases, root)
     return {"results": results, "save": save, "log": log, "foreign": foreign, "root": root}
 
 
@@ -192,7 +162,7 @@ def test_rerun_into_used_save_and_log_dirs(cli):
     # --overwrite: the earlier run's step-1/step-2 are gone, the folder holds only the new run
     assert results["overwrite"]["code"] == 0, results["overwrite"]["stderr"][-2000:]
     assert sorted(p.name for p in save.iterdir()) == ["step-3"]
-    assert [_strict_json(x)["step"] for x in (log / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [r["step"] for r in metrics(log)] == [1, 2, 3]
 
 
 def test_checkpoint_with_non_finite_weights_is_refused(cli):
@@ -205,19 +175,19 @@ def test_checkpoint_with_non_finite_weights_is_refused(cli):
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(args, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_cli_exit_codes_end_to_end(checkpoints, files, tmp_path):
     """Real processes: exit code 2 with one line from the example and from ``python -m npu_parallel.training.cli``
     (non-UTF-8 data: the file and the byte offset named), and exit 3 after non-finite steps."""
     model = checkpoints / "deepseek_v2"
-    bad = _run([sys.executable, LITE, *_args(model, "--steps", "0")], tmp_path)
+    bad = _run([sys.executable, LITE, *train_args(model, "--steps", "0")], tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == f"{PROG}--steps 0: must be at least 1; pass a positive integer"
 
     latin1 = _run(
-        [sys.executable, "-m", "npu_parallel.training.cli", *_args(model, "--data", str(files["latin1"]))], ROOT
+        [sys.executable, "-m", "npu_parallel.training.cli", *train_args(model, "--data", str(files["latin1"]))], ROOT
     )
     assert latin1.returncode == 2 and "Traceback" not in latin1.stderr
     assert latin1.stderr.strip().splitlines()[-1] == (
@@ -230,7 +200,7 @@ def test_cli_exit_codes_end_to_end(checkpoints, files, tmp_path):
         [
             sys.executable,
             LITE,
-            *_args(model, "--steps", "8", "--lr", "1e9", "--warmup_steps", "1", "--max_nonfinite_steps", "2"),
+            *train_args(model, "--steps", "8", "--lr", "1e9", "--warmup_steps", "1", "--max_nonfinite_steps", "2"),
             *("--save_dir", str(save), "--save_every", "1", "--log_dir", str(log)),
         ],
         tmp_path,
@@ -238,7 +208,7 @@ def test_cli_exit_codes_end_to_end(checkpoints, files, tmp_path):
     assert nan.returncode == 3, nan.stderr[-3000:]
     last = nan.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{PROG}steps ") and "not finite 2 times in a row" in last, last
-    records = [_strict_json(x) for x in (log / "metrics.jsonl").read_text().splitlines()]  # no bare NaN
+    records = metrics(log)  # strict JSON: no bare NaN
     stop = records[-1]["step"]
     assert [r["skipped"] for r in records[-2:]] == [True, True]
     assert all(r["loss"] is None or r["grad_norm"] is None for r in records[-2:])

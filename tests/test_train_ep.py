@@ -2,19 +2,16 @@
 losses as ep = tp, exact resume, and a bad --ep_size refused in one line."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from npu_parallel.checkpoint.manifest import MANIFEST
 
-from .dist import RANK_ENV, run_ranks
+from .cli_runs import child_env
+from .dist import run_ranks
 from .test_train import BASE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ep_above_tp_trains_like_ep_equal_tp_and_resumes_exactly(checkpoints, tmp_path):
@@ -48,10 +45,13 @@ def test_ep_above_tp_trains_like_ep_equal_tp_and_resumes_exactly(checkpoints, tm
 
 def test_bad_ep_size_is_one_line_exit_2(checkpoints):
     """Checked in init_distributed before the process group exists: one line naming the sizes that work."""
-    env = {**os.environ, **RANK_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     argv = ["--model_path", str(checkpoints / "deepseek_v2"), "--steps", "1", "--ep_size", "2"]
     out = subprocess.run(
-        [sys.executable, "-m", "npu_parallel.training.cli", *argv], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "npu_parallel.training.cli", *argv],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (

@@ -16,12 +16,13 @@ FSDP2 expects.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from npu_parallel.moe.experts import LocalExperts
-from npu_parallel.parallel.data_parallel import decoder_layers
+from npu_parallel.parallel.data_parallel import decoder_layers, local_tensor
 
-__all__ = ["RECOMPUTE", "apply_recompute", "recomputed_modules"]
+__all__ = ["RECOMPUTE", "apply_recompute", "recomputed_modules", "saved_bytes"]
 
 RECOMPUTE = ("none", "experts", "attention", "full")
 
@@ -51,3 +52,22 @@ def apply_recompute(model: nn.Module, mode: str) -> int:
     for module in targets:
         checkpoint(module)
     return len(targets)
+
+
+def saved_bytes(model: nn.Module, weights: set[int] | None = None, **inputs) -> tuple[torch.Tensor, int]:
+    """(loss of ``model(**inputs)``, bytes of the tensors autograd saves for the backward in that forward): each
+    storage once, the storages in ``weights`` (data pointers; default: this rank's parameters) left out, and what
+    a recomputed region keeps for itself not seen. A measuring aid (tests, benchmarks); training never calls it."""
+    if weights is None:
+        weights = {local_tensor(p).untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**inputs).loss
+    return loss, sum(saved.values())
