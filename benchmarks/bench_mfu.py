@@ -34,37 +34,28 @@ MODES = ("ours", "transformers")
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
 ROUTING = ("topk", "sort", "gather", "scatter", "index", "cumsum", "bincount", "histc", "nonzero", "masked", "one_hot",
            "repeat_interleave", "searchsorted", "argsort", "take", "put", "where")  # fmt: skip
-COPIES = ("copy_", "cat", "stack", "clone", "contiguous", "to", "_to_copy", "empty", "zeros", "fill_", "zero_",
-          "split", "view", "reshape", "transpose", "permute", "expand", "slice", "select", "narrow", "t", "as_strided",
-          "unsqueeze", "squeeze", "flatten", "unbind", "chunk", "detach", "new_", "resize_", "set_")  # fmt: skip
+COPIES = {"copy_", "cat", "stack", "clone", "contiguous", "to", "_to_copy", "empty", "empty_like", "empty_strided",
+          "zeros", "zeros_like", "fill_", "zero_", "split", "split_with_sizes", "view", "_unsafe_view", "reshape",
+          "transpose", "permute", "expand", "slice", "select", "narrow", "t", "as_strided", "unsqueeze", "squeeze",
+          "flatten", "unbind", "chunk", "detach", "alias", "new_empty", "new_zeros", "resize_", "set_",
+          "lift_fresh"}  # exact names: a prefix such as "t" would take tanh and threshold_backward  # fmt: skip
 LOSS = ("cross_entropy", "log_softmax", "_log_softmax", "nll_loss", "embedding")
 PART_ORDER = ["attention projections", "dense MLP", "routed experts", "shared experts", "router", "head", "other GEMM"]
 
 
 # ---------------------------------------------------------------------------------------------- model FLOPs
-def weights(cfg) -> list[tuple[str, int, int, float]]:
-    """(layer part, in, out, uses per token per layer) of every weight a token passes through in one decoder layer
-    (dense and MoE layers apart: see :func:`layer_flops`), and the head (uses 1)."""
+def attention_weights(cfg) -> list[tuple[int, int]]:
+    """(in, out) of every attention projection of one decoder layer: MLA's (DeepSeek-V2/V3), else q, k, v, o."""
     h, n_heads = cfg.hidden_size, cfg.num_attention_heads
-    rows: list[tuple[str, int, int, float]] = []
-    if getattr(cfg, "kv_lora_rank", None):  # MLA (DeepSeek-V2/V3)
+    if getattr(cfg, "kv_lora_rank", None):
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        if cfg.q_lora_rank:
-            rows += [("attention projections", h, cfg.q_lora_rank, 1), ("attention projections", cfg.q_lora_rank,
-                     n_heads * qk, 1)]  # fmt: skip
-        else:
-            rows.append(("attention projections", h, n_heads * qk, 1))
-        rows += [
-            ("attention projections", h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 1),
-            ("attention projections", cfg.kv_lora_rank, n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), 1),
-            ("attention projections", n_heads * cfg.v_head_dim, h, 1),
-        ]
-    else:
-        d = getattr(cfg, "head_dim", None) or h // n_heads
-        kv = cfg.num_key_value_heads * d
-        rows += [("attention projections", h, n_heads * d, 1), ("attention projections", h, 2 * kv, 1),
-                 ("attention projections", n_heads * d, h, 1)]  # fmt: skip
-    return rows
+        q = [(h, cfg.q_lora_rank), (cfg.q_lora_rank, n_heads * qk)] if cfg.q_lora_rank else [(h, n_heads * qk)]
+        kv = [(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim), (cfg.kv_lora_rank, n_heads * (cfg.qk_nope_head_dim +
+              cfg.v_head_dim))]  # fmt: skip
+        return [*q, *kv, (n_heads * cfg.v_head_dim, h)]
+    d = getattr(cfg, "head_dim", None) or h // n_heads
+    kv_width = cfg.num_key_value_heads * d
+    return [(h, n_heads * d), (h, kv_width), (h, kv_width), (n_heads * d, h)]
 
 
 def attention_core(cfg, seq: int) -> float:
@@ -93,8 +84,8 @@ def model_flops(cfg, tokens: int, seq: int) -> dict[str, float]:
     experts, moe_width, shared = moe_shape(cfg)
     k = cfg.num_experts_per_tok
     for layer in range(cfg.num_hidden_layers):
-        for part, a, b, uses in weights(cfg):
-            parts[part] += 2 * a * b * uses
+        for a, b in attention_weights(cfg):
+            parts["attention projections"] += 2 * a * b
         parts["attention core"] += attention_core(cfg, seq)
         if layer < dense_layers:
             parts["dense MLP"] += 2 * 3 * h * cfg.intermediate_size
@@ -115,8 +106,8 @@ def weight_parts(cfg) -> list[tuple[str, int, int]]:
     for part, width in mlps:
         if width:  # gate and up fused into one [2 x width, hidden] weight, or apart
             rows += [(part, h, 2 * width), (part, h, width)]
-    square = [(p, a, b) for p, a, b, _ in weights(cfg) if a == b]
-    return rows + [(p, a, b) for p, a, b, _ in weights(cfg) if a != b] + square
+    attention = [("attention projections", a, b) for a, b in attention_weights(cfg)]
+    return rows + [w for w in attention if w[1] != w[2]] + [w for w in attention if w[1] == w[2]]  # square last
 
 
 def gemm_dims(name: str, shapes: list) -> tuple[list[int], float] | None:
@@ -165,7 +156,7 @@ def category(name: str) -> str:
         return "loss and embedding"
     if op.startswith(ROUTING):
         return "routing and permutation"
-    if op.startswith(COPIES) or op in COPIES:
+    if op in COPIES:
         return "copies and views"
     return "elementwise and norms"
 
@@ -264,7 +255,7 @@ def worker(args: argparse.Namespace) -> dict:
     tokens = args.batch * args.seq
     rate, rate_shape = gemm_rate(cfg, tokens, dtype, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batches = [b.to(device) for b in common.random_batches(cfg.vocab_size, args.batch, args.seq, args.warmup + 1)]
+    batches = [b.to(device) for b in common.random_batches(cfg.vocab_size, args.batch, args.seq, 2)]
     grad = torch.randn(args.batch, args.seq, cfg.hidden_size, dtype=dtype, device=device)
 
     def decoder(ids):
@@ -303,7 +294,8 @@ def main() -> None:
     args = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # common.alternate hands it to the launches
     desc, records = common.launch_modes("bench_mfu:worker", args, MODES, world=lambda m: 1)
-    bests = {m: rs[0] for m, rs in common.best(records).items()}
+    runs = common.best(records)  # one launch of one rank per mode (tp 1)
+    bests = {m: rs[0] for m, rs in runs.items()}
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(common.resolve_model(args)[0])
@@ -349,11 +341,11 @@ def main() -> None:
         if bests[m]["other_gemms"]:
             lines += ["GEMMs no weight shape explains (self s): " + "; ".join(
                 f"{k} {v:.2f}" for k, v in bests[m]["other_gemms"]), ""]  # fmt: skip
-    speed = bests["transformers"]["step_s"] / bests["ours"]["step_s"]
+    speed = common.ratio(runs, "step_s", "transformers", "ours")
     lines += [
         f"decoder MFU ours = {100 * mfu['ours']:.1f} % of the GEMM rate (target >= 60 %: "
         f"{'PASS' if mfu['ours'] >= 0.6 else 'MISS'}); transformers {100 * mfu['transformers']:.1f} %",
-        f"ratio step time transformers / ours = {speed:.2f}x (target >= 1.2x: {'PASS' if speed >= 1.2 else 'MISS'})",
+        common.ratio_line("step time transformers / ours", speed, (">=", 1.2)),
     ]
     common.write_results("bench_mfu", args, desc, "\n".join(lines))
 
