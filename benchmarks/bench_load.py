@@ -438,7 +438,9 @@ def rank_main(method: str, tp: int, ckpt: str) -> dict:
             elif method == "naive":
                 rec["bytes_read"], rec["load_s"] = total, rec["wall"]  # every rank materialises every tensor
     if "error" in rec:  # the group may be broken: leave it, so that the launcher does not wait on a barrier
-        dist.destroy_process_group()
+        from npu_parallel.parallel.state import destroy_distributed
+
+        destroy_distributed()
     return rec
 
 

@@ -145,6 +145,7 @@ if __name__ == "__main__":
     except Exception:
         traceback.print_exc()
         code = 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    from npu_parallel.parallel.state import destroy_distributed
+
+    destroy_distributed()
     sys.exit(code)

@@ -4,15 +4,17 @@ import copy
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import npu_parallel
 from npu_parallel.convert.plans.deepseek import PLAN as DEEPSEEK
 from npu_parallel.parallel import device
-from npu_parallel.parallel.state import Group, ParallelState, group_layout, init_distributed
+from npu_parallel.parallel.state import Group, ParallelState, destroy_distributed, group_layout, init_distributed
 
 from .dist import run_ranks
 from .models import load_reference
@@ -45,12 +47,18 @@ def test_single_process_state():
 
 def _worker_state(tp):
     s = init_distributed(tp, timeout_s=60)
-    return {"tp_ranks": s.tp_ranks, "dp_ranks": s.dp_ranks, "tp_rank": s.tp_rank, "dp_rank": s.dp_rank}
+    out = {"tp_ranks": s.tp_ranks, "dp_ranks": s.dp_ranks, "tp_rank": s.tp_rank, "dp_rank": s.dp_rank}
+    groups = [weakref.ref(g.group) for g in (s.tp, s.dp)] + [weakref.ref(dist.group.WORLD)]
+    del s
+    destroy_distributed()
+    out["groups_alive"] = sum(ref() is not None for ref in groups)
+    return out
 
 
 def test_torchrun_env_four_ranks_tp2():
     r = run_ranks(4, "tests.test_runtime:_worker_state", 2)
-    assert r == {"tp_ranks": (0, 1), "dp_ranks": (0, 2), "tp_rank": 0, "dp_rank": 0}
+    # destroy_distributed drops every group (the watchdog's too): one still held at exit can abort the rank
+    assert r == {"tp_ranks": (0, 1), "dp_ranks": (0, 2), "tp_rank": 0, "dp_rank": 0, "groups_alive": 0}
 
 
 def test_hccl_defaults_never_override_user(monkeypatch):

@@ -21,6 +21,7 @@ triples around.
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import logging
 import os
@@ -399,5 +400,12 @@ def single_rank_state(device: torch.device | str = "cpu") -> ParallelState:
 
 
 def destroy_distributed() -> None:
+    """Leave every process group and drop the references this package holds to them.
+
+    A group still referenced after ``destroy_process_group`` is finalized at interpreter exit, where gloo's threads
+    can abort the process ("terminate called without an active exception", SIGABRT) after a clean run.
+    """
+    watchdog.unwatch()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # groups held in reference cycles (modules, hooks) go now, not at exit

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["REPORT_PREFIX", "exit_with_parent", "explain", "watch"]
+__all__ = ["REPORT_PREFIX", "exit_with_parent", "explain", "unwatch", "watch"]
 
 REPORT_PREFIX = "collective failure on rank"  # every line explain() returns starts with it
 KEY_PREFIX = "npu_parallel/collective_failure"
@@ -92,6 +92,12 @@ def watch(rank: int, world_size: int, timeout_s: float | None, groups: list[tupl
 
     hook._npu_parallel = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def unwatch() -> None:
+    """Forget the registered groups (the process group is going: a group left referenced dies at exit)."""
+    global _watch
+    _watch = None
 
 
 def _collective_frame(exc: BaseException) -> tuple[str, Any] | None:

@@ -334,9 +334,11 @@ def rank_main(work: str) -> int:
     os.replace(part, work_dir / f"rank{rank}.pkl")
     import torch.distributed as dist
 
+    from npu_parallel.parallel.state import destroy_distributed
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    destroy_distributed()
     return 0
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from npu_parallel.checkpoint.safetensors_io import CheckpointError
 from npu_parallel.hf_compat import unsupported_transformers
-from npu_parallel.parallel.state import ParallelState
+from npu_parallel.parallel.state import ParallelState, destroy_distributed
 from npu_parallel.training.config import TrainConfig, add_train_args, check_args, config_from_args
 from npu_parallel.training.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, ConfigError, NonFiniteError
 from npu_parallel.training.flags import FlagParser
@@ -126,6 +126,7 @@ def run(
         return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code, message, result = EXIT_OK, None, None
+    state: ParallelState | None = None
     try:
         from npu_parallel.training.loop import run_state, train  # the attention kernels need transformers >= 4.51
 
@@ -140,8 +141,8 @@ def run(
         code, message = EXIT_NONFINITE, str(exc)
     finally:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0") or 0)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        state = None  # its groups go with the process group, not at interpreter exit (see destroy_distributed)
+        destroy_distributed()
     if rank == 0:  # every rank took the same decision; one of them says it
         if message is not None:
             print(f"{parser.prog}: error: {message}", file=sys.stderr, flush=True)
