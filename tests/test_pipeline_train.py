@@ -65,7 +65,12 @@ def runs(checkpoints, chat_tokenizers, tmp_path_factory):
         paths["deepseek_v3_mtp"] = str(build_published(root / "v3")["plain"])
     one, two = _jobs(paths, root, 1), _jobs(paths, root, 2)
     q1, q2 = Path(one["qwen3_moe"]["save_dir"]), Path(two["qwen3_moe"]["save_dir"])
+    # pp 2 x dp 2 (world 4, FSDP2 over dp inside each stage) against pp 1: micro-batches of one row each (pp 1:
+    # grad_accum 4; pp 2 dp 2: 2 per dp rank), so the aux loss sees the same rows per micro-batch in both
+    dp2 = dict(BASE, model_path=paths["deepseek_v2"], aux_loss_coef=0.05, steps=2, batch_size=1, grad_accum=4)
+    one["pp2_dp2"] = dp2
     pp1 = dict(zip(one, run_ranks(1, "tests.pipeline_train_worker:run", list(one.values())), strict=True))
+    pp2_dp2 = run_ranks(4, "tests.pipeline_train_worker:run", [dict(dp2, tp_size=1, pp_size=2, grad_accum=2)])[0]
     resume_at_2 = {k: v for k, v in two["qwen3_moe"].items() if k not in ("save_dir", "save_every")}
     bad = dict(BASE, model_path=paths["deepseek_v2"], **PP2)
     extra = {
@@ -81,7 +86,7 @@ def runs(checkpoints, chat_tokenizers, tmp_path_factory):
     pp2["resume pp2 -> pp1"] = run_ranks(
         1, "tests.pipeline_train_worker:run", [dict(resume_at_1, resume=str(q2 / "step-2"))]
     )[0]
-    return {"pp1": pp1, "pp2": pp2, "root": root, "q1": q1, "q2": q2}
+    return {"pp1": pp1, "pp2": pp2, "pp2_dp2": pp2_dp2, "root": root, "q1": q1, "q2": q2}
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v2", "deepseek_v3_mtp", "lora", "chat", "bf16"])
@@ -113,6 +118,19 @@ def test_pp2_trains_as_pp1(runs, name):
         assert all(x > 0.01 for x in a["aux"])
     if name == "deepseek_v3_mtp":
         assert all(x > 0 for x in a["mtp"])
+
+
+def test_pp2_dp2_trains_as_pp1(runs):
+    """FSDP2 over dp inside each stage: the same losses, aux losses and grad norms (clipped over the stages and the
+    dp shards) as the unsplit model on the same global batch (pytorch #164756, torchtitan #1558: PP with FSDP)."""
+    if "pp2_dp2" not in runs["pp1"]:
+        pytest.skip("deepseek_v2: this transformers has no such model class")
+    a, b = runs["pp1"]["pp2_dp2"], runs["pp2_dp2"]
+    assert "error" not in a and "error" not in b, (a.get("error"), b.get("error"))
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5), (a["losses"], b["losses"])
+    assert b["norms"] == pytest.approx(a["norms"], rel=1e-5), (a["norms"], b["norms"])
+    assert b["aux"] == pytest.approx(a["aux"], rel=1e-5), (a["aux"], b["aux"])
+    assert a["losses"][-1] < a["losses"][0] and all(x > 0.01 for x in a["aux"])
 
 
 def _files(folder: Path, pattern: str) -> dict[str, bytes]:
