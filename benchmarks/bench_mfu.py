@@ -9,7 +9,9 @@ One rank (tp 1), the same checkpoint loaded by npu_parallel (``load_pretrained``
 - the GEMM rate: ``torch.mm`` at every weight shape of the model with ``batch x seq`` rows, the best one kept (the
   rate the machine reaches on this model's matrices);
 - the decoder layers alone: forward and backward of ``model.model`` (no head, no loss) against their model FLOPs;
-- the full step: forward, loss, backward and AdamW, against the model FLOPs with the head;
+- the full step: forward, loss, backward and AdamW, against the model FLOPs with the head (each side's AdamW as
+  its users get it: ours ``build_optimizer``, what ``npu-parallel train`` runs; transformers' the Trainer default,
+  fused AdamW; both fused on CPU);
 - one profiled step (``torch.profiler``), its self time split into GEMMs by layer part (told apart by their matrix
   shapes), attention, routing and permutation, elementwise and norms, copies, loss and embedding, collectives and
   the optimizer.
@@ -254,7 +256,12 @@ def worker(args: argparse.Namespace) -> dict:
     cfg, device = model.config, state.device
     tokens = args.batch * args.seq
     rate, rate_shape = gemm_rate(cfg, tokens, dtype, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if args.mode == "ours":  # what `npu-parallel train` runs
+        from npu_parallel.training.optim import build_optimizer
+
+        opt = build_optimizer(model, 1e-5)
+    else:  # transformers' Trainer default on torch >= 2.8 (optim="adamw_torch_fused")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     batches = [b.to(device) for b in common.random_batches(cfg.vocab_size, args.batch, args.seq, 2)]
     grad = torch.randn(args.batch, args.seq, cfg.hidden_size, dtype=dtype, device=device)
 

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from .common import seeded_ids
 from .dist import run_ranks
@@ -118,3 +119,16 @@ def test_remote_code_aux_loss_is_reported(checkpoints):
         h.remove()
     _, aux = causal_lm_loss(model, ids, ids, vocab_parallel=False)
     assert aux is not None and aux.item() == pytest.approx(sum(c.item() for c in captured), rel=1e-5)
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel():
+    """Fused AdamW (transformers' Trainer default) on CPU/CUDA; foreach elsewhere (meta here stands for npu)."""
+    from npu_parallel.training.optim import build_optimizer, fused_adamw
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, 1e-3, weight_decay=0.1)
+    assert [g["fused"] for g in opt.param_groups] == [True, True]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]  # the weight decays; bias and norm do not
+    assert not fused_adamw([torch.empty(2, 2, device="meta")]) and not fused_adamw([])
+    meta = build_optimizer(torch.nn.Linear(2, 2, device="meta"), 1e-3)
+    assert not any(g["fused"] for g in meta.param_groups)

@@ -74,6 +74,15 @@ def clip_grad_norm_(
     return norm
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # torch's fused AdamW kernels; elsewhere (npu) the foreach implementation
+
+
+def fused_adamw(params: Sequence[torch.Tensor]) -> bool:
+    """Whether AdamW runs as torch's fused kernel: every parameter floating point on a device that has it (the
+    default of transformers' Trainer since torch 2.8; one pass over the states, about 3x the foreach path on CPU)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+
+
 def build_optimizer(
     model: nn.Module,
     lr: float,
@@ -82,9 +91,10 @@ def build_optimizer(
     *,
     params: Sequence[nn.Parameter] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``params`` (default: every parameter of ``model`` that trains; a pipeline rank's: its stages'); no
-    weight decay on biases, norms and other 1-D parameters. The optimizer records each group's parameter names (in
-    ``model``, as ``np_param_names``), so a checkpoint's optimizer state resumes at another pipeline size by name."""
+    """AdamW over ``params`` (default: every parameter of ``model`` that trains; a pipeline rank's: its stages'),
+    fused where :func:`fused_adamw` allows; no weight decay on biases, norms and other 1-D parameters. The
+    optimizer records each group's parameter names (in ``model``, as ``np_param_names``), so a checkpoint's
+    optimizer state resumes at another pipeline size by name."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for p in unique_params(model) if params is None else list({id(p): p for p in params}.values()):
@@ -92,7 +102,7 @@ def build_optimizer(
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused_adamw(decay + no_decay))
     names: dict[int, str] = {}
     for name, p in model.named_parameters():
         names.setdefault(id(p), name)
