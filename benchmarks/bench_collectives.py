@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Collectives per decoder layer, forward and backward: npu_parallel vs transformers' tp_plan="auto".
 
-    python benchmarks/bench_collectives.py [--tp 2] [--batch 2] [--seq 32] [--workdir DIR]
+    python benchmarks/bench_collectives.py [--tp 2] [--batch 2] [--seq 32] [--workdir DIR] [--no_results]
 
 Builds the tiny DeepSeek-V2-Lite-shaped checkpoint (``npu_parallel.tools.tiny.build_tiny_deepseek_v2_lite``), then
 runs ``worker`` of this file on TP torchrun ranks twice (``npu_parallel.tools.launch``):
@@ -13,7 +13,8 @@ runs ``worker`` of this file on TP torchrun ranks twice (``npu_parallel.tools.la
 Each rank runs one untimed warmup step, then one training step (forward of ``input_ids -> loss``, ``loss.backward()``)
 under ``CollectiveBytes``, an :class:`npu_parallel.tools.audit.OpAudit` subclass: OpAudit records every c10d /
 ``_c10d_functional`` collective with its phase (forward / backward) and decoder-layer scope; the subclass adds the
-size of the tensors each one moves. Rank 0 prints the tables.
+size of the tensors each one moves. The launcher prints the tables and writes them to
+``benchmarks/results/bench_collectives.md`` (not with ``--no_results``).
 
 Bytes: ``payload`` is the size of the whole tensor a collective produces: the reduced buffer of an all-reduce,
 the gathered output of an all-gather, the input of a reduce-scatter. ``sent/rank`` is what each rank puts on the
@@ -31,6 +32,9 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
 IMPLS = ("ours", "hf")
 
 
@@ -314,6 +318,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "npu_parallel_bench_collectives"))
+    common.add_results_flag(p)
     args = p.parse_args()
 
     sys.path.insert(0, str(HERE.parent))
@@ -334,29 +339,31 @@ def main() -> None:
         records[impl] = ranks[0]
         records[impl]["ranks_identical"] = same
     r = records["ours"]
-    print(
+    model = (
         f"tiny DeepSeek-V2-Lite ({len(r['layers'])} decoder layers, hidden {r['hidden']}, layer 0 dense, "
-        f"64 experts top-6 + 2 shared), tp={args.tp}, batch {args.batch} x seq {args.seq} = {r['tokens']} tokens, "
-        f"fp32 (one [tokens, hidden] activation = {_fmt_bytes(r['tokens'] * r['hidden'] * 4)})"
+        f"64 experts top-6 + 2 shared)"
     )
+    out = [
+        f"{model}, tp={args.tp}, batch {args.batch} x seq {args.seq} = {r['tokens']} tokens, "
+        f"fp32 (one [tokens, hidden] activation = {_fmt_bytes(r['tokens'] * r['hidden'] * 4)})"
+    ]
     for impl in IMPLS:
         rec = records[impl]
-        print(
+        out.append(
             f"  {impl}: mlp modules {rec['mlp_types']}, loss {rec['loss']:.4f}, "
             f"all ranks issued the same collectives: {rec['ranks_identical']}"
         )
-    print()
-    print(summarize(records))
-    print()
+    out += ["", summarize(records), ""]
     fwd = defaultdict(int)
     for e in records["ours"]["events"]:
         if e["phase"] == "forward" and e["op"].startswith("allreduce"):
             fwd[e["scope"]] += 1
     ok = all(fwd[s] == 2 for s in records["ours"]["layers"])
-    print(
+    out.append(
         f"ours: forward all-reduces per decoder layer {[fwd[s] for s in records['ours']['layers']]} "
         f"(expected 2 each): {'PASS' if ok else 'MISS'}"
     )
+    common.write_results("bench_collectives", args, model, "\n".join(out))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ file in N fresh torchrun ranks (``npu_parallel.tools.launch``); each rank measur
 The page cache cannot be dropped without root, so the files are read once before anything is timed and the
 plain-read baseline reads them twice and reports the second (warm) pass; every load is therefore warm-cache.
 The whole plan runs ``--repeat`` rounds; the table shows, per method and tp, the round whose slowest rank is
-the median, and every round's wall time. Raw per-rank records go to ``<workdir>/results_*/results.jsonl``.
+the median, and every round's wall time. Raw per-rank records go to ``<workdir>/results_*/results.jsonl``, the
+tables to ``benchmarks/results/bench_load.md`` (not with ``--no_results``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+import common  # noqa: E402
+
 MiB = 1 << 20
 CHUNK = 64 * MiB
 
@@ -590,6 +594,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per torchrun launch")
     ap.add_argument("--target-ratio", type=float, default=1.15)
     ap.add_argument("--target-slack-mib", type=int, default=200)
+    common.add_results_flag(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
@@ -645,10 +650,15 @@ def main() -> None:
         for rec in recs:
             f.write(json.dumps(rec) + "\n")
     print()
-    print(table(recs, args.target_ratio, args.target_slack_mib))
-    print("\nAfter the load returned, every parameter read once (first use):\n")
-    print(touch_table(recs, args.target_ratio, args.target_slack_mib))
-    print(f"\nraw records: {out / 'results.jsonl'}")
+    body = [
+        table(recs, args.target_ratio, args.target_slack_mib),
+        "\nAfter the load returned, every parameter read once (first use):\n",
+        touch_table(recs, args.target_ratio, args.target_slack_mib),
+        f"\nraw records: {out / 'results.jsonl'}",
+    ]
+    files = len(ckpt_files(ckpt))
+    model = f"DeepSeek-V2-Lite shapes, {args.layers} layers, bf16: {ckpt} = {ckpt_bytes(ckpt)} bytes in {files} file(s)"
+    common.write_results("bench_load", args, model, "\n".join(body))
 
 
 if __name__ == "__main__":

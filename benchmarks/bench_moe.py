@@ -44,6 +44,8 @@ capacity, counted in token order), and their drop count against the one they rep
 Tables: (a) times, (b) ratios against the targets, (c1) scaling with tokens, (c2) with local experts at fixed
 tokens, (c3) with total experts at fixed tokens and fixed local experts (``--sweep-*``). Chart: tp=1 time vs
 tokens, ``benchmarks/moe_time_vs_tokens.png`` (``--chart``).
+The tables are printed and written to ``benchmarks/results/bench_moe.md`` (not with ``--quick`` or
+``--no_results``).
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -682,7 +686,9 @@ def save_chart(cells: list[Cell], tokens: list[int], path: str, title: str) -> N
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: hidden 128, intermediate 64, tokens 64 128")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: hidden 128, intermediate 64, tokens 64 128; prints only"
+    )
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=704, help="routed expert intermediate size")
     p.add_argument("--experts", type=int, default=64)
@@ -743,8 +749,10 @@ def main() -> None:
     )
     p.add_argument("--json", default=None, help="write every sample here")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    common.add_results_flag(p)
     args = p.parse_args()
     if args.quick:
+        args.no_results = True  # a smoke run's tiny sizes are no reading: benchmarks/results/ keeps the last real one
         args.hidden, args.intermediate = 128, 64
         args.tokens = [64, 128]
         args.sweep_experts, args.sweep_tokens = [16, 32], 128
@@ -832,37 +840,38 @@ def main() -> None:
     elapsed = time.perf_counter() - started
 
     # --- report
-    print(f"# bench_moe.py{' --quick' if args.quick else ''}: MoE layer forward+backward on one simulated TP rank")
-    print()
-    print(
+    out = [f"# bench_moe.py{' --quick' if args.quick else ''}: MoE layer forward+backward on one simulated TP rank"]
+    out.append("")
+    out.append(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({_cpu_name()}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}, "
         f"load average at the end {os.getloadavg()[0]:.2f}"
     )
-    print(
-        f"layer: hidden {args.hidden}, expert intermediate {args.intermediate}, {args.experts} routed experts, "
+    layer = (
+        f"hidden {args.hidden}, expert intermediate {args.intermediate}, {args.experts} routed experts, "
         f"top-{args.top_k} greedy softmax router (DeepseekV2TopkRouter), 2 shared experts (this rank's shard: "
         f"intermediate 2*{args.intermediate}/tp), fp32"
     )
-    print(
+    out.append(f"layer: {layer}")
+    out.append(
         f"implementations: {names} from npu_parallel.moe.dispatchers (+ @cf{args.capacity_factor} variants), "
         f"baselines hf_grouped_mm / hf_eager (DeepseekV2Experts, tp=1)"
     )
-    print(
+    out.append(
         f"timing: warmup {args.warmup} (1 when the first iteration > {args.long_iteration:g} s), median of up to "
         f"{args.repeats} alternating repeats (fewer once an implementation spent {args.cell_seconds:g} s in a cell: "
         f"n shown), cells predicted over {args.max_iteration:g} CPU s per iteration skipped; times are this "
         f"process's CPU time (1 thread: unaffected by waiting for a core) unless marked wall; "
         f"run took {elapsed:.0f} s wall"
     )
-    print()
-    print("## Numerical check (first warmup iteration of every cell; largest max abs difference over the cells)")
-    print()
-    print(checks_table(cells + sweep))
+    out.append("")
+    out.append("## Numerical check (first warmup iteration of every cell; largest max abs difference over the cells)")
+    out.append("")
+    out.append(checks_table(cells + sweep))
     refs = sorted({c.reference for c in cells + sweep})
     if any(r != "masked" for r in refs):
-        print()
-        print(
+        out.append("")
+        out.append(
             "Cells where masked was not timed: "
             + ", ".join(
                 f"tp={c.tp} T={c.tokens}" + (f" E={c.num_experts}" if c in sweep else "")
@@ -872,34 +881,36 @@ def main() -> None:
             + f" (reference output: masked's no-grad forward on the first {args.check_tokens} tokens; gradients not "
             f"compared there)"
         )
-    print()
-    print("## (a) Time per implementation")
-    print()
-    print(table_times(cells, sorted(args.tokens), args.repeats))
-    print("## (b) Ratios and targets (verdict on the expert part, the part the implementations differ in)")
-    print()
+    out.append("")
+    out.append("## (a) Time per implementation")
+    out.append("")
+    out.append(table_times(cells, sorted(args.tokens), args.repeats))
+    out.append("## (b) Ratios and targets (verdict on the expert part, the part the implementations differ in)")
+    out.append("")
     text, records = table_ratios(cells, sorted(args.tokens))
-    print(text)
-    print()
-    print("## (c1) Scaling with tokens: expert-part CPU time relative to the smallest T (linear in T x k is the ideal)")
-    print()
-    print(table_scaling_tokens(cells, sorted(args.tokens)))
-    print()
-    print(
+    out.append(text)
+    out.append("")
+    out.append(
+        "## (c1) Scaling with tokens: expert-part CPU time relative to the smallest T (linear in T x k is the ideal)"
+    )
+    out.append("")
+    out.append(table_scaling_tokens(cells, sorted(args.tokens)))
+    out.append("")
+    out.append(
         f"## (c2) Fixed tokens and total experts ({args.experts}), local experts {args.experts}/tp: expert part, "
         f"median CPU ms (from (a))"
     )
-    print()
-    print(table_local(cells))
-    print()
+    out.append("")
+    out.append(table_local(cells))
+    out.append("")
     if sweep:
-        print(
+        out.append(
             f"## (c3) Fixed tokens ({args.sweep_tokens}) and fixed local experts ({args.sweep_local}), growing total "
             f"experts (tp = E/{args.sweep_local}): expert part, median CPU ms"
         )
-        print()
-        print(table_sweep(sweep))
-        print()
+        out.append("")
+        out.append(table_sweep(sweep))
+        out.append("")
     save_chart(
         cells,
         sorted(args.tokens),
@@ -907,7 +918,8 @@ def main() -> None:
         f"MoE layer fwd+bwd, hidden {args.hidden}, intermediate {args.intermediate}, {args.experts} experts "
         f"top-{args.top_k}, fp32, {torch.get_num_threads()} thread(s); median",
     )
-    print(f"chart: {chart}")
+    out.append(f"chart: {chart}")
+    common.write_results("bench_moe", args, f"one DeepSeek-V2-Lite-routed MoE layer: {layer}", "\n".join(out))
     if args.json:
         dump = [
             {

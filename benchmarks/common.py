@@ -41,6 +41,11 @@ def parser(doc: str, *, steps: int = 10, warmup: int = 2, batch: int = 4, seq: i
     p.add_argument(
         "--workdir", default=None, help="where models are built and reused (default: /tmp/npu_parallel_bench)"
     )
+    return add_results_flag(p)
+
+
+def add_results_flag(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``p`` with --no_results (print only), for a script with a parser of its own; :func:`parser` has it."""
     p.add_argument("--no_results", action="store_true", help="print only; do not write benchmarks/results/")
     return p
 
